@@ -1,0 +1,1 @@
+"""Conversion stage (installed as ``tiblocal.convert``): Hugging Face models to GGUF."""

@@ -1,0 +1,45 @@
+"""`tiblocal convert`: the command around ``hf_to_gguf``, with a progress bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from .hf_to_gguf import hf_to_gguf
+
+
+def run_convert(
+    model_dir: Path, out: Path, *, outtype: str, vocab_only: bool, template: str | None, force: bool, as_json: bool
+) -> int:
+    err = Console(stderr=True, highlight=False)
+    columns = (
+        TextColumn(f"writing {out.name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("convert", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        result = hf_to_gguf(
+            model_dir, out, outtype=outtype, vocab_only=vocab_only, template=template, force=force, progress=report
+        )
+    summary = {
+        "path": str(result.path),
+        "outtype": result.outtype,
+        "n_tensors": result.n_tensors,
+        "n_vocab": result.n_vocab,
+        "size_bytes": result.size,
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        err.print(
+            f"wrote {result.path} ({result.outtype}, {result.n_tensors} tensors, {result.n_vocab} tokens, "
+            f"{result.size / 2**20:.1f} MiB)"
+        )
+    return 0

@@ -1,0 +1,270 @@
+"""`tiblocal chat`: a terminal chat on a GGUF model, streamed, UTF-8 safe.
+
+``ChatSession`` holds the conversation and the settings and knows nothing of the terminal (tests
+drive it directly); ``run_chat`` is the rich terminal around it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .engine import Engine, EngineConfig, Generation, Sampling
+from .errors import TiblocalError
+from .fsutil import atomic_write_text
+from .models import resolve_model
+from .templates import TASKS, TEMPLATES, ChatTemplate, get_task, get_template, resolve_chat_template
+from .text import count_syllables
+
+HELP = """\
+/help               this help
+/reset              forget the conversation
+/system TEXT        set the system prompt (empty: the template's default)
+/template NAME      switch chat template: {templates}
+/set NAME VALUE     change a sampling setting: temp, top_k, top_p, repeat, repeat_last_n, max_tokens, seed
+/set                show the settings
+/task NAME          wrap your next message in a Tibetan-Alpaca task prompt: {tasks}
+/save FILE          write the transcript as JSON lines
+/exit               leave (or Ctrl-D); Ctrl-C stops an answer
+"""
+
+
+@dataclass
+class Turn:
+    user: str
+    assistant: str = ""
+    stats: Generation | None = None
+
+
+@dataclass
+class ChatSession:
+    engine: Engine
+    template: ChatTemplate
+    sampling: Sampling = field(default_factory=Sampling)
+    system: str | None = None
+    turns: list[Turn] = field(default_factory=list)
+    task: str | None = None  # applies to the next message only
+
+    def messages(self, turns: list[Turn] | None = None) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for t in self.turns if turns is None else turns:
+            msgs.append({"role": "user", "content": t.user})
+            if t.assistant:
+                msgs.append({"role": "assistant", "content": t.assistant})
+        return msgs
+
+    def _tokens_for(self, turns: list[Turn]) -> list[int]:
+        text = self.template.render(
+            self.messages(turns), bos_token=self.engine.bos_text, eos_token=self.engine.eos_text
+        )
+        return self.engine.tokenize(text)
+
+    def reserve(self) -> int:
+        """Tokens kept free for the answer when the history is trimmed."""
+        return min(self.sampling.max_tokens, self.engine.n_ctx // 4)
+
+    def prompt_tokens(self) -> tuple[list[int], int]:
+        """Tokens of the conversation, dropping the oldest turns until it fits; returns (tokens, dropped)."""
+        budget = self.engine.n_ctx - self.reserve()
+        dropped = 0
+        tokens = self._tokens_for(self.turns)
+        while len(tokens) > budget and len(self.turns) - dropped > 1:
+            dropped += 1
+            tokens = self._tokens_for(self.turns[dropped:])
+        if len(tokens) >= self.engine.n_ctx:
+            self.turns.pop()
+            self.engine.check_fits(len(tokens))
+        if dropped:
+            del self.turns[:dropped]
+        return tokens, dropped
+
+    def ask(self, text: str) -> tuple[Iterator[str], Generation, int]:
+        """Add a user message; return the answer's text stream, its stats and how many old turns were dropped."""
+        if self.task:
+            text = get_task(self.task).wrap(text)
+            self.task = None
+        turn = Turn(text)
+        self.turns.append(turn)
+        tokens, dropped = self.prompt_tokens()
+        result = Generation()
+        turn.stats = result
+
+        def stream() -> Iterator[str]:
+            try:
+                yield from self.engine.stream(tokens, self.sampling, self.template.stop, result)
+            finally:
+                turn.assistant = result.text
+
+        return stream(), result, dropped
+
+    def reset(self) -> None:
+        self.turns.clear()
+        self.engine.reset()
+
+    def save(self, path: Path) -> int:
+        path = Path(path)
+        if path.exists():
+            raise TiblocalError(f"{path} already exists; /save to a new file name")
+        lines = [json.dumps(m, ensure_ascii=False) for m in self.messages()]
+        with atomic_write_text(path) as f:
+            f.write("\n".join(lines) + ("\n" if lines else ""))
+        return len(lines)
+
+    def command(self, line: str) -> str | None:
+        """Run a /command; returns text to show, or None for /exit."""
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        name = name.lower()
+        if name in ("exit", "quit", "q"):
+            return None
+        if name == "help":
+            return HELP.format(templates=", ".join(TEMPLATES), tasks=", ".join(TASKS))
+        if name == "reset":
+            self.reset()
+            return "conversation cleared"
+        if name == "system":
+            self.system = arg or None
+            return f"system prompt set to: {arg}" if arg else "system prompt back to the template's default"
+        if name == "template":
+            if not arg:
+                return f"template: {self.template.name}; built-in: {', '.join(TEMPLATES)}"
+            self.template = get_template(arg)
+            return f"template: {self.template.name} ({self.template.description})"
+        if name == "set":
+            if not arg:
+                s = self.sampling
+                return (
+                    f"temp {s.temperature}, top_k {s.top_k}, top_p {s.top_p}, repeat {s.repeat_penalty}, "
+                    f"repeat_last_n {s.repeat_last_n}, max_tokens {s.max_tokens}, seed {s.seed}"
+                )
+            key, _, value = arg.partition(" ")
+            if not value.strip():
+                raise TiblocalError(f"/set {key} needs a value, e.g. /set temp 0.3")
+            self.sampling = self.sampling.with_value(key, value.strip())
+            return f"{key} = {value.strip()}"
+        if name == "task":
+            if not arg:
+                return "tasks: " + ", ".join(f"{t.name} ({t.description})" for t in TASKS.values())
+            if arg == "off":
+                self.task = None
+                return "task cleared"
+            self.task = get_task(arg).name
+            return f"your next message is wrapped in the {self.task!r} task prompt"
+        if name == "save":
+            if not arg:
+                raise TiblocalError("/save needs a file name, e.g. /save chat.jsonl")
+            n = self.save(Path(arg).expanduser())
+            return f"saved {n} messages to {arg}"
+        raise TiblocalError(f"unknown command /{name}; /help lists the commands")
+
+
+def status_line(result: Generation) -> str:
+    secs = result.gen_ms / 1000
+    syl = count_syllables(result.text)
+    syl_s = syl / secs if secs > 0 else 0.0
+    reason = {"length": "max tokens reached", "context": "context full", "interrupted": "stopped"}.get(result.stop_reason)
+    parts = [
+        f"{result.completion_tokens} tokens",
+        f"{result.tokens_per_s:.1f} tokens/s",
+        f"{syl_s:.1f} syllables/s",
+        f"first token {result.first_token_ms / 1000:.2f} s",
+    ]
+    if reason:
+        parts.append(reason)
+    return " · ".join(parts)
+
+
+def _invalid_utf8(text: str) -> bytes | None:
+    """The undecodable bytes of a line read with surrogateescape, or None when it was valid UTF-8."""
+    bad = bytes(ord(c) - 0xDC00 for c in text if "\udc80" <= c <= "\udcff")
+    return bad or None
+
+
+def run_chat(
+    model: Path | None,
+    *,
+    template: str | None,
+    system: str | None,
+    engine_config: EngineConfig,
+    sampling: Sampling,
+    console: Console | None = None,
+) -> int:
+    console = console or Console(highlight=False)
+    path = resolve_model(model)
+    with console.status(f"loading {path.name}"):
+        engine = Engine(path, engine_config)
+    tmpl, notice = resolve_chat_template(engine.chat_template, template)
+    session = ChatSession(engine, tmpl, sampling, system)
+
+    info = Table.grid(padding=(0, 2))
+    info.add_row("model", f"{path.name} ({engine.info.architecture}, {engine.info.n_params / 1e6:.1f}M parameters)")
+    info.add_row("template", f"{tmpl.name}  ·  context {engine.n_ctx}  ·  threads {engine.threads}")
+    console.print(info)
+    if notice:
+        console.print(f"[yellow]note:[/] {notice}")
+    console.print("[dim]/help for commands, Ctrl-C stops an answer, Ctrl-D or /exit leaves[/]")
+
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # pragma: no cover - not on every platform
+        pass
+
+    while True:
+        try:
+            line = console.input("[bold green]>>> [/]")
+        except EOFError:
+            console.print()
+            break
+        except KeyboardInterrupt:
+            console.print("\n[dim](Ctrl-D or /exit to leave)[/]")
+            continue
+        bad = _invalid_utf8(line)
+        if bad is not None:
+            console.print(
+                f"[yellow]note:[/] that line is not valid UTF-8 (bytes {bad[:8].hex(' ')}); it was not sent. "
+                "Set your terminal to UTF-8."
+            )
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            try:
+                out = session.command(line.strip())
+            except TiblocalError as e:
+                console.print(f"[red]{e}[/]", markup=True, highlight=False)
+                continue
+            if out is None:
+                break
+            console.print(f"[dim]{_escape(out)}[/]")
+            continue
+        try:
+            stream, result, dropped = session.ask(line)
+        except TiblocalError as e:
+            console.print(f"[yellow]note:[/] {_escape(str(e))}; the message was not sent")
+            continue
+        if dropped:
+            console.print(f"[dim](dropped the {dropped} oldest turn(s) to fit the context of {engine.n_ctx} tokens)[/]")
+        try:
+            for chunk in stream:
+                console.print(chunk, end="", style="cyan", markup=False, highlight=False, soft_wrap=True)
+        except KeyboardInterrupt:
+            stream.close()
+            console.print(" [dim]\\[stopped][/]", end="")
+        console.print()
+        console.print(f"[dim]{status_line(result)}[/]")
+    engine.close()
+    return 0
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -1,0 +1,191 @@
+"""The `tiblocal` command: one table maps each verb to the function that runs it.
+
+Exit status: 0 on success, 1 on a user or data error (one line on stderr, no traceback), 2 on a
+usage error (argparse), 130 when interrupted. Stage verbs import their stage only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import TiblocalError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    g.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default: 2048)")
+    g.add_argument(
+        "--n-gpu-layers", type=int, default=0, metavar="N",
+        help="layers to offload to the GPU; -1 for all (needs a CUDA/Metal build of llama-cpp-python)",
+    )
+    g.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    from .engine import Sampling
+
+    d = Sampling()
+    g = p.add_argument_group("sampling (defaults as in Chinese-Alpaca and Tibetan-Alpaca)")
+    g.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 is greedy (default {d.temperature})")
+    g.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k; 0 disables it (default {d.top_k})")
+    g.add_argument("--top-p", type=float, default=d.top_p, help=f"top-p (default {d.top_p})")
+    g.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help=f"repetition penalty (default {d.repeat_penalty})")
+    g.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n, help=f"tokens the penalty looks back (default {d.repeat_last_n})")
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"most tokens per answer (default {d.max_tokens})")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed; -1 for a new one each time (default -1)")
+
+
+def _template_args(p: argparse.ArgumentParser) -> None:
+    from .templates import TEMPLATES
+
+    p.add_argument(
+        "--template", choices=list(TEMPLATES), default=None,
+        help="chat template (default: the GGUF's own tokenizer.chat_template, else alpaca)",
+    )
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+
+
+def _engine_config(a: argparse.Namespace):
+    from .engine import EngineConfig
+
+    return EngineConfig(threads=a.threads, ctx=a.ctx, n_gpu_layers=a.n_gpu_layers, verbose=a.verbose)
+
+
+def _sampling(a: argparse.Namespace):
+    from .engine import Sampling
+
+    return Sampling(
+        temperature=a.temp, top_k=a.top_k, top_p=a.top_p, repeat_penalty=a.repeat_penalty,
+        repeat_last_n=a.repeat_last_n, max_tokens=a.max_tokens, seed=a.seed,
+    )
+
+
+# --- verbs ---------------------------------------------------------------------------------------
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", type=Path, help="a .gguf model (default: the bundled model, if installed)")
+    _template_args(p)
+    _engine_args(p)
+    _sampling_args(p)
+
+
+def _chat(a: argparse.Namespace) -> int:
+    from .chat import run_chat
+
+    return run_chat(a.model, template=a.template, system=a.system, engine_config=_engine_config(a), sampling=_sampling(a))
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", type=Path, help="a .gguf model (default: the bundled model, if installed)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--file", type=Path, help="prompts: .txt (one a line) or .jsonl ({\"instruction\"|\"prompt\": ...}); - for stdin")
+    p.add_argument("--out", type=Path, help="write the results here as JSON lines (default: stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON (with --prompt; files always give JSON lines)")
+    _template_args(p)
+    _engine_args(p)
+    _sampling_args(p)
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from .generate import run_generate
+
+    return run_generate(
+        a.model, prompt=a.prompt, file=a.file, out=a.out, template=a.template, system=a.system,
+        as_json=a.as_json, force=a.force, engine_config=_engine_config(a), sampling=_sampling(a),
+    )
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="a .gguf file or a Hugging Face model folder")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+
+
+def _inspect(a: argparse.Namespace) -> int:
+    from .inspect_model import run_inspect
+
+    return run_inspect(a.path, as_json=a.as_json)
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    from .templates import TEMPLATES
+
+    p.add_argument("model_dir", type=Path, help="Hugging Face model folder (config.json, *.safetensors, tokenizer.model)")
+    p.add_argument("--out", type=Path, required=True, help="output .gguf file")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="tensor type (default f16)")
+    p.add_argument("--vocab-only", action="store_true", help="write only the tokenizer (for tokenizer tests)")
+    p.add_argument(
+        "--template", choices=[*TEMPLATES, "none"], default="alpaca",
+        help="chat template written as tokenizer.chat_template (default alpaca; none writes no template)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
+
+
+def _convert(a: argparse.Namespace) -> int:
+    from .convert.run import run_convert  # the conversion stage, loaded only for this verb
+
+    return run_convert(
+        a.model_dir, a.out, outtype=a.outtype, vocab_only=a.vocab_only,
+        template=None if a.template == "none" else a.template, force=a.force, as_json=a.as_json,
+    )
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    summary: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+VERBS = (
+    Verb("chat", "chat with a GGUF model in the terminal", _chat_args, _chat),
+    Verb("generate", "generate answers for a prompt or a file of prompts (JSON lines)", _generate_args, _generate),
+    Verb("inspect", "show what a GGUF file or Hugging Face folder holds", _inspect_args, _inspect),
+    Verb("convert", "convert a Hugging Face Llama model to GGUF", _convert_args, _convert),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiblocal",
+        description="Extended-vocabulary Llama models (Tibetan, Chinese) from training to an offline laptop.",
+    )
+    parser.add_argument("--version", action="version", version=f"tiblocal {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb in VERBS:
+        p = sub.add_parser(verb.name, help=verb.summary, description=verb.summary)
+        verb.configure(p)
+        p.set_defaults(_run=verb.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except TiblocalError as e:
+        print(f"tiblocal: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tiblocal: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tiblocal generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The llama.cpp engine: load a GGUF, tokenize, and stream sampled text.
+
+Built directly on llama-cpp-python's low-level bindings (the C API), so a generated token costs one
+``llama_decode`` and one sampler call, nothing more: the same loop a raw llama.cpp program runs.
+The KV cache is kept between calls and reused for the longest common prefix, so each chat turn only
+evaluates the new tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import EngineError, PromptTooLongError, TiblocalError
+from .gguf_file import GGUFInfo, check_supported_architecture, read_gguf
+from .text import StopMatcher, Utf8Stream
+
+log = logging.getLogger(__name__)
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    threads: int | None = None  # None: every core this process may use
+    ctx: int = 2048
+    n_gpu_layers: int = 0  # -1: all layers
+    batch: int = 512
+    verbose: bool = False  # show llama.cpp's own log on stderr
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; the defaults are those of Chinese-Alpaca(-2) and Tibetan-Alpaca's scripts."""
+
+    temperature: float = 0.2
+    top_k: int = 40
+    top_p: float = 0.9
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    max_tokens: int = 512
+    seed: int = -1  # -1: a new random seed for each generation
+
+    # Names accepted by the chat's `/set NAME VALUE`, mapped to fields.
+    ALIASES = {
+        "temp": "temperature",
+        "temperature": "temperature",
+        "top_k": "top_k",
+        "top-k": "top_k",
+        "top_p": "top_p",
+        "top-p": "top_p",
+        "repeat": "repeat_penalty",
+        "repeat_penalty": "repeat_penalty",
+        "repeat-penalty": "repeat_penalty",
+        "repeat_last_n": "repeat_last_n",
+        "max_tokens": "max_tokens",
+        "max-tokens": "max_tokens",
+        "seed": "seed",
+    }
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature {self.temperature} (expected >= 0; 0 is greedy)")
+        if self.top_k < 0:
+            problems.append(f"top_k {self.top_k} (expected >= 0; 0 disables it)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p {self.top_p} (expected 0 < top_p <= 1)")
+        if self.repeat_penalty <= 0:
+            problems.append(f"repeat_penalty {self.repeat_penalty} (expected > 0; 1 disables it)")
+        if self.repeat_last_n < 0:
+            problems.append(f"repeat_last_n {self.repeat_last_n} (expected >= 0)")
+        if self.max_tokens < 1:
+            problems.append(f"max_tokens {self.max_tokens} (expected >= 1)")
+        if problems:
+            raise TiblocalError("invalid sampling setting: " + "; ".join(problems))
+
+    def with_value(self, name: str, value: str) -> Sampling:
+        """A copy with one setting changed from text, as typed in `/set temp 0.3`."""
+        key = self.ALIASES.get(name.lower())
+        if key is None:
+            raise TiblocalError(
+                f"unknown setting {name!r}; expected one of: temp, top_k, top_p, repeat, repeat_last_n, max_tokens, seed"
+            )
+        kind = type(getattr(self, key))
+        try:
+            parsed = kind(value)
+        except ValueError:
+            raise TiblocalError(f"{key} must be {'an integer' if kind is int else 'a number'}, not {value!r}") from None
+        return replace(self, **{key: parsed})
+
+
+@dataclass
+class Generation:
+    """What one generation produced, with its timings."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens found in the KV cache and not evaluated again
+    prompt_ms: float = 0.0  # evaluating the prompt
+    first_token_ms: float = 0.0  # from the start of the call to the first sampled token
+    gen_ms: float = 0.0  # sampling and evaluating the completion
+    stop_reason: str = ""  # eos | stop | length | context | interrupted
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / (self.gen_ms / 1000) if self.gen_ms > 0 else 0.0
+
+
+_llama_cpp = None
+
+
+def _bindings(verbose: bool = False):
+    """Import llama_cpp once, with llama.cpp's own log silenced unless ``verbose``."""
+    global _llama_cpp
+    # llama-cpp-python routes llama.cpp's log through this logger (everything when its level is unset).
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    if _llama_cpp is None:
+        try:
+            import llama_cpp
+        except ImportError as e:  # pragma: no cover - a broken install
+            raise EngineError(f"llama-cpp-python is not installed or does not load ({e}); pip install llama-cpp-python") from None
+        llama_cpp.llama_backend_init()
+        _llama_cpp = llama_cpp
+    return _llama_cpp
+
+
+def gpu_offload_supported() -> bool:
+    return bool(_bindings().llama_supports_gpu_offload())
+
+
+class Engine:
+    """One loaded GGUF model with one context (one conversation's KV cache)."""
+
+    def __init__(self, path: Path, config: EngineConfig = EngineConfig()) -> None:
+        path = Path(path)
+        self.path = path
+        self.config = config
+        self.info: GGUFInfo = read_gguf(path, with_tokens=False)
+        check_supported_architecture(self.info)
+        lib = _bindings(config.verbose)
+        if config.n_gpu_layers != 0 and not lib.llama_supports_gpu_offload():
+            raise EngineError(
+                f"--n-gpu-layers {config.n_gpu_layers} asks for GPU offload, but this llama-cpp-python build has no "
+                'GPU backend; reinstall it with CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall '
+                "--no-cache-dir llama-cpp-python, or drop --n-gpu-layers"
+            )
+        if config.ctx < 16:
+            raise TiblocalError(f"--ctx {config.ctx} is too small; expected at least 16 tokens")
+        self.threads = config.threads or default_threads()
+
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = 2**31 - 1 if config.n_gpu_layers < 0 else config.n_gpu_layers
+        self._model = lib.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
+        if not self._model:
+            raise EngineError(
+                f"llama.cpp could not load {path} (damaged file, or a GGUF this llama.cpp does not support); "
+                "run `tiblocal inspect` on it, or convert it again (--verbose shows llama.cpp's log)"
+            )
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        n_ctx_train = lib.llama_model_n_ctx_train(self._model)
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = config.ctx
+        cparams.n_batch = min(config.batch, config.ctx)
+        cparams.n_ubatch = min(config.batch, config.ctx)
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
+        cparams.no_perf = True
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            self._model = None
+            raise EngineError(f"llama.cpp could not create a context of {config.ctx} tokens for {path}; try a smaller --ctx")
+        self._mem = lib.llama_get_memory(self._ctx)
+        self.n_ctx = lib.llama_n_ctx(self._ctx)
+        self.n_ctx_train = n_ctx_train
+        self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+        self.bos_id = lib.llama_vocab_bos(self._vocab)
+        self.eos_id = lib.llama_vocab_eos(self._vocab)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        self._past: list[int] = []  # tokens whose keys/values are in the cache (sequence 0)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self.chat_template: str | None = self.info.chat_template
+
+    # --- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        lib = _llama_cpp
+        if lib is None:
+            return
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # --- vocabulary ---------------------------------------------------------------------------
+    @property
+    def bos_text(self) -> str:
+        return self.piece(self.bos_id, special=True).decode("utf-8", "replace") if self.bos_id >= 0 else ""
+
+    @property
+    def eos_text(self) -> str:
+        return self.piece(self.eos_id, special=True).decode("utf-8", "replace") if self.eos_id >= 0 else ""
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of ``text`` as llama.cpp makes them (``special``: parse "<s>", "</s>" as control tokens)."""
+        lib = _llama_cpp
+        data = text.encode("utf-8")
+        add = self.add_bos if add_bos is None else add_bos
+        cap = len(data) + 8
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
+        if n < 0:  # pragma: no cover - cap is an upper bound for SentencePiece
+            cap = -n
+            buf = (lib.llama_token * cap)()
+            n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
+        return list(buf[:n])
+
+    def piece(self, token: int, *, special: bool = False, lstrip: int = 0) -> bytes:
+        """The bytes of one token (a byte-fallback token is a single, possibly partial, UTF-8 byte)."""
+        n = _llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), lstrip, special)
+        if n < 0:  # pragma: no cover - pieces are short
+            buf = ctypes.create_string_buffer(-n)
+            n = _llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, lstrip, special)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        stream = Utf8Stream()
+        text = "".join(stream.feed(self.piece(t, lstrip=1 if i == 0 else 0)) for i, t in enumerate(tokens))
+        return text + stream.finish()
+
+    def is_eog(self, token: int) -> bool:
+        return bool(_llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the KV cache (the next prompt is evaluated from scratch)."""
+        _llama_cpp.llama_memory_clear(self._mem, True)
+        self._past = []
+
+    def _decode(self, tokens: Sequence[int]) -> None:
+        lib = _llama_cpp
+        step = max(1, min(self.config.batch, self.n_ctx))
+        for i in range(0, len(tokens), step):
+            chunk = tokens[i : i + step]
+            arr = (lib.llama_token * len(chunk))(*chunk)
+            rc = lib.llama_decode(self._ctx, lib.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with code {rc} after {len(self._past)} tokens")
+            self._past.extend(chunk)
+
+    def _prefill(self, tokens: Sequence[int]) -> int:
+        """Bring the cache to ``tokens``, reusing the common prefix; returns the reused count."""
+        keep = 0
+        for a, b in zip(self._past, tokens):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(tokens) - 1)  # always evaluate the last token to get its logits
+        # Drop everything after the prefix, also a token decoded just before a Ctrl-C was recorded.
+        if _llama_cpp.llama_memory_seq_rm(self._mem, -1, keep, -1):
+            del self._past[keep:]
+        else:
+            self.reset()
+            keep = 0
+        self._decode(tokens[keep:])
+        return keep
+
+    def _sampler(self, s: Sampling):
+        lib = _llama_cpp
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if s.repeat_penalty != 1.0 and s.repeat_last_n > 0:
+            lib.llama_sampler_chain_add(
+                chain, lib.llama_sampler_init_penalties(self.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
+            )
+        if s.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            if s.top_k > 0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(s.top_k))
+            if s.top_p < 1.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(s.top_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(s.temperature))
+            seed = s.seed if s.seed >= 0 else lib.LLAMA_DEFAULT_SEED
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def check_fits(self, n_prompt: int) -> None:
+        if n_prompt >= self.n_ctx:
+            raise PromptTooLongError(
+                f"the prompt has {n_prompt} tokens but the context holds {self.n_ctx}; "
+                f"shorten it or raise --ctx (the model was trained on {self.n_ctx_train})"
+            )
+
+    def generate_tokens(self, prompt: Sequence[int], sampling: Sampling, result: Generation) -> Iterator[int]:
+        """Yield sampled token ids until end of generation, ``max_tokens`` or a full context.
+
+        ``result`` receives the counts and timings as they happen (the caller sets ``stop_reason``
+        when it stops early, e.g. on a stop string).
+        """
+        lib = _llama_cpp
+        self.check_fits(len(prompt))
+        t0 = time.perf_counter()
+        result.prompt_tokens = len(prompt)
+        result.reused_tokens = self._prefill(prompt)
+        t1 = time.perf_counter()
+        result.prompt_ms = (t1 - t0) * 1000
+        chain = self._sampler(sampling)
+        try:
+            for t in prompt[-sampling.repeat_last_n :] if sampling.repeat_last_n else ():
+                lib.llama_sampler_accept(chain, t)
+            result.stop_reason = "length"
+            while result.completion_tokens < sampling.max_tokens:
+                tok = lib.llama_sampler_sample(chain, self._ctx, -1)
+                if result.completion_tokens == 0:
+                    result.first_token_ms = (time.perf_counter() - t0) * 1000
+                if self.is_eog(tok):
+                    result.stop_reason = "eos"
+                    break
+                result.completion_tokens += 1
+                result.tokens.append(tok)
+                yield tok
+                if len(self._past) >= self.n_ctx:
+                    result.stop_reason = "context"
+                    break
+                self._decode((tok,))
+        finally:
+            lib.llama_sampler_free(chain)
+            result.gen_ms = (time.perf_counter() - t1) * 1000
+
+    def stream(
+        self, prompt: Sequence[int], sampling: Sampling, stops: Sequence[str] = (), result: Generation | None = None
+    ) -> Iterator[str]:
+        """Yield the completion as text, UTF-8 safe, cut before the first stop string.
+
+        Text is yielded only when its characters are complete; ``result.text`` holds the whole
+        completion at the end. Closing the generator early (Ctrl-C) keeps what was produced.
+        """
+        result = result if result is not None else Generation()
+        utf8 = Utf8Stream()
+        matcher = StopMatcher(stops)
+        parts: list[str] = []
+        tokens = self.generate_tokens(prompt, sampling, result)
+        try:
+            for i, tok in enumerate(tokens):
+                text = matcher.feed(utf8.feed(self.piece(tok, lstrip=1 if i == 0 else 0)))
+                if text:
+                    parts.append(text)
+                    yield text
+                if matcher.stopped:
+                    result.stop_reason = "stop"
+                    break
+            tail = matcher.feed(utf8.finish()) + matcher.finish()
+            if tail:
+                parts.append(tail)
+                yield tail
+        except (KeyboardInterrupt, GeneratorExit):
+            result.stop_reason = "interrupted"
+            raise
+        finally:
+            tokens.close()
+            result.text = "".join(parts)

@@ -1,0 +1,52 @@
+"""Atomic output files: a temporary name beside the target, then a rename.
+
+An interrupted write (Ctrl-C, full disk, crash) never leaves a file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from .errors import TiblocalError
+
+
+def check_output_path(path: Path, *, force: bool = False) -> None:
+    """Refuse to overwrite an existing output unless ``force``; make sure its folder exists."""
+    if path.exists() and not force:
+        raise TiblocalError(f"{path} already exists; pass --force to overwrite it or choose another --out")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise TiblocalError(f"folder {parent} for output {path.name} does not exist; create it first")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write_text(path: Path) -> Iterator[TextIO]:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_write_bytes(path: Path) -> Iterator[BinaryIO]:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f

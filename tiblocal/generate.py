@@ -1,0 +1,167 @@
+"""`tiblocal generate`: batch generation over a prompt or a file of prompts, one JSON object each."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .engine import Engine, EngineConfig, Generation, Sampling
+from .errors import InputFileError, PromptTooLongError, TiblocalError
+from .fsutil import atomic_write_text, check_output_path
+from .models import resolve_model
+from .templates import ChatTemplate, resolve_chat_template
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    index: int
+    instruction: str
+    system: str | None = None
+    source: str = ""  # file:line, for messages
+
+
+def _decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputFileError(
+            f"{where} is not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the file as UTF-8"
+        ) from None
+
+
+def read_prompts(path: Path) -> list[PromptItem]:
+    """Prompts from a .txt file (one a line) or a .jsonl file (instruction[/input] or prompt); '-' is stdin."""
+    if str(path) == "-":
+        raw_lines = sys.stdin.buffer.read().splitlines()
+        name, is_jsonl = "<stdin>", None
+    else:
+        if not path.is_file():
+            raise InputFileError(f"{path}: no such prompts file; give a .txt (one prompt a line) or .jsonl file")
+        raw_lines = path.read_bytes().splitlines()
+        name, is_jsonl = str(path), path.suffix.lower() in (".jsonl", ".json")
+    items: list[PromptItem] = []
+    for n, raw in enumerate(raw_lines, 1):
+        where = f"{name} line {n}"
+        line = _decode_line(raw, where).strip()
+        if not line:
+            continue
+        jsonl = is_jsonl if is_jsonl is not None else line.startswith("{")
+        if not jsonl:
+            items.append(PromptItem(len(items), line, None, where))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"{where} is not valid JSON ({e.msg}); expected {{\"instruction\": ...}}") from None
+        if not isinstance(obj, dict):
+            raise InputFileError(f"{where}: expected a JSON object with \"instruction\" or \"prompt\", got {type(obj).__name__}")
+        text = obj.get("instruction", obj.get("prompt"))
+        if not isinstance(text, str) or not text.strip():
+            raise InputFileError(f"{where}: expected a non-empty \"instruction\" or \"prompt\" string")
+        extra = obj.get("input")
+        if isinstance(extra, str) and extra.strip():
+            text = f"{text}\n{extra}"  # Chinese-Alpaca joins instruction and input with a newline
+        system = obj.get("system") if isinstance(obj.get("system"), str) else None
+        items.append(PromptItem(len(items), text, system, where))
+    if not items:
+        raise InputFileError(f"{name} holds no prompts")
+    return items
+
+
+def generate_one(
+    engine: Engine, template: ChatTemplate, item: PromptItem, sampling: Sampling, system: str | None
+) -> dict[str, Any]:
+    sys_text = item.system or system
+    messages = ([{"role": "system", "content": sys_text}] if sys_text else []) + [
+        {"role": "user", "content": item.instruction}
+    ]
+    prompt = template.render(messages, bos_token=engine.bos_text, eos_token=engine.eos_text)
+    tokens = engine.tokenize(prompt)
+    result = Generation()
+    record: dict[str, Any] = {"index": item.index, "prompt": item.instruction}
+    try:
+        for _ in engine.stream(tokens, sampling, template.stop, result):
+            pass
+    except PromptTooLongError as e:
+        record.update(error=str(e), prompt_tokens=len(tokens))
+        return record
+    record.update(
+        text=result.text,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        prompt_ms=round(result.prompt_ms, 2),
+        first_token_ms=round(result.first_token_ms, 2),
+        gen_ms=round(result.gen_ms, 2),
+        tokens_per_s=round(result.tokens_per_s, 2),
+        stop_reason=result.stop_reason,
+    )
+    return record
+
+
+def run_generate(
+    model: Path | None,
+    *,
+    prompt: str | None,
+    file: Path | None,
+    out: Path | None,
+    template: str | None,
+    system: str | None,
+    as_json: bool,
+    force: bool,
+    engine_config: EngineConfig,
+    sampling: Sampling,
+) -> int:
+    if (prompt is None) == (file is None):
+        raise TiblocalError("give exactly one of --prompt TEXT or --file PROMPTS")
+    items = [PromptItem(0, prompt, None, "--prompt")] if prompt is not None else read_prompts(Path(file))
+    if out is not None:
+        check_output_path(out, force=force)
+    err = Console(stderr=True, highlight=False)
+    engine = Engine(resolve_model(model), engine_config)
+    tmpl, notice = resolve_chat_template(engine.chat_template, template)
+    if notice:
+        err.print(f"note: {notice}")
+
+    records = _run_all(engine, tmpl, items, sampling, system, err, show_progress=file is not None)
+    engine.close()
+    failed = [r for r in records if "error" in r]
+
+    if out is not None:
+        with atomic_write_text(out) as f:
+            _write_jsonl(f, records)
+        err.print(f"wrote {len(records)} results to {out}")
+    elif prompt is not None and not as_json:
+        if failed:
+            raise PromptTooLongError(failed[0]["error"])
+        sys.stdout.write(records[0]["text"] + "\n")
+    else:
+        _write_jsonl(sys.stdout, records)
+    for r in failed:
+        err.print(f"[yellow]prompt {r['index']} ({items[r['index']].source}) skipped:[/] {r['error']}")
+    return 1 if failed else 0
+
+
+def _run_all(engine, tmpl, items, sampling, system, err: Console, *, show_progress: bool) -> list[dict[str, Any]]:
+    if not show_progress:
+        return [generate_one(engine, tmpl, it, sampling, system) for it in items]
+    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    records = []
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("generate", total=len(items))
+        for it in items:
+            records.append(generate_one(engine, tmpl, it, sampling, system))
+            progress.advance(task)
+    return records
+
+
+def _write_jsonl(f: TextIO, records: list[dict[str, Any]]) -> None:
+    for r in records:
+        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    f.flush()
+

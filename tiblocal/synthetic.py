@@ -1,0 +1,125 @@
+"""Seeded random Llama checkpoints, for tests and benchmarks (no torch needed).
+
+``write_llama_checkpoint`` writes a Hugging Face folder (config.json, safetensors shards, tokenizer)
+that transformers and ``tiblocal convert`` both load. The weights are random, so it says nothing
+about quality, only about shapes, names, numerics and speed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    vocab_size: int
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+
+def llama_config(shape: LlamaShape, *, dtype: str = "float32", bos: int = 1, eos: int = 2) -> dict:
+    cfg = asdict(shape)
+    cfg.update(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_act="silu",
+        torch_dtype=dtype,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=None,
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=0.02,
+        use_cache=True,
+    )
+    return cfg
+
+
+def llama_tensor_shapes(shape: LlamaShape) -> Iterator[tuple[str, tuple[int, ...]]]:
+    h, f, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    head_dim = h // shape.num_attention_heads
+    kv = shape.num_key_value_heads * head_dim
+    yield "model.embed_tokens.weight", (v, h)
+    for i in range(shape.num_hidden_layers):
+        p = f"model.layers.{i}"
+        yield f"{p}.input_layernorm.weight", (h,)
+        yield f"{p}.self_attn.q_proj.weight", (h, h)
+        yield f"{p}.self_attn.k_proj.weight", (kv, h)
+        yield f"{p}.self_attn.v_proj.weight", (kv, h)
+        yield f"{p}.self_attn.o_proj.weight", (h, h)
+        yield f"{p}.post_attention_layernorm.weight", (h,)
+        yield f"{p}.mlp.gate_proj.weight", (f, h)
+        yield f"{p}.mlp.up_proj.weight", (f, h)
+        yield f"{p}.mlp.down_proj.weight", (h, f)
+    yield "model.norm.weight", (h,)
+    if not shape.tie_word_embeddings:
+        yield "lm_head.weight", (v, h)
+
+
+def write_llama_checkpoint(
+    out: Path,
+    shape: LlamaShape,
+    tokenizer_model: Path,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    std: float = 0.02,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write a random Llama checkpoint in HF layout; norms are 1 plus noise so they are not trivial."""
+    np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, shp in llama_tensor_shapes(shape):
+        if len(shp) == 1:
+            arr = (1.0 + 0.1 * rng.standard_normal(shp, dtype=np.float32)).astype(np_dtype)
+        else:
+            arr = (std * rng.standard_normal(shp, dtype=np.float32)).astype(np_dtype)
+        if size and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    weight_map = {}
+    n = len(shards)
+    for i, tensors in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in tensors})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(llama_config(shape, dtype=dtype), indent=2))
+    shutil.copyfile(tokenizer_model, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": True,
+            },
+            indent=2,
+        )
+    )
+    return out
