@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import EngineError, PromptTooLongError, TiblocalError
@@ -92,12 +92,15 @@ class Sampling:
             raise TiblocalError(
                 f"unknown setting {name!r}; expected one of: temp, top_k, top_p, repeat, repeat_last_n, max_tokens, seed"
             )
-        kind = type(getattr(self, key))
+        kind = _FIELD_TYPES[key]
         try:
             parsed = kind(value)
         except ValueError:
             raise TiblocalError(f"{key} must be {'an integer' if kind is int else 'a number'}, not {value!r}") from None
         return replace(self, **{key: parsed})
+
+
+_FIELD_TYPES = {f.name: {"int": int, "float": float}[f.type] for f in fields(Sampling)}
 
 
 @dataclass
@@ -343,7 +346,7 @@ class Engine:
                 result.completion_tokens += 1
                 result.tokens.append(tok)
                 yield tok
-                if len(self._past) >= self.n_ctx:
+                if len(self._past) + 1 >= self.n_ctx:  # prompt + completion fill the context
                     result.stop_reason = "context"
                     break
                 self._decode((tok,))

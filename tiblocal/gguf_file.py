@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType, Keys, LlamaFileType, TokenType
 
 from .errors import InputFileError, ModelFormatError
@@ -93,6 +94,30 @@ class GGUFInfo:
         return self.metadata.get(key_template.format(arch=self.architecture))
 
 
+class _Truncated(Exception):
+    pass
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """GGUFReader that says "truncated" when a tensor's bytes run past the end of the file.
+
+    The stock reader fails later with a numpy reshape error; this checks each tensor's extent
+    (from its type, shape and offset) before the reader builds its views.
+    """
+
+    def _build_tensors(self, start_offs, fields):  # gguf-py internal hook, stable since 0.6
+        size = len(self.data)
+        for fld in fields:
+            _name_len, name_data, _n_dims, dims, raw_dtype, offset_tensor = fld.parts
+            block, type_size = gguf.GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
+            n_bytes = int(np.prod(dims, dtype=np.int64)) * type_size // block
+            end = int(start_offs + offset_tensor[0]) + n_bytes
+            if end > size:
+                name = bytes(name_data).decode("utf-8", "replace")
+                raise _Truncated(f"tensor {name!r} needs bytes up to {end} but the file has {size}")
+        return super()._build_tensors(start_offs, fields)
+
+
 def _check_exists(path: Path, what: str) -> None:
     if not path.exists():
         raise InputFileError(f"{path}: no such file; give the path of a {what}")
@@ -119,12 +144,14 @@ def read_gguf(path: Path, *, with_tokens: bool = True) -> GGUFInfo:
     check_gguf_magic(path)
     size = path.stat().st_size
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = _CheckedReader(path, "r")
+    except _Truncated as e:
+        raise ModelFormatError(f"{path} is truncated: {e}; download or convert it again") from None
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
-        if _looks_truncated(e):
+        # numpy's view/index errors: a field ran past the end of the file
+        if isinstance(e, IndexError) or any(m in str(e) for m in ("out of bounds", "larger dtype")):
             raise ModelFormatError(
-                f"{path} is truncated or damaged ({size} bytes; the header cannot be read: {e}); "
-                "download or convert it again"
+                f"{path} is truncated: its header ends early ({size} bytes); download or convert it again"
             ) from None
         raise ModelFormatError(f"{path} is not a valid GGUF file ({e}); download or convert it again") from None
 
@@ -149,12 +176,6 @@ def read_gguf(path: Path, *, with_tokens: bool = True) -> GGUFInfo:
 
     tensors = []
     for t in reader.tensors:
-        end = t.data_offset + t.n_bytes
-        if end > size:
-            raise ModelFormatError(
-                f"{path} is truncated: tensor {t.name!r} needs bytes up to {end} but the file has {size}; "
-                "download or convert it again"
-            )
         tensors.append(
             TensorSummary(
                 name=t.name,
@@ -167,11 +188,6 @@ def read_gguf(path: Path, *, with_tokens: bool = True) -> GGUFInfo:
     version = int(reader.fields["GGUF.version"].contents())
     arch = metadata.get(Keys.General.ARCHITECTURE)
     return GGUFInfo(path, size, version, arch, metadata, tokens, token_types, tensors)
-
-
-def _looks_truncated(e: Exception) -> bool:
-    text = str(e)
-    return isinstance(e, IndexError) or "reshape" in text or "out of bounds" in text
 
 
 def check_supported_architecture(info: GGUFInfo) -> None:

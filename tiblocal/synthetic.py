@@ -85,26 +85,37 @@ def write_llama_checkpoint(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    shards: list[dict[str, np.ndarray]] = [{}]
+    # Shards are written as soon as they are full (then renamed to HF's model-0000i-of-0000n names),
+    # so a 7B-shaped checkpoint never sits in memory whole.
+    written: list[tuple[Path, list[str], int]] = []
+    pending: dict[str, np.ndarray] = {}
     size = 0
+
+    def flush() -> None:
+        path = out / f"shard-{len(written)}.tmp"
+        save_file(pending, str(path), metadata={"format": "pt"})
+        written.append((path, list(pending), sum(a.nbytes for a in pending.values())))
+        pending.clear()
+
     for name, shp in llama_tensor_shapes(shape):
         if len(shp) == 1:
             arr = (1.0 + 0.1 * rng.standard_normal(shp, dtype=np.float32)).astype(np_dtype)
         else:
             arr = (std * rng.standard_normal(shp, dtype=np.float32)).astype(np_dtype)
         if size and size + arr.nbytes > max_shard_bytes:
-            shards.append({})
+            flush()
             size = 0
-        shards[-1][name] = arr
+        pending[name] = arr
         size += arr.nbytes
+    flush()
+    n = len(written)
     weight_map = {}
-    n = len(shards)
-    for i, tensors in enumerate(shards):
+    for i, (path, names, _) in enumerate(written):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in tensors})
+        path.rename(out / fname)
+        weight_map.update({k: fname for k in names})
     if n > 1:
-        index = {"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": sum(b for _, _, b in written)}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(llama_config(shape, dtype=dtype), indent=2))
     shutil.copyfile(tokenizer_model, out / "tokenizer.model")

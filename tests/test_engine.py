@@ -1,0 +1,139 @@
+"""The llama.cpp engine on a tiny random model: token ids, sampling, streaming, cache reuse, errors."""
+
+from __future__ import annotations
+
+import pytest
+import sentencepiece as spm
+
+from tiblocal.engine import Engine, EngineConfig, Generation, Sampling, gpu_offload_supported
+from tiblocal.errors import EngineError, PromptTooLongError, TiblocalError
+from tiblocal.text import Utf8Stream
+
+LINES = [
+    "བཀྲ་ཤིས་བདེ་ལེགས། ང་ཚོ་ལྷ་སར་འགྲོ་གི་ཡོད།",
+    "Hello world, 12345 and  two  spaces",
+    "mixed བོད་ཡིག and 中文\n\nnew lines",
+    "ཨོཾ་མ་ཎི་པདྨེ་ཧཱུྃ",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_gguf):
+    with Engine(tiny_gguf, EngineConfig(ctx=256, threads=1)) as e:
+        yield e
+
+
+def test_token_ids_equal_sentencepiece(engine, tiny_tokenizer) -> None:
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer))
+    for line in LINES:
+        assert engine.tokenize(line, add_bos=False, special=False) == sp.encode(line)
+        assert engine.tokenize(line)[0] == sp.bos_id()
+
+
+def test_special_tokens_parse_in_rendered_prompts(engine) -> None:
+    ids = engine.tokenize("a</s><s>b", add_bos=False)
+    assert engine.eos_id in ids and engine.bos_id in ids
+    assert engine.bos_text == "<s>" and engine.eos_text == "</s>"
+
+
+def test_byte_fallback_pieces_reassemble_to_tibetan(engine, tiny_tokenizer) -> None:
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer))
+    text = "ཧཱུྃ་ཀྵ"  # rare characters: the tiny vocabulary spells them with byte tokens
+    ids = engine.tokenize(text, add_bos=False, special=False)
+    pieces = [engine.piece(t) for t in ids]
+    assert any(sp.IsByte(t) for t in ids)
+    assert any(len(p) == 1 and p[0] >= 0x80 for p in pieces)  # a single byte of a 3-byte character
+    stream = Utf8Stream()
+    shown = [stream.feed(p) for p in pieces]
+    assert all("\ufffd" not in s for s in shown)
+    assert ("".join(shown) + stream.finish()).strip() == text
+    assert engine.detokenize(ids) == text
+
+
+def _run(engine, prompt, sampling):
+    result = Generation()
+    text = "".join(engine.stream(engine.tokenize(prompt), sampling, result=result))
+    return text, result
+
+
+def test_same_seed_same_text_and_greedy_is_deterministic(engine) -> None:
+    s = Sampling(temperature=0.8, seed=42, max_tokens=24)
+    a, ra = _run(engine, "བཀྲ་ཤིས་", s)
+    engine.reset()
+    b, rb = _run(engine, "བཀྲ་ཤིས་", s)
+    assert (a, ra.tokens) == (b, rb.tokens)
+    assert ra.completion_tokens == 24 and ra.stop_reason == "length"
+    g1, _ = _run(engine, "Hello", Sampling(temperature=0, max_tokens=16))
+    g2, _ = _run(engine, "Hello", Sampling(temperature=0, max_tokens=16, seed=7))
+    assert g1 == g2
+
+
+def test_cache_reuse_gives_the_same_tokens_as_a_fresh_start(engine) -> None:
+    s = Sampling(temperature=0, max_tokens=12)
+    prefix = "Below is an instruction. ### Instruction:\nབཀྲ་ཤིས་"
+    _run(engine, prefix + "བདེ་ལེགས།", s)
+    warm_text, warm = _run(engine, prefix + "ལྷ་ས།", s)
+    assert warm.reused_tokens > 5
+    engine.reset()
+    cold_text, cold = _run(engine, prefix + "ལྷ་ས།", s)
+    assert cold.reused_tokens == 0
+    assert warm.tokens == cold.tokens and warm_text == cold_text
+
+
+def test_stop_string_cuts_the_answer(engine) -> None:
+    s = Sampling(temperature=0, max_tokens=20)
+    full, _ = _run(engine, "Hello", s)
+    assert len(full) > 4
+    stop = full[2:5]
+    result = Generation()
+    text = "".join(engine.stream(engine.tokenize("Hello"), s, stops=[stop], result=result))
+    assert text == full[: full.index(stop)]
+    assert result.stop_reason == "stop" and result.text == text
+
+
+def test_closing_the_stream_keeps_the_partial_answer(engine) -> None:
+    result = Generation()
+    gen = engine.stream(engine.tokenize("Hello"), Sampling(temperature=0, max_tokens=50), result=result)
+    first = next(gen)
+    gen.close()
+    assert result.stop_reason == "interrupted"
+    assert result.text.startswith(first)
+    # the engine is still usable afterwards
+    text, r = _run(engine, "Hello", Sampling(temperature=0, max_tokens=5))
+    assert r.completion_tokens == 5
+
+
+def test_prompt_longer_than_the_context(engine) -> None:
+    long = engine.tokenize("བཀྲ་ཤིས་" * 200)
+    assert len(long) > engine.n_ctx
+    with pytest.raises(PromptTooLongError, match=r"the prompt has \d+ tokens but the context holds 256"):
+        list(engine.stream(long, Sampling()))
+
+
+def test_generation_stops_when_the_context_is_full(tiny_gguf) -> None:
+    with Engine(tiny_gguf, EngineConfig(ctx=32, threads=1)) as e:
+        text, r = _run(e, "Hello", Sampling(temperature=1.0, seed=3, max_tokens=1000, repeat_penalty=1.0))
+        # llama.cpp may round the context up (to 256 here); the engine reports the real size
+        assert e.n_ctx >= 32
+        assert r.stop_reason in ("context", "eos")
+        assert r.prompt_tokens + r.completion_tokens <= e.n_ctx
+
+
+def test_gpu_layers_without_gpu_build_is_a_clear_error(tiny_gguf) -> None:
+    if gpu_offload_supported():
+        pytest.skip("this llama-cpp-python build has a GPU backend")
+    with pytest.raises(EngineError, match="no GPU backend; reinstall it with CMAKE_ARGS"):
+        Engine(tiny_gguf, EngineConfig(n_gpu_layers=-1))
+
+
+def test_sampling_settings_are_checked() -> None:
+    with pytest.raises(TiblocalError, match="top_p 1.5"):
+        Sampling(top_p=1.5)
+    s = Sampling().with_value("temp", "0.7").with_value("top_k", "5").with_value("max-tokens", "9")
+    assert (s.temperature, s.top_k, s.max_tokens) == (0.7, 5, 9)
+    with pytest.raises(TiblocalError, match="unknown setting 'warmth'"):
+        Sampling().with_value("warmth", "1")
+    with pytest.raises(TiblocalError, match="top_k must be an integer"):
+        Sampling().with_value("top_k", "x")
+    with pytest.raises(TiblocalError, match="temperature -1.0"):
+        Sampling().with_value("temp", "-1")
