@@ -151,7 +151,10 @@ class LlamaConverter(ModelConverter):
         w.add_head_count(n_head)
         w.add_head_count_kv(int(hp.get("num_key_value_heads", n_head)))
         w.add_layer_norm_rms_eps(float(hp.get("rms_norm_eps", 1e-6)))
-        w.add_rope_dimension_count(int(hp.get("head_dim", n_embd // n_head)))
+        head_dim = int(hp.get("head_dim", n_embd // n_head))
+        w.add_rope_dimension_count(head_dim)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
         rope_theta = hp.get("rope_theta", (hp.get("rope_parameters") or {}).get("rope_theta"))
         if rope_theta is not None:
             w.add_rope_freq_base(float(rope_theta))
@@ -262,8 +265,10 @@ def hf_to_gguf(
         conv.set_vocab(w)
         if chat_template:
             w.add_chat_template(chat_template)
-        if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # written for every type, as llama.cpp's converter does
+        n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in tensors)
+        if n_params:
+            w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
         targets = [_target_type(t, qtype) for t in tensors]
         for t, q in zip(tensors, targets):
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, q), raw_dtype=q)

@@ -43,3 +43,29 @@ def run_convert(
             f"{result.size / 2**20:.1f} MiB)"
         )
     return 0
+
+
+def run_merge(base: Path, adapters: list[Path], out: Path, *, dtype: str, force: bool, as_json: bool) -> int:
+    from .merge import merge_lora
+
+    err = Console(stderr=True, highlight=False)
+    columns = (TextColumn(f"merging into {out.name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task("merge", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        r = merge_lora(base, adapters, out, dtype=dtype, force=force, progress=report)
+    summary = {
+        "path": str(r.out), "dtype": dtype, "n_tensors": r.n_tensors, "n_vocab": r.n_vocab,
+        "lora_merged": r.merged_lora, "replaced": r.replaced, "bytes": r.bytes_written,
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        err.print(
+            f"wrote {r.out} ({dtype}, {r.n_tensors} tensors, vocabulary {r.n_vocab}; {r.merged_lora} LoRA updates "
+            f"merged, {r.replaced} tensors replaced)"
+        )
+    return 0

@@ -6,6 +6,7 @@ Everything is built in a few seconds from seeds and the small text samples in te
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,6 +77,74 @@ def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
     out = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
     hf_to_gguf(tiny_hf, out, outtype="f32", template="alpaca")
     return out
+
+
+# --- LoRA adapters over an extended vocabulary (need torch and peft) ---------------------------------
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_EXT = 760  # rows after the "vocabulary extension"
+
+
+def load_hf(path: Path, n_vocab: int | None = None):
+    """A transformers model in float32 (resized to ``n_vocab`` rows when given)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if n_vocab is not None and model.get_input_embeddings().weight.shape[0] != n_vocab:
+        model.resize_token_embeddings(n_vocab, mean_resizing=False)
+    return model.eval()
+
+
+def _randomise(model, seed: int) -> None:
+    """LoRA B starts at zero and modules_to_save start as copies: make every trained part non-trivial."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, tiny_hf):
+    """Adapter A (pretraining: r 8 on the seven projections, embed_tokens/lm_head trained, vocabulary
+    extended to 760 rows, with its tokenizer) and adapter B (SFT on top: rsLoRA r 4 with a rank pattern,
+    LoRA on the embedding too)."""
+    peft = pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("adapters")
+    ext_tok = train_tiny_tokenizer(root / "tok-ext", vocab_size=N_EXT)
+
+    base = load_hf(tiny_hf, N_EXT)
+    cfg_a = peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ, modules_to_save=["embed_tokens", "lm_head"],
+                            lora_dropout=0.05, task_type="CAUSAL_LM")
+    pa = peft.get_peft_model(base, cfg_a)
+    _randomise(pa, 1)
+    a_dir = root / "pt-lora"
+    pa.save_pretrained(a_dir)
+    shutil.copyfile(ext_tok, a_dir / "tokenizer.model")
+
+    merged_a = pa.merge_and_unload()
+    cfg_b = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                            rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3}, task_type="CAUSAL_LM")
+    pb = peft.get_peft_model(merged_a, cfg_b)
+    _randomise(pb, 2)
+    b_dir = root / "sft-lora"
+    pb.save_pretrained(b_dir)
+    shutil.copyfile(ext_tok, b_dir / "tokenizer.model")
+    reference = {k: v.detach().numpy().copy() for k, v in pb.merge_and_unload().state_dict().items()}
+    return a_dir, b_dir, reference, ext_tok
+
+
+@pytest.fixture(scope="session")
+def merged(tmp_path_factory, tiny_hf, adapters):
+    from tiblocal.convert.merge import merge_lora
+
+    a_dir, b_dir, _, _ = adapters
+    out = tmp_path_factory.mktemp("merged") / "model"
+    merge_lora(tiny_hf, [a_dir, b_dir], out, dtype="f32")
+    return out
+
 
 
 def run_cli(*args: str, input: bytes | None = None, timeout: float = 120, env: dict | None = None):

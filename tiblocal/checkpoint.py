@@ -108,6 +108,66 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
     return refs
 
 
+@dataclass(frozen=True)
+class TorchTensorRef:
+    """One tensor of a pytorch ``.bin`` file (read through torch, which must be installed)."""
+
+    file: Path
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    def raw(self) -> np.ndarray:
+        import torch
+
+        t = _torch_state(self.file)[self.name]
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+
+    def as_f32(self) -> np.ndarray:
+        data = self.raw()
+        return bf16_to_f32(data) if self.dtype == "BF16" else np.asarray(data, dtype=np.float32)
+
+
+_TORCH_CACHE: dict[Path, Any] = {}
+
+
+def _torch_state(path: Path):
+    """The state dict of one .bin file, memory-mapped; only the last file read is kept open."""
+    if path not in _TORCH_CACHE:
+        import torch
+
+        _TORCH_CACHE.clear()
+        try:
+            _TORCH_CACHE[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises many kinds for a damaged file
+            raise ModelFormatError(f"{path} cannot be read by torch ({str(e).splitlines()[0]}); save it again") from None
+    return _TORCH_CACHE[path]
+
+
+def read_torch_bin(path: Path) -> dict[str, TorchTensorRef]:
+    """Tensors of a pytorch ``.bin`` checkpoint (needs torch: ``pip install tiblocal[train]``)."""
+    try:
+        import torch
+    except ImportError:
+        raise InputFileError(
+            f"{path} is a pytorch .bin file and torch is not installed; install torch or re-save the weights as "
+            "safetensors (model.save_pretrained(dir, safe_serialization=True))"
+        ) from None
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    refs = {}
+    for name, t in _torch_state(Path(path)).items():
+        if t.dtype not in names:
+            raise ModelFormatError(f"{path}: tensor {name!r} has dtype {t.dtype}, which tiblocal cannot read")
+        refs[name] = TorchTensorRef(Path(path), name, names[t.dtype], tuple(t.shape))
+    return refs
+
+
 @dataclass
 class HFCheckpoint:
     """A Hugging Face model folder: ``config.json``, weight shards and tokenizer files."""
@@ -115,7 +175,7 @@ class HFCheckpoint:
     path: Path
     config: dict[str, Any]
     shards: list[Path]
-    tensors: dict[str, TensorRef]
+    tensors: dict[str, TensorRef | TorchTensorRef]
 
     @classmethod
     def open(cls, path: Path) -> HFCheckpoint:
@@ -124,9 +184,10 @@ class HFCheckpoint:
             raise InputFileError(f"{path} is not a folder; give a Hugging Face model folder (config.json + *.safetensors)")
         config = load_config(path)
         shards = find_shards(path)
-        tensors: dict[str, TensorRef] = {}
+        tensors: dict[str, TensorRef | TorchTensorRef] = {}
         for shard in shards:
-            for name, ref in read_safetensors_header(shard).items():
+            refs = read_torch_bin(shard) if shard.suffix == ".bin" else read_safetensors_header(shard)
+            for name, ref in refs.items():
                 if name in tensors:
                     raise ModelFormatError(f"{shard}: tensor {name!r} is also in {tensors[name].file}")
                 tensors[name] = ref
@@ -142,7 +203,7 @@ class HFCheckpoint:
         p = self.path / "tokenizer.model"
         return p if p.is_file() else None
 
-    def iter_shards(self) -> Iterator[tuple[Path, list[TensorRef]]]:
+    def iter_shards(self) -> Iterator[tuple[Path, list[TensorRef | TorchTensorRef]]]:
         for shard in self.shards:
             yield shard, [t for t in self.tensors.values() if t.file == shard]
 
@@ -158,25 +219,80 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def find_shards(path: Path) -> list[Path]:
-    """Safetensors shards in index order; ``.bin`` checkpoints are refused with the fix."""
+    """Weight shards in index order: safetensors, else pytorch .bin (read through torch)."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if not index.is_file():
+            continue
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelFormatError(f"{index} is not a valid safetensors index ({e})") from None
+            raise ModelFormatError(f"{index} is not a valid weight index ({e})") from None
         names = list(dict.fromkeys(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise InputFileError(f"{path} is missing shards listed in {index.name}: {', '.join(missing)}")
         return [path / n for n in names]
-    shards = sorted(path.glob("*.safetensors"))
+    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if shards:
         return shards
-    if list(path.glob("pytorch_model*.bin")):
-        raise InputFileError(
-            f"{path} has only pytorch .bin weights; re-save them as safetensors "
-            "(model.save_pretrained(dir, safe_serialization=True))"
-        )
-    raise InputFileError(f"{path} has no weights (no *.safetensors); give a Hugging Face model folder")
+    raise InputFileError(f"{path} has no weights (no *.safetensors or pytorch_model*.bin); give a Hugging Face model folder")
+
+
+# numpy dtype of the values handed to the writer -> safetensors dtype name (BF16 is passed as uint16)
+_WRITE_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (round to nearest even), returned as uint16 bit patterns."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def encode_as(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values -> the stored form of ``dtype`` (F32, F16 or BF16)."""
+    if dtype == "BF16":
+        return f32_to_bf16(x)
+    return np.ascontiguousarray(x, dtype=_WRITE_DTYPES[dtype])
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor: the header (all names, dtypes, shapes) first.
+
+    Memory stays at one tensor: callers ``write(name, data)`` in the order given to the constructor.
+    """
+
+    def __init__(self, path: Path, specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self._specs = specs
+        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in specs:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_WRITE_DTYPES[dtype]).itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # align the data start to 8 bytes
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        exp_name, dtype, shape = self._specs[self._next]
+        if name != exp_name or tuple(data.shape) != tuple(shape) or data.dtype != _WRITE_DTYPES[dtype]:
+            raise AssertionError(f"writer expected {exp_name} {dtype} {shape}, got {name} {data.dtype} {data.shape}")
+        np.ascontiguousarray(data).tofile(self._f)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._specs):
+            self._f.close()
+            raise AssertionError(f"{self.path}: wrote {self._next} of {len(self._specs)} tensors")
+        self._f.close()

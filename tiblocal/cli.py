@@ -141,6 +141,21 @@ def _convert(a: argparse.Namespace) -> int:
     )
 
 
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", type=Path, help="base Hugging Face model folder")
+    p.add_argument("adapters", type=Path, nargs="+", metavar="ADAPTER", help="peft LoRA adapter folders, applied in order")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--dtype", choices=["f16", "bf16", "f32"], default="f16", help="tensor type written (default f16)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
+
+
+def _merge(a: argparse.Namespace) -> int:
+    from .convert.run import run_merge
+
+    return run_merge(a.base, a.adapters, a.out, dtype=a.dtype, force=a.force, as_json=a.as_json)
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
@@ -153,6 +168,7 @@ VERBS = (
     Verb("chat", "chat with a GGUF model in the terminal", _chat_args, _chat),
     Verb("generate", "generate answers for a prompt or a file of prompts (JSON lines)", _generate_args, _generate),
     Verb("inspect", "show what a GGUF file or Hugging Face folder holds", _inspect_args, _inspect),
+    Verb("merge", "merge LoRA adapters into a base model, shard by shard", _merge_args, _merge),
     Verb("convert", "convert a Hugging Face Llama model to GGUF", _convert_args, _convert),
 )
 

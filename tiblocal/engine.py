@@ -292,6 +292,36 @@ class Engine:
         self._decode(tokens[keep:])
         return keep
 
+    def eval_logits(self, tokens: Sequence[int]) -> "np.ndarray":
+        """Logits at every position of ``tokens`` (float32, shape (len, n_vocab)), from an empty cache."""
+        import numpy as np
+
+        lib = _llama_cpp
+        self.check_fits(len(tokens))
+        self.reset()
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        step = max(1, min(self.config.batch, self.n_ctx))
+        batch = lib.llama_batch_init(step, 0, 1)
+        try:
+            for start in range(0, len(tokens), step):
+                chunk = tokens[start : start + step]
+                batch.n_tokens = len(chunk)
+                for i, t in enumerate(chunk):
+                    batch.token[i] = t
+                    batch.pos[i] = start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = True
+                rc = lib.llama_decode(self._ctx, batch)
+                if rc != 0:
+                    raise EngineError(f"llama_decode failed with code {rc} at position {start}")
+                ptr = lib.llama_get_logits(self._ctx)
+                out[start : start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab))
+                self._past.extend(chunk)
+        finally:
+            lib.llama_batch_free(batch)
+        return out
+
     def _sampler(self, s: Sampling):
         lib = _llama_cpp
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())

@@ -6,7 +6,9 @@ An interrupted write (Ctrl-C, full disk, crash) never leaves a file under the fi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,13 @@ def check_output_path(path: Path, *, force: bool = False) -> None:
         raise TiblocalError(f"folder {parent} for output {path.name} does not exist; create it first")
 
 
+def _disk_full(path: Path, e: OSError) -> TiblocalError:
+    return TiblocalError(
+        f"the disk is full while writing {path} ({e.strerror}); nothing was left behind. "
+        "Free some space or write to another disk with --out"
+    )
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -34,9 +43,40 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise _disk_full(path, e) from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds.
+
+    With ``replace``, an existing ``path`` is swapped out only after the new folder is complete.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise TiblocalError(f"folder {parent} for output {path.name} does not exist; create it first")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not replace:
+                raise TiblocalError(f"{path} already exists; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise _disk_full(path, e) from None
         raise
 
 
