@@ -79,6 +79,23 @@ def tiny_gguf(tmp_path_factory, tiny_hf) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny256(tmp_path_factory, tiny_tokenizer) -> tuple[Path, Path]:
+    """A random Llama 256 wide (so k-quants apply to every matrix) and its f32 GGUF: (hf folder, gguf)."""
+    import sentencepiece as spm
+
+    from tiblocal.convert.hf_to_gguf import hf_to_gguf
+    from tiblocal.synthetic import LlamaShape, write_llama_checkpoint
+
+    n = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer)).vocab_size()
+    root = tmp_path_factory.mktemp("tiny256")
+    shape = LlamaShape(vocab_size=n, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4)
+    hf = write_llama_checkpoint(root / "hf", shape, tiny_tokenizer, seed=7, std=0.05)
+    gguf_path = root / "tiny256-f32.gguf"
+    hf_to_gguf(hf, gguf_path, outtype="f32")
+    return hf, gguf_path
+
+
 # --- LoRA adapters over an extended vocabulary (need torch and peft) ---------------------------------
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

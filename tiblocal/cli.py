@@ -156,6 +156,51 @@ def _merge(a: argparse.Namespace) -> int:
     return run_merge(a.base, a.adapters, a.out, dtype=a.dtype, force=a.force, as_json=a.as_json)
 
 
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="an f32/f16/bf16 .gguf")
+    p.add_argument("--type", dest="types", required=True, help="Q4_K_M, Q8_0, ... or several: Q4_K_M,Q5_K_M,Q8_0")
+    p.add_argument("--out", type=Path, required=True, help="output .gguf; with several types a folder or a name with {type}")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--output-tensor-type", default=None, metavar="T", help="type of output.weight (e.g. Q8_0, F16)")
+    p.add_argument("--token-embedding-type", default=None, metavar="T", help="type of token_embd.weight")
+    p.add_argument("--allow-requantize", action="store_true", help="accept an input that is already quantized")
+    p.add_argument("--force", action="store_true", help="overwrite outputs that exist")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the results as JSON")
+
+
+def _quantize(a: argparse.Namespace) -> int:
+    from .quantize.run import run_quantize
+
+    return run_quantize(
+        a.input, a.out, types=a.types, threads=a.threads, output_tensor_type=a.output_tensor_type,
+        token_embedding_type=a.token_embedding_type, allow_requantize=a.allow_requantize, force=a.force, as_json=a.as_json,
+    )
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ppl = sub.add_parser("ppl", help="perplexity of a GGUF or a Hugging Face / GPTQ folder on a text")
+    ppl.add_argument("models", type=Path, nargs=1, metavar="MODEL")
+    cmp = sub.add_parser("compare", help="ΔPPL, KL divergence and top-1 agreement of QUANT against REF")
+    cmp.add_argument("models", type=Path, nargs=2, metavar="MODEL", help="REF then QUANT")
+    for q in (ppl, cmp):
+        q.add_argument("--text", type=Path, nargs="+", required=True, help="text files (plain or .xz)")
+        q.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512, as llama-perplexity)")
+        q.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+        q.add_argument("--threads", type=int, default=None)
+        q.add_argument("--n-gpu-layers", type=int, default=0, metavar="N")
+        q.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from .quantize.run import run_eval
+
+    return run_eval(
+        a.action, a.models, text=a.text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads,
+        n_gpu_layers=a.n_gpu_layers, as_json=a.as_json,
+    )
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
@@ -170,6 +215,8 @@ VERBS = (
     Verb("inspect", "show what a GGUF file or Hugging Face folder holds", _inspect_args, _inspect),
     Verb("merge", "merge LoRA adapters into a base model, shard by shard", _merge_args, _merge),
     Verb("convert", "convert a Hugging Face Llama model to GGUF", _convert_args, _convert),
+    Verb("quantize", "quantize a GGUF with llama.cpp's own quantizer (Q4_K_M, Q8_0, ...)", _quantize_args, _quantize),
+    Verb("eval", "perplexity, and what quantization cost (ΔPPL, KL, top-1) on a text", _eval_args, _eval),
 )
 
 

@@ -26,6 +26,12 @@ def check_output_path(path: Path, *, force: bool = False) -> None:
         raise TiblocalError(f"folder {parent} for output {path.name} does not exist; create it first")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _disk_full(path: Path, e: OSError) -> TiblocalError:
     return TiblocalError(
         f"the disk is full while writing {path} ({e.strerror}); nothing was left behind. "
@@ -40,6 +46,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -62,6 +69,7 @@ def atomic_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
     if not parent.is_dir():
         raise TiblocalError(f"folder {parent} for output {path.name} does not exist; create it first")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():

@@ -134,3 +134,52 @@ def write_llama_checkpoint(
         )
     )
     return out
+
+
+LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_lora_adapter(
+    out: Path,
+    shape: LlamaShape,
+    *,
+    r: int = 64,
+    alpha: int = 128,
+    n_vocab: int | None = None,
+    tokenizer_model: Path | None = None,
+    dtype: str = "float16",
+    seed: int = 0,
+    std: float = 0.02,
+) -> Path:
+    """A random peft LoRA adapter in the Tibetan-Llama2 layout: LoRA on the seven projections of every
+    layer, and embed_tokens / lm_head trained in full (modules_to_save) with ``n_vocab`` rows."""
+    np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h, f = shape.hidden_size, shape.intermediate_size
+    kv = shape.num_key_value_heads * (h // shape.num_attention_heads)
+    dims = {  # module -> (in, out)
+        "self_attn.q_proj": (h, h), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+        "self_attn.o_proj": (h, h), "mlp.gate_proj": (h, f), "mlp.up_proj": (h, f), "mlp.down_proj": (f, h),
+    }
+    tensors: dict[str, np.ndarray] = {}
+    for i in range(shape.num_hidden_layers):
+        for module, (d_in, d_out) in dims.items():
+            p = f"base_model.model.model.layers.{i}.{module}"
+            tensors[f"{p}.lora_A.weight"] = (std * rng.standard_normal((r, d_in), dtype=np.float32)).astype(np_dtype)
+            tensors[f"{p}.lora_B.weight"] = (std * rng.standard_normal((d_out, r), dtype=np.float32)).astype(np_dtype)
+    v = n_vocab or shape.vocab_size
+    for name in ("base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"):
+        tensors[name] = (std * rng.standard_normal((v, h), dtype=np.float32)).astype(np_dtype)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05,
+        "target_modules": list(LLAMA_LORA_TARGETS), "modules_to_save": ["embed_tokens", "lm_head"],
+        "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "use_dora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, out / "tokenizer.model")
+    return out

@@ -1,0 +1,215 @@
+"""Perplexity and what quantization cost: ΔPPL, KL divergence and top-1 agreement against a reference.
+
+The windows are llama-perplexity's (ggml-org/llama.cpp tools/perplexity): the text is tokenized once
+into SentencePiece ids, cut into consecutive windows of ``ctx`` tokens, the first token of each window
+replaced by BOS, and only the second half of each window scored (every scored token has at least
+ctx/2 tokens of context). A GGUF is run through llama.cpp, a Hugging Face (or GPTQ) folder through
+transformers, on exactly the same ids and windows, so their figures compare.
+"""
+
+from __future__ import annotations
+
+import lzma
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tiblocal.errors import InputFileError, TiblocalError
+
+
+def read_text(paths: list[Path]) -> str:
+    parts = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise InputFileError(f"{p}: no such text file")
+        opener = lzma.open if p.suffix == ".xz" else open
+        try:
+            with opener(p, "rt", encoding="utf-8") as f:
+                parts.append(f.read())
+        except UnicodeDecodeError as e:
+            raise InputFileError(f"{p} is not valid UTF-8 (byte offset {e.start}); save it as UTF-8") from None
+        except lzma.LZMAError as e:
+            raise InputFileError(f"{p} is not a valid .xz file ({e})") from None
+    return "\n".join(parts)
+
+
+class LogitSource:
+    """A model that gives logits for a window of token ids."""
+
+    n_vocab: int
+    bos_id: int
+    name: str
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def logits(self, ids: list[int]) -> np.ndarray:  # (len(ids), n_vocab) float32
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class GGUFSource(LogitSource):
+    def __init__(self, path: Path, ctx: int, threads: int | None, n_gpu_layers: int) -> None:
+        from tiblocal.engine import Engine, EngineConfig
+
+        self.engine = Engine(path, EngineConfig(threads=threads, ctx=ctx, n_gpu_layers=n_gpu_layers, batch=ctx))
+        self.n_vocab, self.bos_id, self.name = self.engine.n_vocab, self.engine.bos_id, str(path)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenize(text, add_bos=False, special=False)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self.engine.eval_logits(ids)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class HFSource(LogitSource):
+    """A Hugging Face or GPTQ folder through transformers (needs torch: ``pip install tiblocal[train]``)."""
+
+    def __init__(self, path: Path, device: str | None = None) -> None:
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise TiblocalError(f"{path} is a Hugging Face folder; evaluating it needs torch and transformers "
+                                "(pip install 'tiblocal[train]'), or convert it to GGUF first") from None
+        from tiblocal.gguf_vocab import load_sentencepiece
+
+        tok = Path(path) / "tokenizer.model"
+        self.sp = load_sentencepiece(tok)
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.float32 if self.device == "cpu" else torch.float16
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.n_vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.bos_id, self.name = self.sp.bos_id(), str(path)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with self.torch.no_grad():
+            out = self.model(self.torch.tensor([ids], device=self.device)).logits[0]
+        return out.float().cpu().numpy()
+
+
+def open_source(path: Path, *, ctx: int, threads: int | None = None, n_gpu_layers: int = 0) -> LogitSource:
+    path = Path(path)
+    if path.is_dir():
+        return HFSource(path)
+    return GGUFSource(path, ctx, threads, n_gpu_layers)
+
+
+def windows(ids: list[int], ctx: int, bos_id: int, max_windows: int | None = None) -> Iterator[list[int]]:
+    if ctx < 8:
+        raise TiblocalError(f"--ctx {ctx} is too small for perplexity; use at least 8 (512 is usual)")
+    n = len(ids) // ctx
+    if n == 0:
+        raise TiblocalError(
+            f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}; give more text or a smaller --ctx"
+        )
+    for w in range(n if max_windows is None else min(n, max_windows)):
+        win = list(ids[w * ctx : (w + 1) * ctx])
+        win[0] = bos_id
+        yield win
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@dataclass
+class PPLResult:
+    model: str
+    ppl: float
+    tokens_scored: int
+    windows: int
+    ctx: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CompareResult:
+    reference: str
+    quantized: str
+    ppl_ref: float
+    ppl_quant: float
+    delta_ppl: float
+    delta_ppl_pct: float
+    mean_kl: float
+    max_kl: float
+    top1_agreement: float
+    tokens_scored: int
+    windows: int
+    ctx: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _scored(win: list[int], ctx: int) -> tuple[slice, np.ndarray]:
+    first = ctx // 2
+    return slice(first, ctx - 1), np.asarray(win[first + 1 : ctx])
+
+
+def perplexity(
+    source: LogitSource, text: str, ctx: int, *, max_windows: int | None = None, progress: Callable[[int, int], None] | None = None
+) -> PPLResult:
+    ids = source.tokenize(text)
+    wins = list(windows(ids, ctx, source.bos_id, max_windows))
+    nll, count = 0.0, 0
+    for i, win in enumerate(wins):
+        rows, targets = _scored(win, ctx)
+        logp = _log_softmax(source.logits(win)[rows])
+        nll -= float(logp[np.arange(len(targets)), targets].sum())
+        count += len(targets)
+        if progress:
+            progress(i + 1, len(wins))
+    return PPLResult(source.name, math.exp(nll / count), count, len(wins), ctx)
+
+
+def compare(
+    ref: LogitSource, quant: LogitSource, text: str, ctx: int, *, max_windows: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CompareResult:
+    if ref.n_vocab != quant.n_vocab:
+        raise TiblocalError(
+            f"{ref.name} has {ref.n_vocab} tokens but {quant.name} has {quant.n_vocab}; compare a model with its own "
+            "quantization"
+        )
+    ids = ref.tokenize(text)  # one tokenization, fed to both
+    wins = list(windows(ids, ctx, ref.bos_id, max_windows))
+    nll_r = nll_q = kl_sum = 0.0
+    kl_max = 0.0
+    same = count = 0
+    for i, win in enumerate(wins):
+        rows, targets = _scored(win, ctx)
+        lr = _log_softmax(ref.logits(win)[rows])
+        lq = _log_softmax(quant.logits(win)[rows])
+        idx = np.arange(len(targets))
+        nll_r -= float(lr[idx, targets].sum())
+        nll_q -= float(lq[idx, targets].sum())
+        kl = (np.exp(lr) * (lr - lq)).sum(-1)  # KL(P_ref || P_quant) per position
+        kl_sum += float(kl.sum())
+        kl_max = max(kl_max, float(kl.max()))
+        same += int((lr.argmax(-1) == lq.argmax(-1)).sum())
+        count += len(targets)
+        if progress:
+            progress(i + 1, len(wins))
+    ppl_r, ppl_q = math.exp(nll_r / count), math.exp(nll_q / count)
+    return CompareResult(
+        ref.name, quant.name, ppl_r, ppl_q, ppl_q - ppl_r, 100 * (ppl_q - ppl_r) / ppl_r, kl_sum / count, kl_max,
+        same / count, count, len(wins), ctx,
+    )

@@ -1,0 +1,142 @@
+"""GGUF quantization through llama.cpp's own quantizer (``llama_model_quantize`` in the bindings).
+
+The same C code as llama.cpp's ``llama-quantize`` tool, so the files are the same; tiblocal adds
+the checks (type names, already-quantized input), several types in one call, atomic outputs and a
+progress display.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGMLQuantizationType
+
+from tiblocal.errors import TiblocalError
+from tiblocal.fsutil import atomic_path, check_output_path
+from tiblocal.gguf_file import check_supported_architecture, read_gguf
+
+UNQUANTIZED = ("ALL_F32", "F16", "BF16")
+
+
+def _bindings():
+    from tiblocal.engine import _bindings as engine_bindings
+
+    return engine_bindings()
+
+
+def quant_types() -> dict[str, int]:
+    """Every file type the installed bindings expose, by llama-quantize's name (Q4_K_M, Q8_0, ...)."""
+    lib = _bindings()
+    out = {}
+    for attr in dir(lib):
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
+            out[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = int(getattr(lib, attr))
+    out["F32"] = int(lib.LLAMA_FTYPE_ALL_F32)
+    return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+
+def parse_types(spec: str) -> list[str]:
+    valid = quant_types()
+    names = [t.strip().upper() for t in spec.split(",") if t.strip()]
+    if not names:
+        raise TiblocalError("--type is empty; give one or more types, e.g. --type Q4_K_M,Q8_0")
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise TiblocalError(f"unknown quantization type {', '.join(bad)}; valid types: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def tensor_type(name: str | None, option: str) -> int:
+    if name is None:
+        return -1  # GGML_TYPE_COUNT-like "not set": llama.cpp chooses
+    try:
+        return int(GGMLQuantizationType[name.upper()])
+    except KeyError:
+        valid = ", ".join(t.name for t in GGMLQuantizationType)
+        raise TiblocalError(f"unknown tensor type {name!r} for {option}; valid types: {valid}") from None
+
+
+def output_paths(inp: Path, out: Path, types: list[str]) -> dict[str, Path]:
+    """One path per type: OUT itself for one type, else OUT/NAME-TYPE.gguf or OUT with {type} filled in."""
+    if len(types) == 1 and "{type}" not in str(out) and not out.is_dir():
+        return {types[0]: out}
+    if "{type}" in str(out):
+        return {t: Path(str(out).replace("{type}", t)) for t in types}
+    if out.exists() and not out.is_dir():
+        raise TiblocalError(f"{out} is a file; with several --type values give a folder or a pattern with {{type}}")
+    stem = inp.stem
+    for suffix in ("-f32", "-f16", "-bf16", ".f32", ".f16", ".bf16"):
+        stem = stem.removesuffix(suffix)
+    return {t: out / f"{stem}-{t}.gguf" for t in types}
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    type: str
+    path: Path
+    size: int
+    seconds: float
+
+
+def quantize_gguf(
+    inp: Path,
+    out: Path,
+    types: list[str],
+    *,
+    threads: int | None = None,
+    output_tensor_type: str | None = None,
+    token_embedding_type: str | None = None,
+    allow_requantize: bool = False,
+    force: bool = False,
+    on_start: Callable[[str, Path], None] | None = None,
+) -> list[QuantResult]:
+    inp, out = Path(inp), Path(out)
+    info = read_gguf(inp, with_tokens=False)
+    check_supported_architecture(info)
+    if info.file_type not in UNQUANTIZED and info.file_type is not None and not allow_requantize:
+        raise TiblocalError(
+            f"{inp} is already quantized ({info.file_type}); quantizing again loses more quality. Quantize the "
+            "f16/f32 GGUF instead, or pass --allow-requantize"
+        )
+    valid = quant_types()
+    out_tt = tensor_type(output_tensor_type, "--output-tensor-type")
+    emb_tt = tensor_type(token_embedding_type, "--token-embedding-type")
+    paths = output_paths(inp, out, types)
+    if len(paths) > 1 and "{type}" not in str(out):
+        out.mkdir(parents=True, exist_ok=True)
+    for p in paths.values():
+        check_output_path(p, force=force)
+    lib = _bindings()
+    results = []
+    for qtype, path in paths.items():
+        params = lib.llama_model_quantize_default_params()
+        params.ftype = valid[qtype]
+        params.nthread = threads or 0
+        params.allow_requantize = allow_requantize
+        if out_tt >= 0:
+            params.output_tensor_type = out_tt
+        if emb_tt >= 0:
+            params.token_embedding_type = emb_tt
+        if on_start:
+            on_start(qtype, path)
+        t0 = time.perf_counter()
+        with atomic_path(path) as tmp:
+            rc = _run_blocking(lambda: lib.llama_model_quantize(str(inp).encode(), str(tmp).encode(), params))
+            if rc != 0:
+                raise TiblocalError(f"llama.cpp could not quantize {inp} to {qtype} (code {rc}); run with --verbose for its log")
+        results.append(QuantResult(qtype, path, path.stat().st_size, time.perf_counter() - t0))
+    return results
+
+
+def _run_blocking(fn: Callable[[], int]) -> int:
+    """Run a long C call in a worker thread so Ctrl-C reaches the main thread (the output is then discarded)."""
+    box: list[int] = []
+    worker = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    return box[0]

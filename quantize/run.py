@@ -1,0 +1,75 @@
+"""`tiblocal quantize`: the command around ``quantize_gguf``, with a live display per type."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from .gguf_quant import parse_types, quantize_gguf
+
+
+def run_quantize(
+    inp: Path, out: Path, *, types: str, threads: int | None, output_tensor_type: str | None,
+    token_embedding_type: str | None, allow_requantize: bool, force: bool, as_json: bool,
+) -> int:
+    err = Console(stderr=True, highlight=False)
+    names = parse_types(types)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        current: list = []
+
+        def started(qtype: str, path: Path) -> None:
+            if current:
+                progress.update(current[-1], completed=1, total=1)
+            current.append(progress.add_task(f"quantizing to {qtype} -> {path.name}", total=None))
+
+        results = quantize_gguf(
+            inp, out, names, threads=threads, output_tensor_type=output_tensor_type,
+            token_embedding_type=token_embedding_type, allow_requantize=allow_requantize, force=force, on_start=started,
+        )
+    rows = [{"type": r.type, "path": str(r.path), "size_bytes": r.size, "seconds": round(r.seconds, 2)} for r in results]
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+    else:
+        for r in results:
+            err.print(f"wrote {r.path} ({r.type}, {r.size / 2**20:.1f} MiB, {r.seconds:.1f} s)")
+    return 0
+
+
+def run_eval(
+    action: str, models: list[Path], *, text: list[Path], ctx: int, max_windows: int | None, threads: int | None,
+    n_gpu_layers: int, as_json: bool,
+) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from .evaluate import compare, open_source, perplexity, read_text
+
+    err = Console(stderr=True, highlight=False)
+    body = read_text(text)
+    sources = [open_source(m, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers) for m in models]
+    columns = (TextColumn(f"eval {action}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(action, total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        if action == "ppl":
+            result = perplexity(sources[0], body, ctx, max_windows=max_windows, progress=report).as_dict()
+        else:
+            result = compare(sources[0], sources[1], body, ctx, max_windows=max_windows, progress=report).as_dict()
+    for s in sources:
+        s.close()
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return 0
+    table = Table(show_header=False, title=f"eval {action}", title_justify="left")
+    for k, v in result.items():
+        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    Console(highlight=False).print(table)
+    return 0

@@ -1,0 +1,113 @@
+"""`tiblocal quantize` (llama.cpp's quantizer) and `tiblocal eval` (perplexity, KL) on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, run_cli
+from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.gguf_file import read_gguf
+from tiblocal.quantize.evaluate import GGUFSource, compare, perplexity, read_text, windows
+from tiblocal.quantize.gguf_quant import quantize_gguf
+
+TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
+TEXT = DATA / "tibetan_sample.txt"
+
+
+@pytest.fixture(scope="module")
+def quants(tmp_path_factory, tiny256) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("q")
+    results = quantize_gguf(tiny256[1], out, TYPES, threads=2)
+    return {r.type: r.path for r in results}
+
+
+def test_every_listed_type_quantizes_loads_and_says_its_type(quants) -> None:
+    from tiblocal.engine import Engine, EngineConfig
+
+    assert set(quants) == set(TYPES)
+    for qtype, path in quants.items():
+        info = read_gguf(path)
+        assert info.file_type == qtype
+        assert info.metadata["general.quantization_version"] >= 2
+        with Engine(path, EngineConfig(ctx=64)) as e:
+            assert e.tokenize("བཀྲ་ཤིས་")
+    assert read_gguf(quants["Q4_K_M"]).tensor_type_counts().get("Q4_K", 0) > 0
+
+
+def test_q8_0_is_closer_to_f32_than_q4_k_m(tiny256, quants) -> None:
+    text = read_text([TEXT])
+    ref = GGUFSource(tiny256[1], ctx=128, threads=2, n_gpu_layers=0)
+    kl = {}
+    for qtype in ("Q8_0", "Q4_K_M"):
+        q = GGUFSource(quants[qtype], ctx=128, threads=2, n_gpu_layers=0)
+        kl[qtype] = compare(ref, q, text, 128, max_windows=8).mean_kl
+        q.close()
+    assert 0 <= kl["Q8_0"] < kl["Q4_K_M"]
+
+
+def test_ppl_of_gguf_f32_equals_ppl_of_its_hf_model(tiny256) -> None:
+    pytest.importorskip("torch")
+    p_gguf = run_cli("eval", "ppl", str(tiny256[1]), "--text", str(TEXT), "--ctx", "128", "--max-windows", "6", "--json")
+    p_hf = run_cli("eval", "ppl", str(tiny256[0]), "--text", str(TEXT), "--ctx", "128", "--max-windows", "6", "--json")
+    assert p_gguf.returncode == 0 and p_hf.returncode == 0, (p_gguf.stderr, p_hf.stderr)
+    a, b = json.loads(p_gguf.stdout), json.loads(p_hf.stdout)
+    assert a["tokens_scored"] == b["tokens_scored"] == 6 * 63
+    assert abs(a["ppl"] - b["ppl"]) / b["ppl"] < 1e-4
+
+
+def test_compare_cli(tiny256, quants) -> None:
+    p = run_cli("eval", "compare", str(tiny256[1]), str(quants["Q8_0"]), "--text", str(TEXT), "--ctx", "64", "--max-windows", "4", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["windows"] == 4 and 0.5 < r["top1_agreement"] <= 1 and r["mean_kl"] >= 0
+    assert abs(r["delta_ppl_pct"]) < 5
+
+
+def test_windows_are_llama_perplexity_windows() -> None:
+    wins = list(windows(list(range(10, 30)), 8, bos_id=1))
+    assert wins == [[1, 11, 12, 13, 14, 15, 16, 17], [1, 19, 20, 21, 22, 23, 24, 25]]
+    with pytest.raises(TiblocalError, match="fewer than one window of --ctx 64"):
+        list(windows(list(range(10)), 64, 1))
+
+
+def test_several_types_with_a_name_pattern(tmp_path: Path, tiny256) -> None:
+    p = run_cli("quantize", str(tiny256[1]), "--type", "q4_0,Q8_0", "--out", str(tmp_path / "m-{type}.gguf"), "--json")
+    assert p.returncode == 0, p.stderr
+    assert [r["type"] for r in json.loads(p.stdout)] == ["Q4_0", "Q8_0"]
+    assert (tmp_path / "m-Q4_0.gguf").is_file() and (tmp_path / "m-Q8_0.gguf").is_file()
+
+
+def test_output_and_embedding_tensor_types(tmp_path: Path, tiny256) -> None:
+    out = tmp_path / "q.gguf"
+    quantize_gguf(tiny256[1], out, ["Q4_K_M"], output_tensor_type="Q8_0", token_embedding_type="F16")
+    types = {t.name: t.type for t in read_gguf(out).tensors}
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "F16"
+
+
+def test_bad_input(tmp_path: Path, tiny256, quants) -> None:
+    p = run_cli("quantize", str(tiny256[1]), "--type", "Q9_X", "--out", str(tmp_path / "x.gguf"))
+    assert p.returncode == 1 and "unknown quantization type Q9_X; valid types: F32, F16, Q4_0" in p.stderr.decode()
+    with pytest.raises(TiblocalError, match=r"is already quantized \(Q4_K_M\).*--allow-requantize"):
+        quantize_gguf(quants["Q4_K_M"], tmp_path / "x.gguf", ["Q4_0"])
+    quantize_gguf(quants["Q8_0"], tmp_path / "re.gguf", ["Q4_0"], allow_requantize=True)
+    assert read_gguf(tmp_path / "re.gguf").file_type == "Q4_0"
+    with pytest.raises(TiblocalError, match="unknown tensor type 'Q9' for --output-tensor-type"):
+        quantize_gguf(tiny256[1], tmp_path / "y.gguf", ["Q4_0"], output_tensor_type="Q9")
+    existing = tmp_path / "exists.gguf"
+    existing.write_bytes(b"mine")
+    with pytest.raises(TiblocalError, match="already exists; pass --force"):
+        quantize_gguf(tiny256[1], existing, ["Q4_0"])
+    assert existing.read_bytes() == b"mine"
+    with pytest.raises(InputFileError, match="no such text file"):
+        read_text([tmp_path / "none.txt"])
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe")
+    with pytest.raises(InputFileError, match="is not valid UTF-8"):
+        read_text([bad])
+    short = tmp_path / "short.txt"
+    short.write_text("བཀྲ་ཤིས་", encoding="utf-8")
+    p = run_cli("eval", "ppl", str(tiny256[1]), "--text", str(short))
+    assert p.returncode == 1 and "fewer than one window of --ctx 512" in p.stderr.decode()
