@@ -22,17 +22,41 @@ from pathlib import Path
 from tiblocal.synthetic import LlamaShape, write_llama_checkpoint, write_lora_adapter
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall time and the peak RSS of that one process (wait4 gives it per child)."""
+def measure(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run ``cmd``; wall time and the peak RSS of that one process (wait4 gives it per child).
+
+    Children run in ``cwd`` (the scratch folder): from a source checkout's root, ``python -m tiblocal``
+    would import the source tree instead of the installed package.
+    """
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Also sample anonymous and file-backed resident memory: mapped file pages count in ru_maxrss on
+    # some kernels even though the page cache can drop them at any time.
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    status_path = f"/proc/{p.pid}/status"
+    # waitid with WNOWAIT sees the exit without reaping, so wait4 can still read the child's rusage
+    while os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        try:
+            with open(status_path) as f:
+                for line in f:
+                    key = line.split(":", 1)[0]
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(line.split()[1]))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+        time.sleep(0.1)
     _, status, usage = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t0
     err = p.stderr.read().decode(errors="replace")
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise SystemExit(f"{cmd[:3]} failed ({rc}):\n{err[-3000:]}")
-    return {"seconds": round(dt, 3), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2)}
+    return {
+        "seconds": round(dt, 3),
+        "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
+        "peak_anon_gb": round(peaks["RssAnon"] * 1024 / 1e9, 2),
+        "peak_file_gb": round(peaks["RssFile"] * 1024 / 1e9, 2),
+    }
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -64,8 +88,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    work = args.work
+    work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    args.tokenizer, args.llama_cpp = args.tokenizer.resolve(), args.llama_cpp.resolve()
     shape = LlamaShape(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=4096,
@@ -81,12 +106,12 @@ def main() -> int:
 
     if "convert" not in args.skip:
         ours = work / "ours.gguf"
-        result["tiblocal_convert_f16"] = measure([py, "-m", "tiblocal", "convert", str(hf), "--out", str(ours), "--outtype", "f16"])
+        result["tiblocal_convert_f16"] = measure([py, "-m", "tiblocal", "convert", str(hf), "--out", str(ours), "--outtype", "f16"], cwd=work)
         if "reference" not in args.skip:
             ref = work / "ref.gguf"
             env = {"PYTHONPATH": f"{args.llama_cpp / 'gguf-py'}:{args.llama_cpp}", "NO_LOCAL_GGUF": ""}
             result["llama_cpp_convert_f16"] = measure(
-                [py, str(args.llama_cpp / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(ref), "--outtype", "f16"], env
+                [py, str(args.llama_cpp / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(ref), "--outtype", "f16"], env, cwd=work
             )
             result["identical_tensors"] = same_tensors(ours, ref)
             r, o = result["llama_cpp_convert_f16"], result["tiblocal_convert_f16"]
@@ -103,7 +128,7 @@ def main() -> int:
         result["build_adapter_seconds"] = round(time.perf_counter() - t0, 1)
         result["adapter_bytes"] = (ad / "adapter_model.safetensors").stat().st_size
         out = work / "merged"
-        result["tiblocal_merge_f16"] = measure([py, "-m", "tiblocal", "merge", str(hf), str(ad), "--out", str(out), "--dtype", "f16"])
+        result["tiblocal_merge_f16"] = measure([py, "-m", "tiblocal", "merge", str(hf), str(ad), "--out", str(out), "--dtype", "f16"], cwd=work)
         shutil.rmtree(out)
     if not args.keep:
         shutil.rmtree(work / "base", ignore_errors=True)

@@ -26,13 +26,14 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: beside the model)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    args.model = args.model.resolve()
     work = Path(tempfile.mkdtemp(dir=args.work or args.model.parent))
     result: dict = {"model": str(args.model), "model_bytes": args.model.stat().st_size, "threads": args.threads}
     for qtype in args.types.split(","):
         ref, ours = work / f"ref-{qtype}.gguf", work / f"ours-{qtype}.gguf"
-        r = measure([str(args.llama_quantize), str(args.model), str(ref), qtype, str(args.threads)])
+        r = measure([str(args.llama_quantize), str(args.model), str(ref), qtype, str(args.threads)], cwd=work)
         o = measure([sys.executable, "-m", "tiblocal", "quantize", str(args.model), "--type", qtype, "--out", str(ours),
-                     "--threads", str(args.threads)])
+                     "--threads", str(args.threads)], cwd=work)
         result[qtype] = {"llama_quantize": r, "tiblocal": o, "ratio": round(o["seconds"] / r["seconds"], 3),
                          "identical_tensors": same_tensors(ours, ref), "bytes": ours.stat().st_size}
         ref.unlink()

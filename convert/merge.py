@@ -51,7 +51,7 @@ class LoraPair:
     transpose: bool  # fan_in_fan_out, or an embedding (B @ A is (hidden, vocab))
 
     def delta(self) -> np.ndarray:
-        d = self.b.as_f32() @ self.a.as_f32()  # (out, in) in float32
+        d = self.b.read_f32() @ self.a.read_f32()  # (out, in) in float32
         if self.transpose:
             d = d.T
         return d * np.float32(self.scale)
@@ -264,17 +264,18 @@ def merge_lora(
             writer = SafetensorsWriter(tmp / fname, specs)
             for ref in refs:
                 w: np.ndarray | None = None
+                # Whole tensors are read (not memory-mapped) so their memory goes as soon as they are written.
                 for ad in adapters:
                     if ref.name in ad.replacements:
-                        w = np.array(ad.replacements[ref.name].as_f32(), dtype=np.float32)
+                        w = ad.replacements[ref.name].read_f32()
                         n_repl += 1
                     if ref.name in ad.pairs:
                         if w is None:
-                            w = np.array(ref.as_f32(), dtype=np.float32)
+                            w = ref.read_f32()
                         w += ad.pairs[ref.name].delta()
                         n_lora += 1
                 if w is None:
-                    data = ref.raw() if ref.dtype == st_dtype else encode_as(ref.as_f32(), st_dtype)
+                    data = ref.read() if ref.dtype == st_dtype else encode_as(ref.read_f32(), st_dtype)
                 else:
                     data = encode_as(w, st_dtype)
                 writer.write(ref.name, data)

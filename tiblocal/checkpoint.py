@@ -69,6 +69,18 @@ class TensorRef:
             return bf16_to_f32(data)
         return np.asarray(data, dtype=np.float32)
 
+    def read(self) -> np.ndarray:
+        """The stored values read into memory (not mapped): the memory is released as soon as it is dropped."""
+        dtype = _ST_DTYPES[self.dtype]
+        return np.fromfile(self.file, dtype=dtype, count=self.n_elements, offset=self.start).reshape(self.shape)
+
+    def read_f32(self) -> np.ndarray:
+        """The values as a new, writable float32 array."""
+        data = self.read()
+        if self.dtype == "BF16":
+            return bf16_to_f32(data)
+        return data.astype(np.float32, copy=self.dtype != "F32")
+
 
 def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
     """Parse a safetensors header and check that every tensor's bytes lie inside the file."""
@@ -132,6 +144,12 @@ class TorchTensorRef:
     def as_f32(self) -> np.ndarray:
         data = self.raw()
         return bf16_to_f32(data) if self.dtype == "BF16" else np.asarray(data, dtype=np.float32)
+
+    def read(self) -> np.ndarray:
+        return np.array(self.raw())
+
+    def read_f32(self) -> np.ndarray:
+        return np.array(self.as_f32(), dtype=np.float32)
 
 
 _TORCH_CACHE: dict[Path, Any] = {}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The 7B-scale CPU benchmarks of convert, merge and quantize, as run on the 16-core H100 host.
+# Usage: cpu_benchmarks.sh SDIST TOKENIZER OUTDIR [convert-reference]
+#   SDIST: llama-cpp-python sdist (its vendor/llama.cpp gives llama-quantize and convert_hf_to_gguf.py)
+#   TOKENIZER: a 55,296-piece tokenizer.model (Chinese-LLaMA-2's); OUTDIR: where the JSON results go.
+# Needs tiblocal (and gguf, diskcache) importable; builds llama-quantize and a CPU llama-cpp-python while the
+# random 7B checkpoint is written (single-threaded), and measures only after the builds are done.
+set -uo pipefail
+sdist=$(realpath "$1"); tok=$(realpath "$2"); out=$(realpath "$3"); mode=${4:-}
+here=$(cd "$(dirname "$0")/.." && pwd)
+src=/tmp/src; work=/tmp/bench; mkdir -p $src $work
+tar xzf "$sdist" -C $src && lc=$(ls -d $src/llama_cpp_python-*)
+( cd $lc/vendor/llama.cpp && cmake -B build -DGGML_CUDA=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF > /tmp/lq.log 2>&1 \
+  && nice -n 19 cmake --build build --target llama-quantize -j 8 >> /tmp/lq.log 2>&1 ) & b1=$!
+( CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=8 nice -n 19 \
+  python3 -m pip wheel -q --no-build-isolation --no-deps -w /tmp/whc $lc > /tmp/lcp.log 2>&1 ) & b2=$!
+(cd $work && python3 -c "
+from pathlib import Path
+from tiblocal.synthetic import LlamaShape, write_llama_checkpoint
+s = LlamaShape(vocab_size=55296, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+if not Path('base/config.json').is_file():
+    write_llama_checkpoint(Path('base'), s, Path('$tok'), dtype='float16', max_shard_bytes=10 * 2**30)
+")
+wait $b1; echo "llama-quantize build: $?"; wait $b2; echo "llama-cpp-python build: $?"
+python3 -m pip install -q --no-deps --no-compile --target /tmp/site /tmp/whc/*.whl
+mkdir -p /tmp/lc && cp -r $lc/vendor/llama.cpp/{convert_hf_to_gguf.py,conversion,gguf-py} /tmp/lc/
+skip="--skip reference"; [ "$mode" = convert-reference ] && skip=""
+python3 $here/bench_convert_merge.py --llama-cpp /tmp/lc --tokenizer "$tok" --work $work --keep $skip \
+  --json $out/convert_merge.json
+python3 $here/bench_quantize.py $work/ours.gguf --llama-quantize $lc/vendor/llama.cpp/build/bin/llama-quantize \
+  --threads "$(nproc)" --json $out/quantize.json
