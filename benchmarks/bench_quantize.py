@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ def main() -> int:
     ap.add_argument("--llama-quantize", type=Path, required=True)
     ap.add_argument("--types", default="Q4_K_M,Q8_0")
     ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--repeats", type=int, default=2, help="1: one run each; 2: ABBA")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: beside the model)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -31,10 +33,18 @@ def main() -> int:
     result: dict = {"model": str(args.model), "model_bytes": args.model.stat().st_size, "threads": args.threads}
     for qtype in args.types.split(","):
         ref, ours = work / f"ref-{qtype}.gguf", work / f"ours-{qtype}.gguf"
-        r = measure([str(args.llama_quantize), str(args.model), str(ref), qtype, str(args.threads)], cwd=work)
-        o = measure([sys.executable, "-m", "tiblocal", "quantize", str(args.model), "--type", qtype, "--out", str(ours),
-                     "--threads", str(args.threads)], cwd=work)
-        result[qtype] = {"llama_quantize": r, "tiblocal": o, "ratio": round(o["seconds"] / r["seconds"], 3),
+        runs = {"llama_quantize": [], "tiblocal": []}
+        cmds = {
+            "llama_quantize": lambda out: [str(args.llama_quantize), str(args.model), str(out), qtype, str(args.threads)],
+            "tiblocal": lambda out: [sys.executable, "-m", "tiblocal", "quantize", str(args.model), "--type", qtype,
+                                     "--out", str(out), "--threads", str(args.threads), "--force"],
+        }
+        # ABBA order, each run starting with no dirty pages from the one before (the outputs are GBs)
+        for who in ("llama_quantize", "tiblocal", "tiblocal", "llama_quantize")[: 4 if args.repeats > 1 else 2]:
+            os.sync()
+            runs[who].append(measure(cmds[who](ref if who == "llama_quantize" else ours), cwd=work))
+        best = {who: min(r["seconds"] for r in rs) for who, rs in runs.items()}
+        result[qtype] = {**runs, "best_seconds": best, "ratio": round(best["tiblocal"] / best["llama_quantize"], 3),
                          "identical_tensors": same_tensors(ours, ref), "bytes": ours.stat().st_size}
         ref.unlink()
         ours.unlink()
