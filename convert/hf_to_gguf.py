@@ -22,7 +22,8 @@ from gguf import GGMLQuantizationType, LlamaFileType
 from tiblocal.checkpoint import HFCheckpoint, TensorRef, bf16_to_f32
 from tiblocal.errors import ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
-from tiblocal.gguf_vocab import sentencepiece_vocab
+from tiblocal.gguf_file import read_gguf
+from tiblocal.gguf_vocab import sentencepiece_vocab, write_vocab_gguf
 from tiblocal.templates import get_template
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,10 @@ def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     return int(np.prod(shape, dtype=np.int64)) * size // block
 
 
+def vocab_size_of(path: Path) -> int:
+    return read_gguf(path, with_tokens=False).vocab_size
+
+
 @dataclass(frozen=True)
 class ConvertResult:
     path: Path
@@ -251,9 +256,12 @@ def hf_to_gguf(
         raise TiblocalError(f"unknown --outtype {outtype!r}; expected one of: {', '.join(OUTTYPES)}")
     check_output_path(out, force=force)
     qtype, ftype = OUTTYPES[outtype]
+    chat_template = get_template(template).jinja if template else None
+    if vocab_only and not (model_dir / "config.json").is_file():
+        write_vocab_gguf(model_dir, out, chat_template)
+        return ConvertResult(out, 0, vocab_size_of(out), "vocab", out.stat().st_size)
     ckpt = HFCheckpoint.open(model_dir)
     conv = ModelConverter.for_checkpoint(ckpt)
-    chat_template = get_template(template).jinja if template else None
 
     tensors = [] if vocab_only else conv.out_tensors()
     with atomic_path(out) as tmp:

@@ -201,6 +201,56 @@ def _eval(a: argparse.Namespace) -> int:
     )
 
 
+def _vocab_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ext = sub.add_parser("extend", help="train a Tibetan SentencePiece model and merge it into a base tokenizer")
+    ext.add_argument("--base", type=Path, required=True, help="the base tokenizer.model (Llama-2's)")
+    ext.add_argument("--corpus", type=Path, nargs="+", required=True, help="text files, plain or .xz")
+    ext.add_argument("--add", type=int, required=True, help="pieces to add")
+    ext.add_argument("--out", type=Path, required=True, help="output folder")
+    ext.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    ext.add_argument("--sample-chars", type=int, default=50_000_000, help="memory budget of the training sample (characters)")
+    ext.add_argument("--weight", action="append", default=[], metavar="NAME=FACTOR",
+                     help="sample a corpus file more or less, e.g. derge_kangyur=0.3 (repeatable)")
+    ext.add_argument("--eval", type=Path, nargs="+", default=None, help="held-out text for the report (default: unsampled corpus lines)")
+    ext.add_argument("--curve", default=None, metavar="N,N,...", help="also measure these sizes (bpe), e.g. 8000,16000,24000,32000")
+    ext.add_argument("--force", action="store_true")
+    ext.add_argument("--json", dest="as_json", action="store_true")
+    stats = sub.add_parser("stats", help="tokens per Tibetan syllable, characters per token, byte fallback")
+    par = sub.add_parser("parity", help="do sentencepiece, llama.cpp and Hugging Face give the same ids?")
+    for q in (stats, par):
+        q.add_argument("tokenizer", help="a tokenizer.model, its folder, or 'bundled'")
+        q.add_argument("--text", type=Path, nargs="+", required=True, help="text files, plain or .xz")
+        q.add_argument("--json", dest="as_json", action="store_true")
+    par.add_argument("--show", type=int, default=20, help="mismatching lines to show (default 20)")
+
+
+def _vocab(a: argparse.Namespace) -> int:
+    if a.action == "extend":
+        from .finetune.vocab_run import run_extend
+
+        return run_extend(
+            a.base, a.corpus, a.out, add=a.add, model_type=a.model_type, sample_chars=a.sample_chars,
+            weights=a.weight, eval_files=a.eval, force=a.force, as_json=a.as_json, curve=a.curve,
+        )
+    from .vocab_cli import run_parity, run_stats
+
+    if a.action == "stats":
+        return run_stats(a.tokenizer, a.text, as_json=a.as_json)
+    return run_parity(a.tokenizer, a.text, as_json=a.as_json, show=a.show)
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="a Hugging Face model folder or a .gguf file")
+    p.add_argument("--json", dest="as_json", action="store_true")
+
+
+def _check(a: argparse.Namespace) -> int:
+    from .check import run_check
+
+    return run_check(a.path, as_json=a.as_json)
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
@@ -213,6 +263,8 @@ VERBS = (
     Verb("chat", "chat with a GGUF model in the terminal", _chat_args, _chat),
     Verb("generate", "generate answers for a prompt or a file of prompts (JSON lines)", _generate_args, _generate),
     Verb("inspect", "show what a GGUF file or Hugging Face folder holds", _inspect_args, _inspect),
+    Verb("vocab", "extend a tokenizer for Tibetan, and check its figures and its parity across runtimes", _vocab_args, _vocab),
+    Verb("check", "check that tokenizer, config, weights (or a GGUF) agree on the vocabulary", _check_args, _check),
     Verb("merge", "merge LoRA adapters into a base model, shard by shard", _merge_args, _merge),
     Verb("convert", "convert a Hugging Face Llama model to GGUF", _convert_args, _convert),
     Verb("quantize", "quantize a GGUF with llama.cpp's own quantizer (Q4_K_M, Q8_0, ...)", _quantize_args, _quantize),

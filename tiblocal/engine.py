@@ -144,6 +144,40 @@ def gpu_offload_supported() -> bool:
     return bool(_bindings().llama_supports_gpu_offload())
 
 
+def _tokenize(vocab, text: str, add_bos: bool, special: bool) -> list[int]:
+    lib = _llama_cpp
+    data = text.encode("utf-8")
+    cap = len(data) + 8  # SentencePiece never gives more tokens than bytes (+ BOS/EOS)
+    buf = (lib.llama_token * cap)()
+    n = lib.llama_tokenize(vocab, data, len(data), buf, cap, add_bos, special)
+    if n < 0:  # pragma: no cover
+        cap = -n
+        buf = (lib.llama_token * cap)()
+        n = lib.llama_tokenize(vocab, data, len(data), buf, cap, add_bos, special)
+    return list(buf[:n])
+
+
+class LlamaVocab:
+    """llama.cpp's tokenizer alone, from any GGUF (a vocab-only one too): no weights are loaded."""
+
+    def __init__(self, path: Path) -> None:
+        lib = _bindings()
+        params = lib.llama_model_default_params()
+        params.vocab_only = True
+        self._model = lib.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load the vocabulary of {path}")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        return _tokenize(self._vocab, text, add_bos, special)
+
+    def close(self) -> None:
+        if self._model:
+            _llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+
 class Engine:
     """One loaded GGUF model with one context (one conversation's KV cache)."""
 
@@ -229,17 +263,7 @@ class Engine:
 
     def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
         """Token ids of ``text`` as llama.cpp makes them (``special``: parse "<s>", "</s>" as control tokens)."""
-        lib = _llama_cpp
-        data = text.encode("utf-8")
-        add = self.add_bos if add_bos is None else add_bos
-        cap = len(data) + 8
-        buf = (lib.llama_token * cap)()
-        n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
-        if n < 0:  # pragma: no cover - cap is an upper bound for SentencePiece
-            cap = -n
-            buf = (lib.llama_token * cap)()
-            n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add, special)
-        return list(buf[:n])
+        return _tokenize(self._vocab, text, self.add_bos if add_bos is None else add_bos, special)
 
     def piece(self, token: int, *, special: bool = False, lstrip: int = 0) -> bytes:
         """The bytes of one token (a byte-fallback token is a single, possibly partial, UTF-8 byte)."""

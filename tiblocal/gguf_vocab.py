@@ -136,3 +136,29 @@ def sentencepiece_vocab(
                 f"({model_dir or tokenizer_model}); fix {name}_token_id in config.json"
             )
     return GGUFVocab(tokens, scores, types, bos, eos, unk, pad, add_bos, add_eos, n_pieces)
+
+
+def write_vocab_gguf(folder: Path, out: Path, chat_template: str | None = None) -> None:
+    """A vocab-only GGUF (no tensors) from a tokenizer folder: what llama.cpp tokenizes with.
+
+    The same vocabulary ``tiblocal convert`` writes into full models.
+    """
+    from .fsutil import atomic_path
+
+    folder, out = Path(folder), Path(out)
+    tok = folder / "tokenizer.model"
+    if not tok.is_file():
+        raise ModelFormatError(f"{folder} has no tokenizer.model; give a model or tokenizer folder")
+    vocab = sentencepiece_vocab(tok, model_dir=folder)
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        w.add_name(folder.name)
+        w.add_type("vocab")
+        w.add_vocab_size(len(vocab.tokens))
+        vocab.write_to(w)
+        if chat_template:
+            w.add_chat_template(chat_template)
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()

@@ -1,0 +1,1 @@
+"""Training stage (installed as ``tiblocal.finetune``): vocabulary extension, pretraining, SFT."""
