@@ -242,17 +242,22 @@ def extend_vocabulary(
         del text
         if progress:
             progress("training", 0, 1)
-        # room for the single characters, the meta pieces and the pieces that are filtered out
         largest = max((cfg.add, *cfg.curve))
         if cfg.curve and cfg.model_type != "bpe":
             raise TiblocalError("--curve needs --model-type bpe (a unigram model's prefixes are not smaller models)")
+        # Room for the single characters, the meta pieces and the pieces the base already has or that
+        # are not Tibetan; trained again, larger, when that was not enough (a base that already knows
+        # much Tibetan), until SentencePiece says the corpus can give no more.
         vocab_size = int(largest * 1.15) + 300
-        tib = train_sentencepiece(sample, vocab_size, cfg, Path(tmp) / "tibetan")
+        for _ in range(4):
+            tib = train_sentencepiece(sample, vocab_size, cfg, Path(tmp) / "tibetan")
+            ordered = new_pieces(base_proto, _proto(tib), cfg.model_type)
+            if len(ordered) >= largest:
+                break
+            vocab_size = int(vocab_size * 1.1 * largest / max(len(ordered), 1)) + 100
         if progress:
             progress("training", 1, 1)
-        tib_proto = _proto(tib)
         t_train = time.perf_counter() - t0
-        ordered = new_pieces(base_proto, tib_proto, cfg.model_type)
         n_chars = sum(1 for p in ordered if len(p) == 1)
         if len(ordered) < largest:
             raise TiblocalError(

@@ -1,0 +1,253 @@
+"""Vocabulary extension: base kept, Tibetan only, the same ids in SentencePiece, llama.cpp and Hugging Face."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import shutil
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sentencepiece import sentencepiece_model_pb2 as pb
+
+from conftest import DATA, run_cli, shared_data, train_tiny_tokenizer
+from tiblocal.engine import LlamaVocab
+from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
+from tiblocal.finetune.vocab_extend import ExtendConfig, extend_vocabulary
+from tiblocal.gguf_vocab import load_sentencepiece, write_vocab_gguf
+from tiblocal.vocab import init_new_rows, load_hf_tokenizer, parity, tokenizer_dir, truncated_model
+
+TIBETAN = DATA / "tibetan_sample.txt"
+ENGLISH = DATA / "english_sample.txt"
+NON_TIBETAN = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello  world   three   spaces",
+    "  leading spaces",
+    "trailing spaces  ",
+    "中文测试，还有標點符號。",
+    "123 4567 89",
+    "tabs\tand\nnewlines\n\n",
+    "     ",
+    "Führer ½ émigré",
+]
+MIXED = ["བཀྲ་ཤིས་བདེ་ལེགས། Hello 2024!", "ང་ཚོ་ལྷ་སར་  འགྲོ་གི་ཡོད།", " བོད་ཡིག", "ཀྵ་ཧཱུྃ་ཨོཾ"]
+
+
+def _proto(path: Path):
+    m = pb.ModelProto()
+    m.ParseFromString(Path(path).read_bytes())
+    return m
+
+
+def _dev_lines(n_per_file: int = 150) -> list[str]:
+    lines = []
+    for f in sorted(shared_data("corpus", "dev").glob("*.txt.xz")):
+        with lzma.open(f, "rt", encoding="utf-8") as fh:
+            lines += [l.rstrip("\n") for l in islice(fh, n_per_file)]
+    return lines
+
+
+def _llama_cpp_test_vectors() -> list[str]:
+    inp = shared_data("tokenizers", "llama-spm-gguf", "ggml-vocab-llama-spm.gguf.inp")
+    return inp.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+
+
+def _runtimes(folder: Path, tmp: Path) -> dict:
+    gguf_path = tmp / "vocab.gguf"
+    write_vocab_gguf(folder, gguf_path)
+    vocab = LlamaVocab(gguf_path)
+    out = {"llama.cpp": lambda t: vocab.tokenize(t, add_bos=False, special=False)}
+    hf = load_hf_tokenizer(folder)
+    if hf is not None:
+        out["huggingface"] = lambda t: hf.encode(t, add_special_tokens=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_ext(tmp_path_factory, tiny_tokenizer) -> Path:
+    """The tiny base extended by 300 pieces from the Tibetan sample."""
+    out = tmp_path_factory.mktemp("ext") / "tok"
+    extend_vocabulary(tiny_tokenizer, [TIBETAN], out, ExtendConfig(add=300, sample_chars=10_000_000))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama2_ext(tmp_path_factory) -> Path:
+    """Llama-2's real tokenizer extended by 2,000 pieces from the shared corpus (modern written Tibetan)."""
+    base = shared_data("tokenizers", "llama2", "tokenizer.model")
+    corpus = shared_data("corpus", "train", "esukhia_nanhai_written.txt.xz")
+    out = tmp_path_factory.mktemp("ext2") / "tok"
+    extend_vocabulary(base, [corpus], out, ExtendConfig(add=2000, sample_chars=1_500_000, eval_chars=200_000))
+    return out
+
+
+def test_base_pieces_ids_and_scores_are_kept(small_ext, tiny_tokenizer) -> None:
+    base, ext = _proto(tiny_tokenizer), _proto(small_ext / "tokenizer.model")
+    assert len(ext.pieces) == len(base.pieces) + 300
+    for a, b in zip(base.pieces, ext.pieces):
+        assert (a.piece, a.score, a.type) == (b.piece, b.score, b.type)
+    added = ext.pieces[len(base.pieces):]
+    assert all(all("\u0f00" <= c <= "\u0fff" for c in p.piece.lstrip("\u2581")) for p in added)
+    scores = [p.score for p in added]
+    assert max(scores) < min(p.score for p in base.pieces if p.score > -1e8)
+    assert all(x > y for x, y in zip(scores, scores[1:]))  # every added piece has its own rank
+    side = json.loads((small_ext / "tiblocal_vocab.json").read_text())
+    assert side == {"base_pieces": 700, "added": 300}
+
+
+def test_round_trip_and_fewer_tokens(small_ext, tiny_tokenizer) -> None:
+    ext, base = load_sentencepiece(small_ext / "tokenizer.model"), load_sentencepiece(tiny_tokenizer)
+    lines = TIBETAN.read_text(encoding="utf-8").splitlines()[:20] + MIXED + NON_TIBETAN
+    for line in lines:
+        assert ext.decode(ext.encode(line)) == line
+    tib = "\n".join(TIBETAN.read_text(encoding="utf-8").splitlines()[:20])
+    assert len(ext.encode(tib)) < 0.8 * len(base.encode(tib))
+
+
+def test_lines_without_tibetan_tokenize_as_with_the_base(small_ext, tiny_tokenizer) -> None:
+    ext, base = load_sentencepiece(small_ext / "tokenizer.model"), load_sentencepiece(tiny_tokenizer)
+    for line in NON_TIBETAN + ENGLISH.read_text(encoding="utf-8").splitlines():
+        assert ext.encode(line) == base.encode(line), line
+
+
+def test_parity_on_the_small_extension(small_ext, tmp_path: Path) -> None:
+    sp = load_sentencepiece(small_ext / "tokenizer.model")
+    lines = TIBETAN.read_text(encoding="utf-8").splitlines() + MIXED + NON_TIBETAN
+    counts, report = parity(sp, lines, _runtimes(small_ext, tmp_path))
+    assert "huggingface" in counts
+    assert counts == {k: 0 for k in counts}, report[:3]
+
+
+def test_llama2_extension_parity_on_dev_text_and_llama_cpp_vectors(llama2_ext, tmp_path: Path) -> None:
+    sp = load_sentencepiece(llama2_ext / "tokenizer.model")
+    lines = _dev_lines() + _llama_cpp_test_vectors() + MIXED + NON_TIBETAN
+    counts, report = parity(sp, lines, _runtimes(llama2_ext, tmp_path))
+    assert counts == {k: 0 for k in counts}, report[:3]
+
+
+def test_llama2_extension_keeps_english_and_chinese(llama2_ext) -> None:
+    base = load_sentencepiece(shared_data("tokenizers", "llama2", "tokenizer.model"))
+    ext = load_sentencepiece(llama2_ext / "tokenizer.model")
+    for line in NON_TIBETAN + _llama_cpp_test_vectors():
+        assert ext.encode(line) == base.encode(line)
+    # the base derived from the extension's first pieces is the real base
+    derived = truncated_model(llama2_ext / "tokenizer.model", 32000)
+    assert all(derived.encode(l) == base.encode(l) for l in _dev_lines(20))
+
+
+def test_llama2_extension_report(llama2_ext) -> None:
+    report = json.loads((llama2_ext / "report.json").read_text())
+    assert report["base_pieces"] == 32000 and report["added_pieces"] == 2000
+    base, ext = report["eval"]["base"], report["eval"]["extended"]
+    assert base["tokens_per_syllable"] > 4 and base["byte_fallback_share"] > 0.3
+    assert ext["tokens_per_syllable"] < 1.2 and ext["byte_fallback_share"] < 0.01
+
+
+def test_stats_and_parity_commands(small_ext) -> None:
+    p = run_cli("vocab", "stats", str(small_ext), "--text", str(TIBETAN), "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["base_pieces"] == 700
+    assert d["stats"]["tokenizer"]["tokens_per_syllable"] < d["stats"]["base"]["tokens_per_syllable"]
+    p = run_cli("vocab", "parity", str(small_ext), "--text", str(TIBETAN), str(ENGLISH), "--json")
+    assert p.returncode == 0, p.stderr
+    assert set(json.loads(p.stdout)["mismatching_lines"].values()) == {0}
+
+
+def test_parity_command_fails_on_a_mismatch(small_ext, tmp_path: Path) -> None:
+    """A tokenizer.json from another tokenizer: Hugging Face disagrees, and parity says where (exit 1)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(small_ext, bad)
+    other = train_tiny_tokenizer(tmp_path / "other", vocab_size=1000)
+    from tiblocal.vocab import write_tokenizer_json
+
+    shutil.copyfile(other, bad / "tokenizer.model")
+    write_tokenizer_json(bad)
+    shutil.copyfile(small_ext / "tokenizer.model", bad / "tokenizer.model")
+    p = run_cli("vocab", "parity", str(bad), "--text", str(TIBETAN))
+    assert p.returncode == 1
+    assert "first difference at token" in p.stdout.decode()
+
+
+def test_new_rows_are_the_mean_of_their_base_pieces(small_ext) -> None:
+    ext = load_sentencepiece(small_ext / "tokenizer.model")
+    base = truncated_model(small_ext / "tokenizer.model", 700, dummy_prefix=False)
+    w = np.random.default_rng(0).standard_normal((ext.vocab_size(), 16)).astype(np.float32)
+    out = init_new_rows(w, small_ext / "tokenizer.model", 700)
+    assert np.array_equal(out[:700], w[:700])
+    for i in (700, 750, ext.vocab_size() - 1):
+        ids = base.encode(ext.IdToPiece(i).replace("\u2581", " "))
+        assert len(ids) >= 2 and all(t < 700 for t in ids)
+        np.testing.assert_allclose(out[i], w[ids].mean(0), rtol=1e-6)
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_base_that_is_not_sentencepiece(tmp_path: Path) -> None:
+    bad = tmp_path / "tokenizer.model"
+    bad.write_text("nope")
+    with pytest.raises(ModelFormatError, match="is not a SentencePiece model"):
+        extend_vocabulary(bad, [TIBETAN], tmp_path / "out", ExtendConfig(add=10))
+
+
+def test_empty_corpus(tmp_path: Path, tiny_tokenizer) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(InputFileError, match="the corpus is empty"):
+        extend_vocabulary(tiny_tokenizer, [empty], tmp_path / "out", ExtendConfig(add=10))
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_pieces_than_the_corpus_gives(tmp_path: Path, tiny_tokenizer) -> None:
+    p = run_cli("vocab", "extend", "--base", str(tiny_tokenizer), "--corpus", str(TIBETAN), "--add", "40000",
+                "--out", str(tmp_path / "out"))
+    assert p.returncode == 1
+    err = p.stderr.decode()
+    assert "the corpus can give at most" in err and "ask for fewer pieces or give more text" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_tibetan_corpus(tmp_path: Path, tiny_tokenizer) -> None:
+    with pytest.raises(InputFileError, match=r"the corpus is not Tibetan: 0% of its characters"):
+        extend_vocabulary(tiny_tokenizer, [ENGLISH], tmp_path / "out", ExtendConfig(add=10))
+
+
+def test_unknown_tokenizer_names() -> None:
+    with pytest.raises(InputFileError, match="no such tokenizer"):
+        tokenizer_dir("/nonexistent/tok")
+
+
+# --- tiblocal check -----------------------------------------------------------------------------------
+
+
+def test_check_finds_vocabulary_disagreements(tmp_path: Path, tiny_hf, tiny_gguf, small_ext) -> None:
+    assert run_cli("check", str(tiny_hf)).returncode == 0
+    assert run_cli("check", str(tiny_gguf)).returncode == 0
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["vocab_size"] = 1000
+    (hf / "config.json").write_text(json.dumps(cfg))
+    p = run_cli("check", str(hf))
+    assert p.returncode == 1
+    assert "vocab_size is 1000 but embed_tokens has 700 rows; set vocab_size to 700" in p.stderr.decode()
+    cfg["vocab_size"] = 700
+    (hf / "config.json").write_text(json.dumps(cfg))
+    shutil.copyfile(small_ext / "tokenizer.model", hf / "tokenizer.model")  # 1000 pieces for 700 rows
+    p = run_cli("check", str(hf), "--json")
+    assert p.returncode == 1
+    assert "has 1000 pieces but embed_tokens has 700 rows" in json.loads(p.stdout)["problems"][0]
+
+
+def test_bundled_tokenizer_if_installed(tmp_path: Path) -> None:
+    try:
+        folder = tokenizer_dir("bundled")
+    except InputFileError:
+        pytest.skip("this checkout has no bundled tokenizer yet")
+    sp = load_sentencepiece(folder / "tokenizer.model")
+    lines = _dev_lines(100) + _llama_cpp_test_vectors() + MIXED + NON_TIBETAN
+    counts, report = parity(sp, lines, _runtimes(folder, tmp_path))
+    assert counts == {k: 0 for k in counts}, report[:3]
