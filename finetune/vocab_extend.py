@@ -27,7 +27,7 @@ from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_dir
 from tiblocal.gguf_vocab import load_sentencepiece
 from tiblocal.text import tibetan_share
-from tiblocal.vocab import SIDECAR, read_lines, token_stats, write_tokenizer_json
+from tiblocal.vocab import SIDECAR, read_lines, token_stats, tokenizer_model, write_tokenizer_json
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def extend_vocabulary(
     force: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> ExtendResult:
-    base, out = Path(base), Path(out)
+    base, out = tokenizer_model(base), Path(out)  # a path, a folder, or "bundled"
     if cfg.add < 1:
         raise TiblocalError(f"--add {cfg.add}: expected a positive number of pieces")
     if cfg.model_type not in ("bpe", "unigram"):

@@ -167,3 +167,25 @@ def test_ctrl_c_leaves_nothing(tmp_path: Path, tiny_hf, adapters) -> None:
     with pytest.raises(KeyboardInterrupt):
         merge_lora(tiny_hf, [adapters[0]], tmp_path / "out", progress=interrupt)
     assert _leftovers(tmp_path) == []
+
+
+def test_pytorch_bin_base_and_adapter(tmp_path: Path, tiny_hf, adapters, merged) -> None:
+    """With torch installed, .bin checkpoints merge exactly like their safetensors twins."""
+    from safetensors.numpy import load_file as ld
+
+    base = tmp_path / "base-bin"
+    base.mkdir()
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(tiny_hf / name, base / name)
+    torch.save({k: torch.from_numpy(v) for k, v in ld(str(tiny_hf / "model.safetensors")).items()}, base / "pytorch_model.bin")
+    ad = tmp_path / "ad-bin"
+    shutil.copytree(adapters[0], ad)
+    st = ad / "adapter_model.safetensors"
+    torch.save({k: torch.from_numpy(v) for k, v in ld(str(st)).items()}, ad / "adapter_model.bin")
+    st.unlink()
+    ref = tmp_path / "ref"
+    merge_lora(tiny_hf, [adapters[0]], ref, dtype="f32")
+    out = tmp_path / "out"
+    merge_lora(base, [ad], out, dtype="f32")
+    a, b = ld(str(ref / "model.safetensors")), ld(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

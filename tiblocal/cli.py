@@ -204,7 +204,7 @@ def _eval(a: argparse.Namespace) -> int:
 def _vocab_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ext = sub.add_parser("extend", help="train a Tibetan SentencePiece model and merge it into a base tokenizer")
-    ext.add_argument("--base", type=Path, required=True, help="the base tokenizer.model (Llama-2's)")
+    ext.add_argument("--base", required=True, help="the base tokenizer.model (Llama-2's), its folder, or 'bundled'")
     ext.add_argument("--corpus", type=Path, nargs="+", required=True, help="text files, plain or .xz")
     ext.add_argument("--add", type=int, required=True, help="pieces to add")
     ext.add_argument("--out", type=Path, required=True, help="output folder")

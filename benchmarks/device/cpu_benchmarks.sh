@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The 7B-scale CPU benchmarks of convert, merge and quantize, as run on the 16-core H100 host.
-# Usage: cpu_benchmarks.sh SDIST TOKENIZER OUTDIR [convert-reference]
+# Usage: [SKIP=merge] [QTYPES=Q8_0] cpu_benchmarks.sh SDIST TOKENIZER OUTDIR [convert-reference]
 #   SDIST: llama-cpp-python sdist (its vendor/llama.cpp gives llama-quantize and convert_hf_to_gguf.py)
 #   TOKENIZER: a 55,296-piece tokenizer.model (Chinese-LLaMA-2's); OUTDIR: where the JSON results go.
 # Needs tiblocal (and gguf, diskcache) importable; builds llama-quantize and a CPU llama-cpp-python while the
@@ -26,8 +26,8 @@ if not Path('base/config.json').is_file():
 wait $b1; echo "llama-quantize build: $?"; wait $b2; echo "llama-cpp-python build: $?"
 python3 -m pip install -q --no-deps --no-compile --target /tmp/site /tmp/whc/*.whl
 mkdir -p /tmp/lc && cp -r $lc/vendor/llama.cpp/{convert_hf_to_gguf.py,conversion,gguf-py} /tmp/lc/
-skip="--skip reference"; [ "$mode" = convert-reference ] && skip=""
+skip="--skip reference ${SKIP:-}"; [ "$mode" = convert-reference ] && skip="--skip ${SKIP:-}"
 python3 $here/bench_convert_merge.py --llama-cpp /tmp/lc --tokenizer "$tok" --work $work --keep $skip \
   --json $out/convert_merge.json
 python3 $here/bench_quantize.py $work/ours.gguf --llama-quantize $lc/vendor/llama.cpp/build/bin/llama-quantize \
-  --threads "$(nproc)" --json $out/quantize.json
+  --threads "$(nproc)" --types "${QTYPES:-Q4_K_M,Q8_0}" --json $out/quantize.json
