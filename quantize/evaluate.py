@@ -213,3 +213,77 @@ def compare(
         ref.name, quant.name, ppl_r, ppl_q, ppl_q - ppl_r, 100 * (ppl_q - ppl_r) / ppl_r, kl_sum / count, kl_max,
         same / count, count, len(wins), ctx,
     )
+
+
+PROMPT = "བོད་ཀྱི་ལོ་རྒྱུས་སྐོར་ལ་ཚིག་ཐུང་ཞིག་འབྲི་རོགས།"
+
+
+def decode_speed(path: Path, *, threads: int | None, n_gpu_layers: int, tokens: int = 64) -> float:
+    """Greedy decode tokens/s of a GGUF on a short Tibetan prompt."""
+    from tiblocal.engine import Engine, EngineConfig, Generation, Sampling
+
+    with Engine(path, EngineConfig(threads=threads, ctx=512, n_gpu_layers=n_gpu_layers)) as e:
+        r = Generation()
+        for _ in e.generate_tokens(e.tokenize(PROMPT), Sampling(temperature=0, max_tokens=tokens, repeat_penalty=1.0), r):
+            pass
+    return r.tokens_per_s
+
+
+def quant_report(
+    ref: Path, quants: list[Path], text: str, ctx: int, *, max_windows: int | None = None, threads: int | None = None,
+    n_gpu_layers: int = 0, speed_tokens: int = 64, progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """One row per model (the reference first): size, bits per weight, file type, ΔPPL, KL, top-1, tokens/s."""
+    from tiblocal.gguf_file import read_gguf
+
+    rows = []
+    ref_src = GGUFSource(ref, ctx, threads, n_gpu_layers)
+    try:
+        for path in [ref, *quants]:
+            if progress:
+                progress(str(path))
+            info = read_gguf(path, with_tokens=False)
+            row = {
+                "model": str(path),
+                "file_type": info.file_type,
+                "size_bytes": info.size,
+                "bits_per_weight": round(8 * sum(t.n_bytes for t in info.tensors) / info.n_params, 3),
+            }
+            if path == ref:
+                r = perplexity(ref_src, text, ctx, max_windows=max_windows)
+                row.update(ppl=r.ppl, delta_ppl=0.0, delta_ppl_pct=0.0, mean_kl=0.0, top1_agreement=1.0)
+            else:
+                q = GGUFSource(path, ctx, threads, n_gpu_layers)
+                try:
+                    c = compare(ref_src, q, text, ctx, max_windows=max_windows)
+                finally:
+                    q.close()
+                row.update(ppl=c.ppl_quant, delta_ppl=c.delta_ppl, delta_ppl_pct=c.delta_ppl_pct, mean_kl=c.mean_kl,
+                           top1_agreement=c.top1_agreement)
+            row["tokens_per_s"] = decode_speed(path, threads=threads, n_gpu_layers=n_gpu_layers, tokens=speed_tokens)
+            rows.append(row)
+    finally:
+        ref_src.close()
+    return rows
+
+
+REPORT_COLUMNS = (
+    ("model", "model", "{}"), ("file_type", "type", "{}"), ("size_bytes", "size (MiB)", None),
+    ("bits_per_weight", "bits/weight", "{:.2f}"), ("ppl", "PPL", "{:.4f}"), ("delta_ppl_pct", "ΔPPL", "{:+.3f}%"),
+    ("mean_kl", "mean KL", "{:.6f}"), ("top1_agreement", "top-1", "{:.2%}"), ("tokens_per_s", "tokens/s", "{:.1f}"),
+)
+
+
+def format_cell(key: str, fmt: str | None, row: dict) -> str:
+    if key == "size_bytes":
+        return f"{row[key] / 2**20:.1f}"
+    if key == "model":
+        return Path(row[key]).name
+    return fmt.format(row[key])
+
+
+def report_markdown(rows: list[dict], title: str) -> str:
+    head = "| " + " | ".join(label for _, label, _ in REPORT_COLUMNS) + " |"
+    sep = "|" + "---|" * len(REPORT_COLUMNS)
+    body = ["| " + " | ".join(format_cell(k, f, r) for k, _, f in REPORT_COLUMNS) + " |" for r in rows]
+    return "\n".join([f"## {title}", "", head, sep, *body, ""])

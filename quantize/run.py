@@ -73,3 +73,37 @@ def run_eval(
         table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
     Console(highlight=False).print(table)
     return 0
+
+
+def run_report(
+    ref: Path, quants: list[Path], *, text: list[Path], ctx: int, max_windows: int | None, threads: int | None,
+    n_gpu_layers: int, out: Path | None, as_json: bool,
+) -> int:
+    from rich.table import Table
+
+    from tiblocal.fsutil import atomic_write_text
+
+    from .evaluate import REPORT_COLUMNS, format_cell, quant_report, read_text, report_markdown
+
+    err = Console(stderr=True, highlight=False)
+    body = read_text(text)
+    with err.status("measuring") as status:
+        rows = quant_report(ref, quants, body, ctx, max_windows=max_windows, threads=threads, n_gpu_layers=n_gpu_layers,
+                            progress=lambda m: status.update(f"measuring {Path(m).name}"))
+    title = f"What quantization cost on {', '.join(p.name for p in text)} (ctx {ctx}, against {ref.name})"
+    if out is not None:
+        with atomic_write_text(out.with_suffix(".json")) as f:
+            json.dump({"title": title, "text": [str(t) for t in text], "ctx": ctx, "rows": rows}, f, indent=2)
+        with atomic_write_text(out.with_suffix(".md")) as f:
+            f.write(report_markdown(rows, title))
+        err.print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return 0
+    table = Table(title=title, title_justify="left")
+    for _, label, _ in REPORT_COLUMNS:
+        table.add_column(label)
+    for r in rows:
+        table.add_row(*(format_cell(k, f, r) for k, _, f in REPORT_COLUMNS))
+    Console(highlight=False).print(table)
+    return 0

@@ -111,3 +111,21 @@ def test_bad_input(tmp_path: Path, tiny256, quants) -> None:
     short.write_text("བཀྲ་ཤིས་", encoding="utf-8")
     p = run_cli("eval", "ppl", str(tiny256[1]), "--text", str(short))
     assert p.returncode == 1 and "fewer than one window of --ctx 512" in p.stderr.decode()
+
+
+def test_report_table_json_and_markdown(tmp_path: Path, tiny256, quants) -> None:
+    out = tmp_path / "report"
+    p = run_cli("eval", "report", str(tiny256[1]), str(quants["Q8_0"]), str(quants["Q4_K_M"]), "--text", str(TEXT),
+                "--ctx", "64", "--max-windows", "4", "--out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)
+    assert [r["file_type"] for r in rows] == ["ALL_F32", "Q8_0", "Q4_K_M"]
+    assert rows[0]["delta_ppl"] == 0 and rows[0]["top1_agreement"] == 1
+    assert rows[1]["mean_kl"] < rows[2]["mean_kl"]
+    assert rows[0]["bits_per_weight"] > rows[1]["bits_per_weight"] > rows[2]["bits_per_weight"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == rows
+    md = out.with_suffix(".md").read_text()
+    assert md.count("\n|") == 4 and "| Q4_K_M |" in md
+    p = run_cli("eval", "report", str(tiny256[1]), "--text", str(TEXT))
+    assert p.returncode == 1 and "at least one quantization" in p.stderr.decode()

@@ -183,7 +183,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     ppl.add_argument("models", type=Path, nargs=1, metavar="MODEL")
     cmp = sub.add_parser("compare", help="ΔPPL, KL divergence and top-1 agreement of QUANT against REF")
     cmp.add_argument("models", type=Path, nargs=2, metavar="MODEL", help="REF then QUANT")
-    for q in (ppl, cmp):
+    rep = sub.add_parser("report", help="a table of size, bits/weight, ΔPPL, KL, top-1 and tokens/s per quant type")
+    rep.add_argument("models", type=Path, nargs="+", metavar="MODEL", help="the f16 GGUF, then its quantizations")
+    rep.add_argument("--out", type=Path, default=None, help="also write OUT.json and OUT.md")
+    for q in (ppl, cmp, rep):
         q.add_argument("--text", type=Path, nargs="+", required=True, help="text files (plain or .xz)")
         q.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512, as llama-perplexity)")
         q.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
@@ -193,8 +196,15 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from .quantize.run import run_eval
+    from .quantize.run import run_eval, run_report
 
+    if a.action == "report":
+        if len(a.models) < 2:
+            raise TiblocalError("eval report needs the reference GGUF and at least one quantization of it")
+        return run_report(
+            a.models[0], a.models[1:], text=a.text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads,
+            n_gpu_layers=a.n_gpu_layers, out=a.out, as_json=a.as_json,
+        )
     return run_eval(
         a.action, a.models, text=a.text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads,
         n_gpu_layers=a.n_gpu_layers, as_json=a.as_json,
