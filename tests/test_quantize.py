@@ -126,6 +126,6 @@ def test_report_table_json_and_markdown(tmp_path: Path, tiny256, quants) -> None
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == rows
     md = out.with_suffix(".md").read_text()
-    assert md.count("\n|") == 4 and "| Q4_K_M |" in md
+    assert md.count("\n|") == 5 and "| Q4_K_M |" in md  # header, separator, three rows
     p = run_cli("eval", "report", str(tiny256[1]), "--text", str(TEXT))
     assert p.returncode == 1 and "at least one quantization" in p.stderr.decode()
