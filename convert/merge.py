@@ -258,7 +258,7 @@ def merge_lora(
     with atomic_dir(out, replace=force) as tmp:
         weight_map: dict[str, str] = {}
         names_out = []
-        for i, (shard, refs) in enumerate(base.iter_shards()):
+        for shard, refs in base.iter_shards():
             fname = shard.name if len(base.shards) > 1 else "model.safetensors"
             specs = [(r.name, st_dtype, plan.shapes[r.name]) for r in refs]
             writer = SafetensorsWriter(tmp / fname, specs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -12,19 +14,20 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from .hf_to_gguf import hf_to_gguf
 
 
+@contextlib.contextmanager
+def byte_progress(console: Console, label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar in bytes; yields the ``progress(done, total)`` callback the stages call."""
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
 def run_convert(
     model_dir: Path, out: Path, *, outtype: str, vocab_only: bool, template: str | None, force: bool, as_json: bool
 ) -> int:
     err = Console(stderr=True, highlight=False)
-    columns = (
-        TextColumn(f"writing {out.name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task("convert", total=None)
-
-        def report(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
+    with byte_progress(err, f"writing {out.name}") as report:
         result = hf_to_gguf(
             model_dir, out, outtype=outtype, vocab_only=vocab_only, template=template, force=force, progress=report
         )
@@ -49,13 +52,7 @@ def run_merge(base: Path, adapters: list[Path], out: Path, *, dtype: str, force:
     from .merge import merge_lora
 
     err = Console(stderr=True, highlight=False)
-    columns = (TextColumn(f"merging into {out.name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task("merge", total=None)
-
-        def report(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
+    with byte_progress(err, f"merging into {out.name}") as report:
         r = merge_lora(base, adapters, out, dtype=dtype, force=force, progress=report)
     summary = {
         "path": str(r.out), "dtype": dtype, "n_tensors": r.n_tensors, "n_vocab": r.n_vocab,

@@ -9,7 +9,6 @@ transformers, on exactly the same ids and windows, so their figures compare.
 
 from __future__ import annotations
 
-import lzma
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -17,24 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.errors import TiblocalError
+from tiblocal.vocab import read_lines
 
 
 def read_text(paths: list[Path]) -> str:
-    parts = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise InputFileError(f"{p}: no such text file")
-        opener = lzma.open if p.suffix == ".xz" else open
-        try:
-            with opener(p, "rt", encoding="utf-8") as f:
-                parts.append(f.read())
-        except UnicodeDecodeError as e:
-            raise InputFileError(f"{p} is not valid UTF-8 (byte offset {e.start}); save it as UTF-8") from None
-        except lzma.LZMAError as e:
-            raise InputFileError(f"{p} is not a valid .xz file ({e})") from None
-    return "\n".join(parts)
+    """The files' text (plain or .xz), one after the other."""
+    return "\n".join(read_lines(paths))
 
 
 class LogitSource:

@@ -10,7 +10,7 @@ import pytest
 from conftest import DATA, run_cli
 from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.gguf_file import read_gguf
-from tiblocal.quantize.evaluate import GGUFSource, compare, perplexity, read_text, windows
+from tiblocal.quantize.evaluate import GGUFSource, compare, read_text, windows
 from tiblocal.quantize.gguf_quant import quantize_gguf
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]

@@ -11,7 +11,7 @@ from conftest import load_hf
 
 
 def test_synthetic_adapter_merges_like_peft(tmp_path: Path, tiny_hf, tiny_tokenizer) -> None:
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from safetensors.numpy import load_file
 

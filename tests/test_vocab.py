@@ -14,7 +14,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 
 from conftest import DATA, run_cli, shared_data, train_tiny_tokenizer
 from tiblocal.engine import LlamaVocab
-from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
+from tiblocal.errors import InputFileError, ModelFormatError
 from tiblocal.finetune.vocab_extend import ExtendConfig, extend_vocabulary
 from tiblocal.gguf_vocab import load_sentencepiece, write_vocab_gguf
 from tiblocal.vocab import init_new_rows, load_hf_tokenizer, parity, tokenizer_dir, truncated_model

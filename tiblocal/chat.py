@@ -199,6 +199,15 @@ def run_chat(
     path = resolve_model(model)
     with console.status(f"loading {path.name}"):
         engine = Engine(path, engine_config)
+    try:
+        return _chat_loop(engine, path, template, system, sampling, console)
+    finally:
+        engine.close()
+
+
+def _chat_loop(
+    engine: Engine, path: Path, template: str | None, system: str | None, sampling: Sampling, console: Console
+) -> int:
     tmpl, notice = resolve_chat_template(engine.chat_template, template)
     session = ChatSession(engine, tmpl, sampling, system)
 
@@ -260,7 +269,6 @@ def run_chat(
             console.print(" [dim]\\[stopped][/]", end="")
         console.print()
         console.print(f"[dim]{status_line(result)}[/]")
-    engine.close()
     return 0
 
 

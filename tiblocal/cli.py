@@ -7,7 +7,6 @@ usage error (argparse), 130 when interrupted. Stage verbs import their stage onl
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable

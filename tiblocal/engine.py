@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
+
 from .errors import EngineError, PromptTooLongError, TiblocalError
 from .gguf_file import GGUFInfo, check_supported_architecture, read_gguf
 from .text import StopMatcher, Utf8Stream
@@ -316,10 +318,8 @@ class Engine:
         self._decode(tokens[keep:])
         return keep
 
-    def eval_logits(self, tokens: Sequence[int]) -> "np.ndarray":
+    def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits at every position of ``tokens`` (float32, shape (len, n_vocab)), from an empty cache."""
-        import numpy as np
-
         lib = _llama_cpp
         self.check_fits(len(tokens))
         self.reset()

@@ -123,13 +123,11 @@ def run_generate(
     if out is not None:
         check_output_path(out, force=force)
     err = Console(stderr=True, highlight=False)
-    engine = Engine(resolve_model(model), engine_config)
-    tmpl, notice = resolve_chat_template(engine.chat_template, template)
-    if notice:
-        err.print(f"note: {notice}")
-
-    records = _run_all(engine, tmpl, items, sampling, system, err, show_progress=file is not None)
-    engine.close()
+    with Engine(resolve_model(model), engine_config) as engine:
+        tmpl, notice = resolve_chat_template(engine.chat_template, template)
+        if notice:
+            err.print(f"note: {notice}")
+        records = _run_all(engine, tmpl, items, sampling, system, err, show_progress=file is not None)
     failed = [r for r in records if "error" in r]
 
     if out is not None:
