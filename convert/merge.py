@@ -14,7 +14,6 @@ Base tensors and adapters are memory-mapped, so the peak memory is about one ten
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from tiblocal.checkpoint import (
 )
 from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_dir
+from tiblocal.verify import write_sha256sums
 
 log = logging.getLogger(__name__)
 
@@ -304,15 +304,3 @@ def merge_lora(
         write_sha256sums(tmp)
     return MergeResult(out, len(plan.shapes), plan.n_vocab, n_lora, n_repl, done)
 
-
-def write_sha256sums(folder: Path) -> None:
-    """``SHA256SUMS`` in the format of sha256sum(1), over every file in ``folder``."""
-    lines = []
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name != "SHA256SUMS":
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    h.update(block)
-            lines.append(f"{h.hexdigest()}  {p.name}")
-    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")

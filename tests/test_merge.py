@@ -189,3 +189,22 @@ def test_pytorch_bin_base_and_adapter(tmp_path: Path, tiny_hf, adapters, merged)
     merge_lora(base, [ad], out, dtype="f32")
     a, b = ld(str(ref / "model.safetensors")), ld(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_verify_the_merged_folder(tmp_path: Path, merged) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(merged, folder)
+    p = run_cli("verify", str(folder), "--json")
+    assert p.returncode == 0, p.stderr
+    assert set(json.loads(p.stdout).values()) == {"ok"}
+    with open(folder / "config.json", "a") as f:
+        f.write(" ")
+    (folder / "tokenizer.model").unlink()
+    (folder / "notes.txt").write_text("mine")
+    p = run_cli("verify", str(folder), "--json")
+    assert p.returncode == 1
+    assert json.loads(p.stdout) == {"model.safetensors": "ok", "config.json": "changed", "tokenizer.model": "missing",
+                                    "notes.txt": "unlisted"}
+    assert "2 file(s) do not match SHA256SUMS" in p.stderr.decode()
+    p = run_cli("verify", str(tmp_path))
+    assert p.returncode == 1 and "has no SHA256SUMS" in p.stderr.decode()

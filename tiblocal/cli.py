@@ -260,6 +260,17 @@ def _check(a: argparse.Namespace) -> int:
     return run_check(a.path, as_json=a.as_json)
 
 
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="a folder with SHA256SUMS (from tiblocal merge)")
+    p.add_argument("--json", dest="as_json", action="store_true")
+
+
+def _verify(a: argparse.Namespace) -> int:
+    from .verify import run_verify
+
+    return run_verify(a.folder, as_json=a.as_json)
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
@@ -275,6 +286,7 @@ VERBS = (
     Verb("vocab", "extend a tokenizer for Tibetan, and check its figures and its parity across runtimes", _vocab_args, _vocab),
     Verb("check", "check that tokenizer, config, weights (or a GGUF) agree on the vocabulary", _check_args, _check),
     Verb("merge", "merge LoRA adapters into a base model, shard by shard", _merge_args, _merge),
+    Verb("verify", "check a folder's files against its SHA256SUMS", _verify_args, _verify),
     Verb("convert", "convert a Hugging Face Llama model to GGUF", _convert_args, _convert),
     Verb("quantize", "quantize a GGUF with llama.cpp's own quantizer (Q4_K_M, Q8_0, ...)", _quantize_args, _quantize),
     Verb("eval", "perplexity, and what quantization cost (ΔPPL, KL, top-1) on a text", _eval_args, _eval),
