@@ -59,6 +59,14 @@ def measure(cmd: list[str], env: dict | None = None, cwd: Path | None = None) ->
     }
 
 
+def emit(result: dict, path: Path | None) -> None:
+    """Print the result as JSON, and write it to ``path`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        path.write_text(text)
+
+
 def same_tensors(a: Path, b: Path) -> bool:
     import gguf
     import numpy as np
@@ -132,9 +140,7 @@ def main() -> int:
         shutil.rmtree(out)
     if not args.keep:
         shutil.rmtree(work / "base", ignore_errors=True)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    emit(result, args.json)
     return 0
 
 

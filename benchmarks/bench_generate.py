@@ -13,7 +13,6 @@ median of each side is compared.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import llama_cpp
+
+from bench_convert_merge import emit
 
 from tiblocal.engine import Engine, EngineConfig, Sampling
 from tiblocal.generate import PromptItem, generate_one
@@ -138,9 +139,7 @@ def main() -> int:
         "ratio": round(statistics.median(ours) / statistics.median(raw), 4),
         "goal": ">= 0.95",
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    emit(result, args.json)
     return 0
 
 

@@ -9,13 +9,12 @@ files should hold the same bytes).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_convert_merge import measure, same_tensors
+from bench_convert_merge import emit, measure, same_tensors
 
 
 def main() -> int:
@@ -49,9 +48,7 @@ def main() -> int:
         ref.unlink()
         ours.unlink()
     work.rmdir()
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    emit(result, args.json)
     return 0
 
 

@@ -23,6 +23,15 @@ def byte_progress(console: Console, label: str) -> Iterator[Callable[[int, int],
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
+def finish(console: Console, summary: dict, message: str, as_json: bool) -> int:
+    """The verb's result: JSON on stdout with --json, else one line for the person on stderr."""
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        console.print(message)
+    return 0
+
+
 def run_convert(
     model_dir: Path, out: Path, *, outtype: str, vocab_only: bool, template: str | None, force: bool, as_json: bool
 ) -> int:
@@ -38,14 +47,8 @@ def run_convert(
         "n_vocab": result.n_vocab,
         "size_bytes": result.size,
     }
-    if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
-    else:
-        err.print(
-            f"wrote {result.path} ({result.outtype}, {result.n_tensors} tensors, {result.n_vocab} tokens, "
-            f"{result.size / 2**20:.1f} MiB)"
-        )
-    return 0
+    return finish(err, summary, f"wrote {result.path} ({result.outtype}, {result.n_tensors} tensors, "
+                  f"{result.n_vocab} tokens, {result.size / 2**20:.1f} MiB)", as_json)
 
 
 def run_merge(base: Path, adapters: list[Path], out: Path, *, dtype: str, force: bool, as_json: bool) -> int:
@@ -58,11 +61,5 @@ def run_merge(base: Path, adapters: list[Path], out: Path, *, dtype: str, force:
         "path": str(r.out), "dtype": dtype, "n_tensors": r.n_tensors, "n_vocab": r.n_vocab,
         "lora_merged": r.merged_lora, "replaced": r.replaced, "bytes": r.bytes_written,
     }
-    if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
-    else:
-        err.print(
-            f"wrote {r.out} ({dtype}, {r.n_tensors} tensors, vocabulary {r.n_vocab}; {r.merged_lora} LoRA updates "
-            f"merged, {r.replaced} tensors replaced)"
-        )
-    return 0
+    return finish(err, summary, f"wrote {r.out} ({dtype}, {r.n_tensors} tensors, vocabulary {r.n_vocab}; "
+                  f"{r.merged_lora} LoRA updates merged, {r.replaced} tensors replaced)", as_json)

@@ -63,12 +63,6 @@ class TensorRef:
             return np.zeros(self.shape, dtype=_ST_DTYPES[self.dtype])
         return np.memmap(self.file, dtype=_ST_DTYPES[self.dtype], mode="r", offset=self.start, shape=self.shape)
 
-    def as_f32(self) -> np.ndarray:
-        data = self.raw()
-        if self.dtype == "BF16":
-            return bf16_to_f32(data)
-        return np.asarray(data, dtype=np.float32)
-
     def read(self) -> np.ndarray:
         """The stored values read into memory (not mapped): the memory is released as soon as it is dropped."""
         dtype = _ST_DTYPES[self.dtype]
@@ -141,15 +135,12 @@ class TorchTensorRef:
             return t.view(torch.int16).numpy().view(np.uint16)
         return t.numpy()
 
-    def as_f32(self) -> np.ndarray:
-        data = self.raw()
-        return bf16_to_f32(data) if self.dtype == "BF16" else np.asarray(data, dtype=np.float32)
-
     def read(self) -> np.ndarray:
         return np.array(self.raw())
 
     def read_f32(self) -> np.ndarray:
-        return np.array(self.as_f32(), dtype=np.float32)
+        data = self.raw()
+        return bf16_to_f32(data) if self.dtype == "BF16" else np.array(data, dtype=np.float32)
 
 
 _TORCH_CACHE: dict[Path, Any] = {}

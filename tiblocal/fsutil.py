@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TextIO
 
 from .errors import TiblocalError
 
@@ -93,8 +93,3 @@ def atomic_write_text(path: Path) -> Iterator[TextIO]:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         yield f
 
-
-@contextlib.contextmanager
-def atomic_write_bytes(path: Path) -> Iterator[BinaryIO]:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        yield f
