@@ -32,7 +32,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     from .engine import Sampling
 
     d = Sampling()
-    g = p.add_argument_group("sampling (defaults as in Chinese-Alpaca and Tibetan-Alpaca)")
+    g = p.add_argument_group("sampling (temperature, top-k, top-p, penalty as in Chinese-Alpaca's scripts)")
     g.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 is greedy (default {d.temperature})")
     g.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k; 0 disables it (default {d.top_k})")
     g.add_argument("--top-p", type=float, default=d.top_p, help=f"top-p (default {d.top_p})")

@@ -43,7 +43,8 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings; the defaults are those of Chinese-Alpaca(-2) and Tibetan-Alpaca's scripts."""
+    """Sampling settings; temperature, top-k, top-p and repetition penalty default to the values of
+    Chinese-Alpaca's and Tibetan-Alpaca's inference scripts."""
 
     temperature: float = 0.2
     top_k: int = 40
