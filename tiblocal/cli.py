@@ -271,6 +271,24 @@ def _verify(a: argparse.Namespace) -> int:
     return run_verify(a.folder, as_json=a.as_json)
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a YAML recipe, or a name in finetune/configs (e.g. tiny-pretrain)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="change a setting, e.g. output_dir=runs/x lora.r=16")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
+
+
+def _pretrain(a: argparse.Namespace) -> int:
+    from .finetune.train_run import run_train
+
+    return run_train("pretrain", a.config, a.overrides, as_json=a.as_json)
+
+
+def _sft(a: argparse.Namespace) -> int:
+    from .finetune.train_run import run_train
+
+    return run_train("sft", a.config, a.overrides, as_json=a.as_json)
+
+
 @dataclass(frozen=True)
 class Verb:
     name: str
@@ -285,6 +303,8 @@ VERBS = (
     Verb("inspect", "show what a GGUF file or Hugging Face folder holds", _inspect_args, _inspect),
     Verb("vocab", "extend a tokenizer for Tibetan, and check its figures and its parity across runtimes", _vocab_args, _vocab),
     Verb("check", "check that tokenizer, config, weights (or a GGUF) agree on the vocabulary", _check_args, _check),
+    Verb("pretrain", "continued pretraining (LoRA or full) from a YAML recipe; runs under accelerate launch", _train_args, _pretrain),
+    Verb("sft", "instruction tuning from a YAML recipe; runs under accelerate launch", _train_args, _sft),
     Verb("merge", "merge LoRA adapters into a base model, shard by shard", _merge_args, _merge),
     Verb("verify", "check a folder's files against its SHA256SUMS", _verify_args, _verify),
     Verb("convert", "convert a Hugging Face Llama model to GGUF", _convert_args, _convert),

@@ -1,0 +1,142 @@
+"""Training recipes: YAML files of known keys, ``key=value`` overrides, the resolved config saved with the run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tiblocal.errors import InputFileError, TiblocalError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    modules_to_save: tuple[str, ...] = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str  # pretrain | sft
+    output_dir: str
+    base_model: str = "scratch"  # a Hugging Face folder, or "scratch" with model_config
+    model_config: dict = field(default_factory=dict)  # LlamaConfig fields for "scratch" (vocab_size: the base's rows)
+    tokenizer: str = "bundled"  # a tokenizer.model, its folder, or "bundled"
+    extended: bool = True  # the tokenizer adds pieces to the base: resize and initialise new rows
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    template: str = "alpaca"  # sft: the chat template examples are rendered with
+    block_size: int = 1024  # pretrain: packed block length; sft: longest example kept
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 100
+    lr: float = 2e-4
+    embed_lr: float | None = None  # learning rate of embed_tokens / lm_head (default: lr)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "cosine"  # cosine | constant
+    lora: LoraSettings | None = field(default_factory=LoraSettings)  # null: full-parameter training
+    dtype: str = "float32"  # float32 | bfloat16
+    gradient_checkpointing: bool = False
+    eval_every: int = 50
+    eval_blocks: int = 32
+    save_every: int = 50
+    log_every: int = 10
+    seed: int = 1234
+
+
+_STAGES = ("pretrain", "sft")
+
+
+def _known(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def load_config(path: Path | str, overrides: list[str] = (), *, stage: str | None = None) -> TrainConfig:
+    """Read a recipe (a path, or a name in finetune/configs), apply ``key=value`` overrides, check every key."""
+    p = Path(path)
+    if not p.is_file() and (CONFIG_DIR / f"{path}.yaml").is_file():
+        p = CONFIG_DIR / f"{path}.yaml"
+    if not p.is_file():
+        raise InputFileError(f"{path}: no such recipe; give a YAML file or one of: {', '.join(sorted(x.stem for x in CONFIG_DIR.glob('*.yaml')))}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise InputFileError(f"{p} is not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise InputFileError(f"{p}: expected a mapping of settings")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TiblocalError(f"override {item!r}: expected key=value, e.g. output_dir=runs/test")
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {}) if isinstance(target.get(part), dict) or part not in target else target[part]
+            if not isinstance(target, dict):
+                raise TiblocalError(f"override {item!r}: {part} is not a group of settings")
+        target[parts[-1]] = _parse_value(value)
+    if stage is not None:
+        data.setdefault("stage", stage)
+        if data["stage"] != stage:
+            raise TiblocalError(f"{p} is a {data['stage']} recipe; run it with `tiblocal {data['stage']}`")
+    return build_config(data, str(p))
+
+
+def build_config(data: dict, source: str = "config") -> TrainConfig:
+    known = _known(TrainConfig)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise TiblocalError(f"{source}: unknown settings {', '.join(unknown)}; known: {', '.join(known)}")
+    for key in ("stage", "output_dir"):
+        if key not in data or data[key] in (None, ""):
+            raise TiblocalError(f"{source}: '{key}' is required (e.g. {key}=...)")
+    if data["stage"] not in _STAGES:
+        raise TiblocalError(f"{source}: stage {data['stage']!r}; expected one of {', '.join(_STAGES)}")
+    values = dict(data)
+    lora = values.get("lora", {})
+    if lora is not None:
+        if not isinstance(lora, dict):
+            raise TiblocalError(f"{source}: lora must be a group of settings or null (full-parameter training)")
+        bad = sorted(set(lora) - set(_known(LoraSettings)))
+        if bad:
+            raise TiblocalError(f"{source}: unknown lora settings {', '.join(bad)}; known: {', '.join(_known(LoraSettings))}")
+        lora = {k: tuple(v) if isinstance(v, list) else v for k, v in lora.items()}
+        values["lora"] = LoraSettings(**lora)
+    for key in ("train_files", "eval_files"):
+        if isinstance(values.get(key), str):
+            values[key] = (values[key],)
+        elif key in values:
+            values[key] = tuple(values[key] or ())
+    cfg = TrainConfig(**values)
+    if cfg.scheduler not in ("cosine", "constant"):
+        raise TiblocalError(f"{source}: scheduler {cfg.scheduler!r}; expected cosine or constant")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise TiblocalError(f"{source}: dtype {cfg.dtype!r}; expected float32 or bfloat16")
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    for k, v in list(d.items()):
+        if isinstance(v, tuple):
+            d[k] = list(v)
+    if d["lora"] is not None:
+        d["lora"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["lora"].items()}
+    return d
+
+
+def dump(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,311 @@
+"""`tiblocal pretrain` and `tiblocal sft`: the Tibetan-Llama2 recipe on one device or many (accelerate).
+
+One loop serves both stages and both LoRA and full-parameter training:
+- the model comes from a Hugging Face folder or from scratch (``model_config``); with an extended
+  tokenizer its embeddings are resized and each new row initialised from the mean of the rows of the
+  pieces the base tokenizer splits it into;
+- LoRA (peft) on the projections, with embed_tokens / lm_head trained in full (``modules_to_save``) at
+  their own learning rate; or every parameter when ``lora`` is null;
+- pretraining on packed blocks of raw text, SFT on chat-template examples with the loss on the answer
+  only, both tokenized to the runtime's SentencePiece ids;
+- the batch order is a function of the seed and the step, and the checkpoint holds the step, the
+  optimizer, the scheduler and the RNG states, so a killed run resumes exactly where it stopped.
+Run under ``accelerate launch`` for several GPUs (each process takes its share of every batch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tiblocal.errors import InputFileError, TiblocalError
+
+from .config import TrainConfig, dump, to_dict
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    resumed_from: int
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise TiblocalError("training needs torch, transformers, peft and accelerate: pip install 'tiblocal[train]'") from None
+    return torch
+
+
+def _load_tokenizer(cfg: TrainConfig):
+    from tiblocal.gguf_vocab import load_sentencepiece
+    from tiblocal.vocab import base_pieces, tokenizer_dir, tokenizer_model
+
+    model_file = tokenizer_model(cfg.tokenizer)
+    sp = load_sentencepiece(model_file)
+    n_base = base_pieces(cfg.tokenizer)
+    if cfg.extended and (n_base is None or n_base >= sp.vocab_size()):
+        raise TiblocalError(
+            f"{model_file} has no added pieces (no tiblocal_vocab.json beside it, or nothing beyond the base) but the "
+            "recipe says extended: true; give the extended tokenizer (e.g. 'bundled') or set extended=false"
+        )
+    return sp, model_file, tokenizer_dir(cfg.tokenizer), n_base
+
+
+def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None):
+    torch = _torch()
+    import transformers
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    if cfg.base_model == "scratch":
+        mc = dict(cfg.model_config)
+        mc.setdefault("vocab_size", n_base if cfg.extended else sp.vocab_size())
+        mc.setdefault("bos_token_id", sp.bos_id())
+        mc.setdefault("eos_token_id", sp.eos_id())
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**mc)).to(dtype)
+    else:
+        if not Path(cfg.base_model, "config.json").is_file():
+            raise InputFileError(f"{cfg.base_model}: no config.json; base_model must be a Hugging Face folder or 'scratch'")
+        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < sp.vocab_size():
+        if not cfg.extended:
+            raise TiblocalError(f"the model has {rows} embedding rows but the tokenizer has {sp.vocab_size()} pieces")
+        from tiblocal.vocab import init_new_rows
+
+        model.resize_token_embeddings(sp.vocab_size(), mean_resizing=False)
+        with torch.no_grad():
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                w = module.weight.detach().float().cpu().numpy()
+                module.weight.copy_(torch.from_numpy(init_new_rows(w, model_file, rows)).to(module.weight.dtype))
+    elif rows > sp.vocab_size() and cfg.extended:
+        raise TiblocalError(f"the model has {rows} embedding rows, more than the tokenizer's {sp.vocab_size()} pieces")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora is None:
+        return model
+    import peft
+
+    lc = peft.LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.targets),
+        modules_to_save=list(cfg.lora.modules_to_save) or None, task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, lc)
+
+
+def _examples(cfg: TrainConfig, sp, files: tuple[str, ...]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) pairs: packed blocks for pretraining, rendered examples for SFT."""
+    from tiblocal.templates import get_template
+    from tiblocal.vocab import read_lines
+
+    from .data import pack_blocks, read_instructions, sft_example
+
+    if not files:
+        return []
+    if cfg.stage == "pretrain":
+        blocks = list(pack_blocks(sp, read_lines([Path(f) for f in files]), cfg.block_size))
+        return [(b, b) for b in blocks]
+    template = get_template(cfg.template)
+    out = []
+    for f in files:
+        rows, report = read_instructions(Path(f))
+        if report.bad:
+            log.warning("%s: skipped %d of %d rows (%s)", f, report.bad, report.rows, report.reasons)
+        for row in rows:
+            ids, labels = sft_example(template, sp, row)
+            if len(ids) <= cfg.block_size:
+                out.append((ids, labels))
+    return out
+
+
+def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """The examples of global batch ``step``: epochs of a seeded shuffle, the same after a resume."""
+    per_epoch = max(1, n // batch)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    return order[k * batch : (k + 1) * batch]
+
+
+def _collate(examples, pad_id: int):
+    torch = _torch()
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _check_output_dir(cfg: TrainConfig, out: Path) -> bool:
+    """True when ``out`` holds a checkpoint of this same run (resume); refuse a folder of another run."""
+    saved = out / "run_config.yaml"
+    if not saved.is_file():
+        if out.exists() and any(out.iterdir()):
+            raise TiblocalError(f"{out} is not empty and holds no tiblocal run; choose another output_dir")
+        return False
+    import yaml
+
+    old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    new = to_dict(cfg)
+    ignore = {"max_steps", "eval_every", "save_every", "log_every"}  # may change between a run and its resume
+    differ = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+    if differ:
+        raise TiblocalError(
+            f"{out} holds a different run ({', '.join(differ)} differ); choose another output_dir or delete it"
+        )
+    return (out / CHECKPOINT / "state.pt").is_file()
+
+
+def train(cfg: TrainConfig, *, progress=None) -> RunResult:
+    torch = _torch()
+    from accelerate import Accelerator
+
+    out = Path(cfg.output_dir)
+    resume = _check_output_dir(cfg, out)
+    accel = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="no")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    sp, model_file, tok_dir, n_base = _load_tokenizer(cfg)
+    train_ex = _examples(cfg, sp, cfg.train_files)
+    eval_ex = _examples(cfg, sp, cfg.eval_files)[: cfg.eval_blocks]
+    if not train_ex:
+        raise InputFileError(
+            f"no training examples from {', '.join(cfg.train_files) or 'train_files (empty)'}"
+            + (f"; the text is shorter than one block of {cfg.block_size} tokens" if cfg.stage == "pretrain" else "")
+        )
+    model = _build_model(cfg, sp, model_file, n_base)
+    embed_names = ("embed_tokens", "lm_head")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if not any(e in n for e in embed_names)], "lr": cfg.lr},
+        {"params": [p for n, p in trainable if any(e in n for e in embed_names)], "lr": cfg.embed_lr or cfg.lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.scheduler == "constant":
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    model, opt = accel.prepare(model, opt)
+    start = 0
+    if resume:
+        state = torch.load(out / CHECKPOINT / "state.pt", map_location="cpu", weights_only=False)
+        accel.unwrap_model(model).load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["py_rng"])
+        start = state["step"]
+    elif accel.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_config.yaml").write_text(dump(cfg), encoding="utf-8")
+    pad = sp.eos_id()
+    global_batch = cfg.batch_size * accel.num_processes
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if accel.is_main_process else None
+    loss_value = float("nan")
+    eval_loss = None
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(start, cfg.max_steps):
+        idx = _batch_indices(len(train_ex), global_batch, step, cfg.seed)
+        mine = idx[accel.process_index :: accel.num_processes] or idx[:1]
+        micro = max(1, math.ceil(len(mine) / cfg.grad_accum))
+        losses = []
+        for m in range(0, len(mine), micro):
+            batch = {k: v.to(accel.device) for k, v in _collate([train_ex[i] for i in mine[m : m + micro]], pad).items()}
+            with accel.accumulate(model):
+                loss = model(**batch).loss
+                accel.backward(loss)
+                losses.append(loss.item())
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        loss_value = sum(losses) / len(losses)
+        done = step + 1
+        if progress:
+            progress(done, cfg.max_steps, loss_value)
+        record = {"step": done, "loss": round(loss_value, 5), "lr": sched.get_last_lr()[0]}
+        if eval_ex and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            eval_loss = _evaluate(model, eval_ex, pad, cfg.batch_size, accel)
+            record.update(eval_loss=round(eval_loss, 5), eval_ppl=round(math.exp(min(eval_loss, 50)), 3))
+            model.train()
+        if metrics and (done % cfg.log_every == 0 or "eval_loss" in record or done == cfg.max_steps):
+            record["seconds"] = round(time.perf_counter() - t0, 2)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            _save_checkpoint(accel, model, opt, sched, done, out)
+    if metrics:
+        metrics.close()
+    if accel.is_main_process:
+        _save_final(accel.unwrap_model(model), out, tok_dir)
+    accel.wait_for_everyone()
+    return RunResult(out, cfg.max_steps, loss_value, eval_loss, start)
+
+
+def _evaluate(model, examples, pad: int, batch: int, accel) -> float:
+    torch = _torch()
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch):
+            chunk = examples[i : i + batch]
+            b = {k: v.to(accel.device) for k, v in _collate(chunk, pad).items()}
+            n = int((b["labels"][:, 1:] != -100).sum())
+            total += model(**b).loss.item() * n
+            count += n
+    return total / max(count, 1)
+
+
+def _save_checkpoint(accel, model, opt, sched, step: int, out: Path) -> None:
+    torch = _torch()
+    accel.wait_for_everyone()
+    if not accel.is_main_process:
+        return
+    trainable = {n for n, p in accel.unwrap_model(model).named_parameters() if p.requires_grad}
+    state = {
+        "model": {k: v.detach().cpu() for k, v in accel.unwrap_model(model).state_dict().items() if k in trainable},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "py_rng": random.getstate(),
+        "step": step,
+    }
+    tmp = out / f".{CHECKPOINT}.partial"
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp / "state.pt")
+    final = out / CHECKPOINT
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)  # a kill during the save leaves the previous checkpoint or none, never half of one
+
+
+def _save_final(model, out: Path, tok_dir: Path) -> None:
+    """The adapter (with its trained embed_tokens / lm_head) or the full model, and the tokenizer beside it."""
+    target = out / ("adapter" if hasattr(model, "peft_config") else "model")
+    model.save_pretrained(target)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tiblocal_vocab.json"):
+        if (tok_dir / name).is_file():
+            shutil.copyfile(tok_dir / name, target / name)
