@@ -15,6 +15,7 @@ Run under ``accelerate launch`` for several GPUs (each process takes its share o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -178,7 +179,9 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
 
     out = Path(cfg.output_dir)
     resume = _check_output_dir(cfg, out)
-    accel = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="no")
+    # Accumulation is done here, per step (accelerate's own counter would skip optimizer steps whenever a step
+    # has fewer micro-batches than grad_accum).
+    accel = Accelerator(mixed_precision="no")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     sp, model_file, tok_dir, n_base = _load_tokenizer(cfg)
@@ -232,13 +235,17 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
         idx = _batch_indices(len(train_ex), global_batch, step, cfg.seed)
         mine = idx[accel.process_index :: accel.num_processes] or idx[:1]
         micro = max(1, math.ceil(len(mine) / cfg.grad_accum))
+        starts = list(range(0, len(mine), micro))
         losses = []
-        for m in range(0, len(mine), micro):
-            batch = {k: v.to(accel.device) for k, v in _collate([train_ex[i] for i in mine[m : m + micro]], pad).items()}
-            with accel.accumulate(model):
+        for m in starts:
+            chunk = mine[m : m + micro]
+            batch = {k: v.to(accel.device) for k, v in _collate([train_ex[i] for i in chunk], pad).items()}
+            # gradients are synchronised across processes on the last micro-batch only
+            sync = contextlib.nullcontext() if m == starts[-1] else accel.no_sync(model)
+            with sync:
                 loss = model(**batch).loss
-                accel.backward(loss)
-                losses.append(loss.item())
+                accel.backward(loss * (len(chunk) / len(mine)))
+            losses.append(loss.item())
         opt.step()
         sched.step()
         opt.zero_grad()

@@ -144,3 +144,15 @@ def test_bad_input(tmp_path: Path, tiny_tokenizer, pretrained) -> None:
     bad.write_text('{"instruction": "q"}\n{"output": "a"}\n{"instruction": "q", "output": "a"}\n', encoding="utf-8")
     p = run_cli("sft", "tiny-sft", f"output_dir={tmp_path / 'b'}", f"base_model={pretrained / 'model'}", f"train_files=[{bad}]")
     assert p.returncode == 1 and "2 of 3 rows are bad" in p.stderr.decode()
+
+
+def test_gradient_accumulation_gives_the_same_step(tmp_path: Path) -> None:
+    """One step of batch 4 equals one step of 4 accumulated micro-batches of 1 (same examples, same update)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["max_steps=2", "save_every=2", "eval_every=2"]
+    assert _pretrain(a, *common).returncode == 0
+    p = _pretrain(b, *common, "grad_accum=4")
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    la, lb = _metrics(a), _metrics(b)
+    assert lb[-1]["loss"] == pytest.approx(la[-1]["loss"], abs=2e-3)
+    assert lb[-1]["eval_loss"] == pytest.approx(la[-1]["eval_loss"], abs=2e-3)
