@@ -23,6 +23,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from tiblocal.errors import InputFileError, TiblocalError
@@ -106,8 +107,8 @@ def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None):
     return peft.get_peft_model(model, lc)
 
 
-def _examples(cfg: TrainConfig, sp, files: tuple[str, ...]) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) pairs: packed blocks for pretraining, rendered examples for SFT."""
+def _examples(cfg: TrainConfig, sp, files: tuple[str, ...], limit: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) pairs: packed blocks for pretraining, rendered examples for SFT (at most ``limit``)."""
     from tiblocal.templates import get_template
     from tiblocal.vocab import read_lines
 
@@ -116,7 +117,7 @@ def _examples(cfg: TrainConfig, sp, files: tuple[str, ...]) -> list[tuple[list[i
     if not files:
         return []
     if cfg.stage == "pretrain":
-        blocks = list(pack_blocks(sp, read_lines([Path(f) for f in files]), cfg.block_size))
+        blocks = islice(pack_blocks(sp, read_lines([Path(f) for f in files]), cfg.block_size), limit)
         return [(b, b) for b in blocks]
     template = get_template(cfg.template)
     out = []
@@ -128,7 +129,7 @@ def _examples(cfg: TrainConfig, sp, files: tuple[str, ...]) -> list[tuple[list[i
             ids, labels = sft_example(template, sp, row)
             if len(ids) <= cfg.block_size:
                 out.append((ids, labels))
-    return out
+    return out[:limit]
 
 
 def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
@@ -186,7 +187,7 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     random.seed(cfg.seed)
     sp, model_file, tok_dir, n_base = _load_tokenizer(cfg)
     train_ex = _examples(cfg, sp, cfg.train_files)
-    eval_ex = _examples(cfg, sp, cfg.eval_files)[: cfg.eval_blocks]
+    eval_ex = _examples(cfg, sp, cfg.eval_files, limit=cfg.eval_blocks)
     if not train_ex:
         raise InputFileError(
             f"no training examples from {', '.join(cfg.train_files) or 'train_files (empty)'}"

@@ -27,7 +27,7 @@ from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_dir
 from tiblocal.gguf_vocab import load_sentencepiece
 from tiblocal.text import tibetan_share
-from tiblocal.vocab import SIDECAR, read_lines, token_stats, tokenizer_model, write_tokenizer_json
+from tiblocal.vocab import SIDECAR, processor_from_proto, read_lines, token_stats, tokenizer_model, write_tokenizer_json
 
 log = logging.getLogger(__name__)
 
@@ -230,16 +230,15 @@ def extend_vocabulary(
     with tempfile.TemporaryDirectory() as tmp:
         sample = Path(tmp) / "sample.txt"
         sampled_chars, held = sample_corpus(corpus, cfg, sample, progress)
-        text = sample.read_text(encoding="utf-8")
-        if not text.strip():
+        if sampled_chars == 0:
             raise InputFileError(f"the corpus is empty ({', '.join(map(str, corpus))}); give Tibetan text files")
-        share = tibetan_share(text[:5_000_000])
+        with open(sample, encoding="utf-8") as f:
+            share = tibetan_share(f.read(5_000_000))
         if share < MIN_TIBETAN_SHARE:
             raise InputFileError(
                 f"the corpus is not Tibetan: {share:.0%} of its characters are Tibetan (U+0F00-U+0FFF); "
                 "give Tibetan text"
             )
-        del text
         if progress:
             progress("training", 0, 1)
         largest = max((cfg.add, *cfg.curve))
@@ -294,11 +293,7 @@ def extend_vocabulary(
             if cfg.curve:
                 report["curve"] = []
                 for k in sorted(cfg.curve):
-                    proto_k = merge_pieces(base_proto, ordered[:k], n_chars)
-                    import sentencepiece as spm
-
-                    sp_k = spm.SentencePieceProcessor()
-                    sp_k.LoadFromSerializedProto(proto_k.SerializeToString())
+                    sp_k = processor_from_proto(merge_pieces(base_proto, ordered[:k], n_chars))
                     report["curve"].append({"added": k, **token_stats(sp_k, lines).as_dict()})
             (d / SIDECAR).write_text(json.dumps({"base_pieces": len(base_proto.pieces), "added": len(chosen)}, indent=2))
             (d / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))

@@ -57,18 +57,24 @@ def base_pieces(spec: str | Path) -> int | None:
         raise ModelFormatError(f"{side} is damaged ({e}); write the tokenizer again") from None
 
 
+def processor_from_proto(proto):
+    """A SentencePieceProcessor of a ModelProto held in memory."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto.SerializeToString())
+    return sp
+
+
 def truncated_model(model_file: Path, n_pieces: int, *, dummy_prefix: bool = True):
     """A SentencePieceProcessor of the first ``n_pieces`` pieces of ``model_file`` (the base of an extension)."""
-    import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
     proto.ParseFromString(Path(model_file).read_bytes())
     del proto.pieces[n_pieces:]
     proto.normalizer_spec.add_dummy_prefix = dummy_prefix
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(proto.SerializeToString())
-    return sp
+    return processor_from_proto(proto)
 
 
 def read_lines(paths: Iterable[Path]) -> Iterator[str]:
