@@ -9,6 +9,8 @@ with the model, and the output appears under its final name only when it is comp
 
 from __future__ import annotations
 
+import json
+
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +115,33 @@ class ModelConverter:
                 continue  # recomputed by llama.cpp from rope_theta
             out.append(self.modify_tensors(ref, self.map_name(ref.name)))
         return out
+
+
+# generation_config.json field -> the GGUF's suggested sampling (general.sampling.*), which llama.cpp
+# and tiblocal use as the defaults of a model that carries them
+_SAMPLING_FIELDS = {
+    "temperature": "add_sampling_temp",
+    "top_k": "add_sampling_top_k",
+    "top_p": "add_sampling_top_p",
+    "min_p": "add_sampling_min_p",
+    "repetition_penalty": "add_sampling_penalty_repeat",
+}
+
+
+def _add_sampling(w: gguf.GGUFWriter, model_dir: Path) -> None:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{path} is not valid JSON ({e}); fix or remove it") from None
+    if not cfg.get("do_sample", False):
+        return  # greedy by default: the file suggests no sampling settings
+    for field_name, add in _SAMPLING_FIELDS.items():
+        value = cfg.get(field_name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            getattr(w, add)(int(value) if field_name == "top_k" else float(value))
 
 
 def _row_reader(ref: TensorRef) -> Callable[[int, int], np.ndarray]:
@@ -273,6 +302,7 @@ def hf_to_gguf(
         conv.set_vocab(w)
         if chat_template:
             w.add_chat_template(chat_template)
+        _add_sampling(w, model_dir)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # written for every type, as llama.cpp's converter does
         n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in tensors)
         if n_params:

@@ -32,6 +32,7 @@ class TrainConfig:
     tokenizer: str = "bundled"  # a tokenizer.model, its folder, or "bundled"
     extended: bool = True  # the tokenizer adds pieces to the base: resize and initialise new rows
     train_files: tuple[str, ...] = ()
+    train_weights: dict = field(default_factory=dict)  # pretrain: {file: weight}; <1 samples its lines, >1 repeats it
     eval_files: tuple[str, ...] = ()
     template: str = "alpaca"  # sft: the chat template examples are rendered with
     block_size: int = 1024  # pretrain: packed block length; sft: longest example kept
@@ -44,12 +45,16 @@ class TrainConfig:
     warmup_steps: int = 0
     scheduler: str = "cosine"  # cosine | constant
     lora: LoraSettings | None = field(default_factory=LoraSettings)  # null: full-parameter training
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "float32"  # float32 | bfloat16: the weights' dtype
+    mixed_precision: str = "no"  # no | bf16: autocast the compute to bf16 (fp32 weights stay the master copy)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer (fuses norms, rotary, activations, LoRA dropout)
     eval_every: int = 50
     eval_blocks: int = 32
     save_every: int = 50
     log_every: int = 10
+    generation: dict = field(default_factory=dict)  # saved in generation_config.json (e.g. the sampling to suggest)
+    tensorboard: bool = False  # also write the metrics as tensorboard events (output_dir/tensorboard)
     seed: int = 1234
 
 
@@ -125,6 +130,15 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
         raise TiblocalError(f"{source}: scheduler {cfg.scheduler!r}; expected cosine or constant")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise TiblocalError(f"{source}: dtype {cfg.dtype!r}; expected float32 or bfloat16")
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise TiblocalError(f"{source}: mixed_precision {cfg.mixed_precision!r}; expected no or bf16")
+    if not isinstance(cfg.train_weights, dict):
+        raise TiblocalError(f"{source}: train_weights must map files of train_files to weights, e.g. {{corpus.txt.xz: 0.5}}")
+    for f, w in cfg.train_weights.items():
+        if f not in cfg.train_files:
+            raise TiblocalError(f"{source}: train_weights names {f}, which is not in train_files; use the same path")
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
+            raise TiblocalError(f"{source}: train_weights[{f}] = {w!r}; expected a number above 0")
     return cfg
 
 

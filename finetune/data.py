@@ -138,14 +138,30 @@ def read_instructions(path: Path, *, max_bad_share: float = 0.1) -> tuple[list[I
     return rows, report
 
 
-def pack_blocks(sp, lines: Iterable[str], block_size: int) -> Iterator[list[int]]:
+def pack_blocks(sp, lines: Iterable[str], block_size: int, *, batch_lines: int = 2048) -> Iterator[list[int]]:
     """Consecutive blocks of ``block_size`` ids from the lines of raw text, each line's ids followed by EOS
-    (Chinese-LLaMA's group_texts: no padding, no token dropped except the last incomplete block)."""
+    (Chinese-LLaMA's group_texts: no padding, no token dropped except the last incomplete block).
+    Lines are encoded in batches on all cores; the ids are those of encoding each line alone."""
     buf: list[int] = []
-    for line in lines:
-        if line.strip():
-            buf.extend(sp.encode(line))
-            buf.append(sp.eos_id())
-        while len(buf) >= block_size:
-            yield buf[:block_size]
-            del buf[:block_size]
+    eos = sp.eos_id()
+
+    def batches() -> Iterator[list[str]]:
+        batch: list[str] = []
+        for line in lines:
+            if line.strip():
+                batch.append(line)
+                if len(batch) >= batch_lines:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    for batch in batches():
+        for ids in sp.encode(batch, num_threads=-1):
+            buf.extend(ids)
+            buf.append(eos)
+        start = 0
+        while len(buf) - start >= block_size:
+            yield buf[start : start + block_size]
+            start += block_size
+        del buf[:start]

@@ -96,29 +96,80 @@ def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None):
         raise TiblocalError(f"the model has {rows} embedding rows, more than the tokenizer's {sp.vocab_size()} pieces")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if cfg.lora is None:
-        return model
-    import peft
+    if cfg.lora is not None:
+        import peft
 
-    lc = peft.LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.targets),
-        modules_to_save=list(cfg.lora.modules_to_save) or None, task_type="CAUSAL_LM",
-    )
-    return peft.get_peft_model(model, lc)
+        lc = peft.LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.targets),
+            modules_to_save=list(cfg.lora.modules_to_save) or None, task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, lc)
+    if cfg.compile:
+        compile_layers(model)
+    return model
 
 
-def _examples(cfg: TrainConfig, sp, files: tuple[str, ...], limit: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) pairs: packed blocks for pretraining, rendered examples for SFT (at most ``limit``)."""
-    from tiblocal.templates import get_template
+def compile_layers(model) -> None:
+    """torch.compile every decoder layer in place (one compiled graph serves all, as they share code and shapes);
+    the head and the loss stay outside (they are chunked by hand)."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in core.model.layers:
+        layer.compile()
+
+
+def make_optimizer(groups, cfg: TrainConfig):
+    """AdamW, fused into one kernel on CUDA."""
+    torch = _torch()
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=on_cuda or None)
+
+
+def _weighted_lines(path: Path, weight: float, seed: int):
+    """The lines of one file, a seeded share ``weight`` of them when ``weight`` < 1."""
     from tiblocal.vocab import read_lines
 
-    from .data import pack_blocks, read_instructions, sft_example
+    if weight >= 1:
+        yield from read_lines([path])
+        return
+    rng = random.Random(f"{seed}:{path.name}")
+    for line in read_lines([path]):
+        if rng.random() < weight:
+            yield line
 
-    if not files:
-        return []
+
+def _blocks(cfg: TrainConfig, sp, files: tuple[str, ...], limit: int | None, weights: dict):
+    """Pretraining blocks as one (n, block_size) int32 tensor: each file packed on its own, weighted."""
+    torch = _torch()
+    import numpy as np
+
+    from .data import pack_blocks
+
+    parts = []
+    for f in files:
+        w = float(weights.get(f, 1.0))
+        blocks = [np.asarray(b, dtype=np.int32) for b in islice(pack_blocks(sp, _weighted_lines(Path(f), w, cfg.seed), cfg.block_size), limit)]
+        if not blocks:
+            continue
+        arr = np.stack(blocks)
+        if w > 1:  # whole repeats, then a seeded share of the blocks for the fraction
+            extra = np.random.default_rng(cfg.seed).permutation(len(arr))[: int(round((w % 1) * len(arr)))]
+            arr = np.concatenate([arr] * int(w) + [arr[extra]])
+        parts.append(arr)
+        log.info("%s: %d blocks of %d tokens (weight %g)", f, len(arr), cfg.block_size, w)
+    if not parts:
+        return torch.zeros((0, cfg.block_size), dtype=torch.int32)
+    out = torch.from_numpy(np.concatenate(parts))
+    return out[:limit] if limit is not None else out
+
+
+def _examples(cfg: TrainConfig, sp, files: tuple[str, ...], limit: int | None = None, weights: dict | None = None):
+    """Pretraining: a tensor of packed blocks; SFT: (input_ids, labels) pairs of rendered examples (at most ``limit``)."""
+    from tiblocal.templates import get_template
+
+    from .data import read_instructions, sft_example
+
     if cfg.stage == "pretrain":
-        blocks = islice(pack_blocks(sp, read_lines([Path(f) for f in files]), cfg.block_size), limit)
-        return [(b, b) for b in blocks]
+        return _blocks(cfg, sp, files, limit, weights or {})
     template = get_template(cfg.template)
     out = []
     for f in files:
@@ -129,7 +180,9 @@ def _examples(cfg: TrainConfig, sp, files: tuple[str, ...], limit: int | None = 
             ids, labels = sft_example(template, sp, row)
             if len(ids) <= cfg.block_size:
                 out.append((ids, labels))
-    return out[:limit]
+    if limit is not None and len(out) > limit:  # evenly through the files, so every task is in the sample
+        out = [out[i * len(out) // limit] for i in range(limit)]
+    return out
 
 
 def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
@@ -141,13 +194,19 @@ def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
     return order[k * batch : (k + 1) * batch]
 
 
-def _collate(examples, pad_id: int):
+def _collate(examples, idx: list[int], pad_id: int):
+    """A batch of examples ``idx``: packed blocks need no mask (every position is text); SFT examples are
+    right-padded with a mask and -100 labels."""
     torch = _torch()
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
+    if isinstance(examples, torch.Tensor):
+        ids = examples[idx].long()
+        return {"input_ids": ids, "labels": ids}
+    chosen = [examples[i] for i in idx]
+    width = max(len(ids) for ids, _ in chosen)
+    ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(chosen), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(chosen), width), dtype=torch.long)
+    for i, (x, y) in enumerate(chosen):
         ids[i, : len(x)] = torch.tensor(x)
         labels[i, : len(y)] = torch.tensor(y)
         mask[i, : len(x)] = 1
@@ -182,18 +241,20 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     resume = _check_output_dir(cfg, out)
     # Accumulation is done here, per step (accelerate's own counter would skip optimizer steps whenever a step
     # has fewer micro-batches than grad_accum).
-    accel = Accelerator(mixed_precision="no")
+    accel = Accelerator(mixed_precision=cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     sp, model_file, tok_dir, n_base = _load_tokenizer(cfg)
-    train_ex = _examples(cfg, sp, cfg.train_files)
+    train_ex = _examples(cfg, sp, cfg.train_files, weights=cfg.train_weights)
     eval_ex = _examples(cfg, sp, cfg.eval_files, limit=cfg.eval_blocks)
-    if not train_ex:
+    if not len(train_ex):
         raise InputFileError(
             f"no training examples from {', '.join(cfg.train_files) or 'train_files (empty)'}"
             + (f"; the text is shorter than one block of {cfg.block_size} tokens" if cfg.stage == "pretrain" else "")
         )
-    model = _build_model(cfg, sp, model_file, n_base)
+    from .loss import CausalLMWithLoss
+
+    model = CausalLMWithLoss(_build_model(cfg, sp, model_file, n_base)).to(accel.device)
     embed_names = ("embed_tokens", "lm_head")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
@@ -201,7 +262,7 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
         {"params": [p for n, p in trainable if any(e in n for e in embed_names)], "lr": cfg.embed_lr or cfg.lr},
     ]
     groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(groups, cfg)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -216,7 +277,7 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     start = 0
     if resume:
         state = torch.load(out / CHECKPOINT / "state.pt", map_location="cpu", weights_only=False)
-        accel.unwrap_model(model).load_state_dict(state["model"], strict=False)
+        accel.unwrap_model(model).inner.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -228,6 +289,8 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     pad = sp.eos_id()
     global_batch = cfg.batch_size * accel.num_processes
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if accel.is_main_process else None
+    board = _tensorboard(out) if cfg.tensorboard and accel.is_main_process else None
+    tokens = 0
     loss_value = float("nan")
     eval_loss = None
     t0 = time.perf_counter()
@@ -240,35 +303,46 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
         losses = []
         for m in starts:
             chunk = mine[m : m + micro]
-            batch = {k: v.to(accel.device) for k, v in _collate([train_ex[i] for i in chunk], pad).items()}
+            batch = {k: v.to(accel.device, non_blocking=True) for k, v in _collate(train_ex, chunk, pad).items()}
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             # gradients are synchronised across processes on the last micro-batch only
             sync = contextlib.nullcontext() if m == starts[-1] else accel.no_sync(model)
             with sync:
-                loss = model(**batch).loss
+                with accel.autocast():
+                    loss = model(**batch)
                 accel.backward(loss * (len(chunk) / len(mine)))
-            losses.append(loss.item())
+            losses.append(loss.detach())
         opt.step()
         sched.step()
         opt.zero_grad()
-        loss_value = sum(losses) / len(losses)
+        loss_value = float(torch.stack(losses).mean())
         done = step + 1
         if progress:
             progress(done, cfg.max_steps, loss_value)
         record = {"step": done, "loss": round(loss_value, 5), "lr": sched.get_last_lr()[0]}
-        if eval_ex and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+        if len(eval_ex) and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             eval_loss = _evaluate(model, eval_ex, pad, cfg.batch_size, accel)
             record.update(eval_loss=round(eval_loss, 5), eval_ppl=round(math.exp(min(eval_loss, 50)), 3))
             model.train()
         if metrics and (done % cfg.log_every == 0 or "eval_loss" in record or done == cfg.max_steps):
-            record["seconds"] = round(time.perf_counter() - t0, 2)
+            seconds = time.perf_counter() - t0
+            record["seconds"] = round(seconds, 2)
+            record["tokens_per_s"] = round(tokens * accel.num_processes / max(seconds, 1e-9))
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            if board:
+                for key in ("loss", "lr", "eval_loss", "eval_ppl", "tokens_per_s"):
+                    if key in record:
+                        board.add_scalar(f"{cfg.stage}/{key}", record[key], done)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             _save_checkpoint(accel, model, opt, sched, done, out)
     if metrics:
         metrics.close()
+    if board:
+        board.close()
+    state = _full_state(accel, model)  # every process takes part (FSDP gathers the shards)
     if accel.is_main_process:
-        _save_final(accel.unwrap_model(model), out, tok_dir)
+        _save_final(accel.unwrap_model(model).inner, state, out, tok_dir, cfg.generation)
     accel.wait_for_everyone()
     return RunResult(out, cfg.max_steps, loss_value, eval_loss, start)
 
@@ -279,22 +353,32 @@ def _evaluate(model, examples, pad: int, batch: int, accel) -> float:
     total = count = 0.0
     with torch.no_grad():
         for i in range(0, len(examples), batch):
-            chunk = examples[i : i + batch]
-            b = {k: v.to(accel.device) for k, v in _collate(chunk, pad).items()}
+            b = {k: v.to(accel.device) for k, v in _collate(examples, list(range(i, min(i + batch, len(examples)))), pad).items()}
             n = int((b["labels"][:, 1:] != -100).sum())
-            total += model(**b).loss.item() * n
+            with accel.autocast():
+                total += model(**b).item() * n
             count += n
     return total / max(count, 1)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TiblocalError("tensorboard: true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _save_checkpoint(accel, model, opt, sched, step: int, out: Path) -> None:
     torch = _torch()
     accel.wait_for_everyone()
+    full = _full_state(accel, model)
     if not accel.is_main_process:
         return
-    trainable = {n for n, p in accel.unwrap_model(model).named_parameters() if p.requires_grad}
+    inner = accel.unwrap_model(model).inner
+    trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
     state = {
-        "model": {k: v.detach().cpu() for k, v in accel.unwrap_model(model).state_dict().items() if k in trainable},
+        "model": {k: v.detach().cpu() for k, v in full.items() if k in trainable},
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -310,10 +394,19 @@ def _save_checkpoint(accel, model, opt, sched, step: int, out: Path) -> None:
     tmp.rename(final)  # a kill during the save leaves the previous checkpoint or none, never half of one
 
 
-def _save_final(model, out: Path, tok_dir: Path) -> None:
-    """The adapter (with its trained embed_tokens / lm_head) or the full model, and the tokenizer beside it."""
+def _full_state(accel, model) -> dict:
+    """The model's whole state dict (keys as in the unwrapped model), gathered under FSDP."""
+    return {k.removeprefix("inner."): v for k, v in accel.get_state_dict(model).items()}
+
+
+def _save_final(model, state: dict, out: Path, tok_dir: Path, generation: dict) -> None:
+    """The adapter (with its trained embed_tokens / lm_head) or the full model, and the tokenizer beside it;
+    ``generation`` goes into the model's generation_config.json (convert turns sampling into GGUF metadata)."""
     target = out / ("adapter" if hasattr(model, "peft_config") else "model")
-    model.save_pretrained(target)
+    if generation:
+        for key, value in generation.items():
+            setattr(model.generation_config, key, value)
+    model.save_pretrained(target, state_dict=state)
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tiblocal_vocab.json"):
         if (tok_dir / name).is_file():
             shutil.copyfile(tok_dir / name, target / name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from .train import train
 def run_train(stage: str, config: str, overrides: list[str], *, as_json: bool) -> int:
     cfg = load_config(config, overrides, stage=stage)
     err = Console(stderr=True, highlight=False)
+    main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch, one process reports
     columns = (TextColumn(f"{stage} {{task.fields[loss]}}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
+    with Progress(*columns, console=err, transient=True, disable=not main) as progress:
         task = progress.add_task(stage, total=cfg.max_steps, loss="")
 
         def report(done: int, total: int, loss: float) -> None:
@@ -26,6 +28,8 @@ def run_train(stage: str, config: str, overrides: list[str], *, as_json: bool) -
         r = train(cfg, progress=report)
     summary = {"output_dir": str(r.output_dir), "steps": r.steps, "resumed_from": r.resumed_from,
                "train_loss": r.train_loss, "eval_loss": r.eval_loss}
+    if not main:
+        return 0
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:

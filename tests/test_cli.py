@@ -171,13 +171,14 @@ def test_bad_jsonl_rows(tiny_gguf, tmp_path: Path) -> None:
     assert 'expected a non-empty "instruction"' in _one_line_error(run_cli("generate", str(tiny_gguf), "--file", str(f)))
 
 
-def test_no_model_and_no_bundled_model() -> None:
-    from tiblocal.models import BUNDLED_MODEL
+def test_no_model_and_no_bundled_model(tmp_path, monkeypatch, capsys) -> None:
+    from tiblocal import models
+    from tiblocal.cli import main
 
-    if BUNDLED_MODEL.is_file():
-        pytest.skip("this install bundles a model")
-    line = _one_line_error(run_cli("generate", "--prompt", "x"))
-    assert "no model given" in line
+    monkeypatch.setattr(models, "BUNDLED_MODEL", tmp_path / "absent.gguf")  # an install without the demo model
+    assert main(["generate", "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no model given and this install has no bundled model" in err
 
 
 def test_inspect_gguf_json(tiny_gguf) -> None:

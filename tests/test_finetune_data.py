@@ -83,6 +83,7 @@ def test_packed_blocks_keep_every_token(sp) -> None:
     lines = (DATA / "tibetan_sample.txt").read_text(encoding="utf-8").splitlines()
     stream = [t for line in lines if line.strip() for t in (*sp.encode(line), sp.eos_id())]
     blocks = list(pack_blocks(sp, lines, 64))
+    assert list(pack_blocks(sp, lines, 64, batch_lines=7)) == blocks  # batches of lines change nothing
     assert all(len(b) == 64 for b in blocks)
     assert [t for b in blocks for t in b] == stream[: len(blocks) * 64]
     assert len(stream) - len(blocks) * 64 < 64
@@ -95,7 +96,16 @@ def test_instruction_set_from_shared_data(tmp_path: Path) -> None:
     assert main(["--data", str(data), "--out", str(tmp_path)]) == 0
     train = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     dev = [json.loads(l) for l in (tmp_path / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert 3500 < len(train) + len(dev) <= 2491 + 1500 and 0.02 < len(dev) / (len(train) + len(dev)) < 0.1
+    tasks = {t: sum(r["task"] == t for r in train) for t in ("tense", "qa", "news", "continue")}
+    assert 3500 < tasks["tense"] + tasks["qa"] <= 2491 + 1500 and 2000 < tasks["news"] <= 4000 and tasks["continue"] == 3000
+    assert 0.02 < len(dev) / (len(train) + len(dev)) < 0.1 and {r["task"] for r in dev} == set(tasks)
+    news = next(r for r in train if r["task"] == "news")
+    assert news["instruction"].startswith('ཁ་བྱང་ནི་"') and len(news["output"]) >= 250
+    cont = next(r for r in train if r["task"] == "continue")
+    head = cont["instruction"].split("\n", 1)[1]
+    assert head.endswith("།") and len(cont["output"]) > len(head)
+    # the corpus tasks' dev half comes from corpus/dev, which pretraining never reads
+    assert not {r["output"] for r in dev if r["task"] == "news"} & {r["output"] for r in train if r["task"] == "news"}
     tense = next(r for r in train if r["task"] == "tense")
     assert tense["instruction"].endswith("-བྱ་ཚིག་འདིའི་དུས་གསུམ་ནི་གང་དག་ཡིན།") and tense["output"].count("\n") in (2, 3)
     assert {r["input"] for r in train if r["task"] == "qa"}.isdisjoint({r["input"] for r in dev if r["task"] == "qa"})

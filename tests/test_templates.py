@@ -106,4 +106,5 @@ def test_tasks_wrap_like_tibetan_alpaca() -> None:
     assert get_task("news").wrap("ཁ་བྱང") == 'ཁ་བྱང་ནི་"ཁ་བྱང"ཡིན་པའི་རྩོམ་ཐུང་ཞིག་འབྲི་རོགས།'
     assert get_task("summary").wrap("TEXT").endswith("འབྲི་རོགས།\nTEXT")
     assert get_task("question").wrap("x") == "x"
-    assert set(TASKS) == {"summary", "news", "tense", "define", "classify", "question"}
+    assert get_task("continue").wrap("ཡི་གེ།") == "གཤམ་གྱི་ཡི་གེ་འདི་མུ་མཐུད་དུ་འབྲི་རོགས།\nཡི་གེ།"
+    assert set(TASKS) == {"summary", "news", "tense", "define", "classify", "continue", "question"}

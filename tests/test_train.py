@@ -156,3 +156,65 @@ def test_gradient_accumulation_gives_the_same_step(tmp_path: Path) -> None:
     la, lb = _metrics(a), _metrics(b)
     assert lb[-1]["loss"] == pytest.approx(la[-1]["loss"], abs=2e-3)
     assert lb[-1]["eval_loss"] == pytest.approx(la[-1]["eval_loss"], abs=2e-3)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_chunked_loss_equals_the_model_loss_and_gradients(with_lora: bool, monkeypatch) -> None:
+    """The chunked head + cross-entropy gives HF's loss and the same gradients (LoRA and embeddings too)."""
+    import peft
+    import torch
+    import transformers
+
+    from tiblocal.finetune import loss as chunked
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300)
+    model = transformers.LlamaForCausalLM(cfg)
+    if with_lora:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                    modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM"))
+        # LoRA B starts at zero; move it so that the LoRA path carries gradient into A too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 300, (3, 40))
+    labels = ids.clone()
+    labels[0, :25] = -100
+    mask = torch.ones_like(ids)
+    ids[2, 30:], labels[2, 30:], mask[2, 30:] = 0, -100, 0  # a right-padded row
+    ref = model(input_ids=ids, labels=labels, attention_mask=mask).loss
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 300 * 17)  # several chunks, the last one short
+    got = chunked.CausalLMWithLoss(model)(ids, labels, mask)
+    got.backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(want)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():  # evaluation: the loss alone
+        assert chunked.CausalLMWithLoss(model)(ids, labels, mask).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_train_weights_sample_and_repeat_files(tmp_path: Path) -> None:
+    from tiblocal.finetune.train import _examples, _load_tokenizer
+
+    cfg = load_config("tiny-pretrain", [f"output_dir={tmp_path}", f"train_files=[{TEXT}]"])
+    sp = _load_tokenizer(cfg)[0]
+    whole = _examples(cfg, sp, (TEXT,))
+    assert whole.dtype.is_floating_point is False and whole.shape[1] == 64 and len(whole) > 10
+    twice = _examples(cfg, sp, (TEXT,), weights={TEXT: 2.5})
+    assert len(twice) == int(2 * len(whole) + round(0.5 * len(whole)))
+    assert (twice[: len(whole)] == whole).all() and (twice[len(whole) : 2 * len(whole)] == whole).all()
+    part = _examples(cfg, sp, (TEXT,), weights={TEXT: 0.3})
+    assert 0.1 * len(whole) < len(part) < 0.5 * len(whole)
+    assert (_examples(cfg, sp, (TEXT,), weights={TEXT: 0.3}) == part).all()  # seeded
+    with pytest.raises(TiblocalError, match=r"train_weights names other.txt, which is not in train_files"):
+        load_config("tiny-pretrain", [f"output_dir={tmp_path}", f"train_files=[{TEXT}]", "train_weights={other.txt: 0.5}"])
+    with pytest.raises(TiblocalError, match=r"expected a number above 0"):
+        load_config("tiny-pretrain", [f"output_dir={tmp_path}", f"train_files=[{TEXT}]", f"train_weights={{{TEXT}: 0}}"])
+    with pytest.raises(TiblocalError, match=r"mixed_precision 'fp8'; expected no or bf16"):
+        load_config("tiny-pretrain", [f"output_dir={tmp_path}", "mixed_precision=fp8"])

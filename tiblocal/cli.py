@@ -32,12 +32,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     from .engine import Sampling
 
     d = Sampling()
-    g = p.add_argument_group("sampling (temperature, top-k, top-p, penalty as in Chinese-Alpaca's scripts)")
-    g.add_argument("--temp", type=float, default=d.temperature, help=f"temperature; 0 is greedy (default {d.temperature})")
-    g.add_argument("--top-k", type=int, default=d.top_k, help=f"top-k; 0 disables it (default {d.top_k})")
-    g.add_argument("--top-p", type=float, default=d.top_p, help=f"top-p (default {d.top_p})")
-    g.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help=f"repetition penalty (default {d.repeat_penalty})")
-    g.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n, help=f"tokens the penalty looks back (default {d.repeat_last_n})")
+    g = p.add_argument_group(
+        "sampling (default: the model's suggested settings (general.sampling.* in the GGUF), else Chinese-Alpaca's)"
+    )
+    g.add_argument("--temp", type=float, default=None, help=f"temperature; 0 is greedy (default {d.temperature})")
+    g.add_argument("--top-k", type=int, default=None, help=f"top-k; 0 disables it (default {d.top_k})")
+    g.add_argument("--top-p", type=float, default=None, help=f"top-p (default {d.top_p})")
+    g.add_argument("--repeat-penalty", type=float, default=None, help=f"repetition penalty (default {d.repeat_penalty})")
+    g.add_argument("--repeat-last-n", type=int, default=None, help=f"tokens the penalty looks back (default {d.repeat_last_n})")
     g.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"most tokens per answer (default {d.max_tokens})")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed; -1 for a new one each time (default -1)")
 
@@ -59,12 +61,15 @@ def _engine_config(a: argparse.Namespace):
 
 
 def _sampling(a: argparse.Namespace):
+    """The command line's settings over the model's suggested ones (GGUF general.sampling.*) over ours."""
     from .engine import Sampling
 
-    return Sampling(
-        temperature=a.temp, top_k=a.top_k, top_p=a.top_p, repeat_penalty=a.repeat_penalty,
-        repeat_last_n=a.repeat_last_n, max_tokens=a.max_tokens, seed=a.seed,
-    )
+    given = {
+        "temperature": a.temp, "top_k": a.top_k, "top_p": a.top_p, "repeat_penalty": a.repeat_penalty,
+        "repeat_last_n": a.repeat_last_n,
+    }
+    return Sampling.for_model(a.model, **{k: v for k, v in given.items() if v is not None},
+                              max_tokens=a.max_tokens, seed=a.seed)
 
 
 # --- verbs ---------------------------------------------------------------------------------------
@@ -260,8 +265,35 @@ def _check(a: argparse.Namespace) -> int:
     return run_check(a.path, as_json=a.as_json)
 
 
+def _release_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("hf_dir", type=Path, help="a merged Hugging Face model folder")
+    p.add_argument("--out", type=Path, required=True, help="the release folder to write (new, or --force)")
+    p.add_argument("--types", default="Q4_K_M,Q8_0",
+                   help="llama.cpp quant types, each TYPE or TYPE:OUTPUT_TYPE (the type of output.weight, or of token_embd "
+                        "when embeddings are tied), e.g. Q4_K_M:Q5_0,Q8_0 (default Q4_K_M,Q8_0); the first gets the Modelfile")
+    p.add_argument("--name", default=None, help="file name stem and model card title (default: the folder's name)")
+    p.add_argument("--template", default="alpaca", help="chat template for the GGUFs and the Modelfile (default alpaca)")
+    p.add_argument("--eval-text", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="text (plain or .xz) on which to measure ΔPPL, KL and top-1 of each quant against f16")
+    p.add_argument("--ctx", type=int, default=512, help="evaluation window (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--notes", type=Path, default=None, help="Markdown for the model card's 'How it was made'")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", dest="as_json", action="store_true")
+
+
+def _release(a: argparse.Namespace) -> int:
+    from .release import run_release
+
+    return run_release(
+        a.hf_dir, a.out, as_json=a.as_json, types=a.types.split(","), name=a.name, template=a.template,
+        eval_text=a.eval_text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads, notes=a.notes, force=a.force,
+    )
+
+
 def _verify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", type=Path, help="a folder with SHA256SUMS (from tiblocal merge)")
+    p.add_argument("folder", type=Path, help="a folder with SHA256SUMS (from tiblocal merge or release)")
     p.add_argument("--json", dest="as_json", action="store_true")
 
 
@@ -306,6 +338,7 @@ VERBS = (
     Verb("pretrain", "continued pretraining (LoRA or full) from a YAML recipe; runs under accelerate launch", _train_args, _pretrain),
     Verb("sft", "instruction tuning from a YAML recipe; runs under accelerate launch", _train_args, _sft),
     Verb("merge", "merge LoRA adapters into a base model, shard by shard", _merge_args, _merge),
+    Verb("release", "f16 + quantized GGUFs, quality table, model card, Ollama Modelfile, SHA256SUMS", _release_args, _release),
     Verb("verify", "check a folder's files against its SHA256SUMS", _verify_args, _verify),
     Verb("convert", "convert a Hugging Face Llama model to GGUF", _convert_args, _convert),
     Verb("quantize", "quantize a GGUF with llama.cpp's own quantizer (Q4_K_M, Q8_0, ...)", _quantize_args, _quantize),

@@ -88,6 +88,33 @@ class Sampling:
         if problems:
             raise TiblocalError("invalid sampling setting: " + "; ".join(problems))
 
+    # general.sampling.* keys of a GGUF (the model's suggested settings) -> fields
+    GGUF_KEYS = {
+        "general.sampling.temp": "temperature",
+        "general.sampling.top_k": "top_k",
+        "general.sampling.top_p": "top_p",
+        "general.sampling.penalty_repeat": "repeat_penalty",
+        "general.sampling.penalty_last_n": "repeat_last_n",
+    }
+
+    @classmethod
+    def for_model(cls, model: Path | None, **given) -> Sampling:
+        """Settings for ``model`` (None: the bundled one): ``given`` over the GGUF's suggested settings over
+        the defaults. A model that cannot be read gives the defaults (loading it reports the problem)."""
+        from .gguf_file import read_gguf
+        from .models import resolve_model
+
+        suggested = {}
+        try:
+            meta = read_gguf(resolve_model(model), with_tokens=False).metadata
+        except TiblocalError:
+            meta = {}
+        for key, name in cls.GGUF_KEYS.items():
+            if key in meta and isinstance(meta[key], (int, float)):
+                value = meta[key]  # stored as float32: 0.9 reads 0.8999999761
+                suggested[name] = int(value) if _FIELD_TYPES[name] is int else round(float(value), 6)
+        return cls(**{**suggested, **given})
+
     def with_value(self, name: str, value: str) -> Sampling:
         """A copy with one setting changed from text, as typed in `/set temp 0.3`."""
         key = self.ALIASES.get(name.lower())
@@ -322,7 +349,8 @@ class Engine:
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits at every position of ``tokens`` (float32, shape (len, n_vocab)), from an empty cache."""
         lib = _llama_cpp
-        self.check_fits(len(tokens))
+        if len(tokens) > self.n_ctx:  # no room needed for a next token here, unlike generation
+            self.check_fits(len(tokens))
         self.reset()
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
         step = max(1, min(self.config.batch, self.n_ctx))

@@ -209,6 +209,7 @@ TASKS: dict[str, Task] = {
         Task("tense", "the three tenses of the input verb", "{text}-བྱ་ཚིག་འདིའི་དུས་གསུམ་ནི་གང་དག་ཡིན།"),
         Task("define", "explain the input term", "{text}-མདུན་གྱི་ཐ་སྙད་འདི་ལ་འགྲེལ་བཤད་རྒྱག་རོགས།"),
         Task("classify", "which category the text belongs to", "ཚན་པ་འདིའི་ནང་དོན་རིགས་གང་ལ་གཏོགས།\n{text}"),
+        Task("continue", "continue the text", "གཤམ་གྱི་ཡི་གེ་འདི་མུ་མཐུད་དུ་འབྲི་རོགས།\n{text}"),
         Task("question", "the input as it is", "{text}"),
     )
 }

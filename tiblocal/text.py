@@ -22,6 +22,12 @@ def count_syllables(text: str) -> int:
     return sum(1 for _ in TIBETAN_SYLLABLE.finditer(text))
 
 
+def distinct_bigram_share(ids: list[int]) -> float:
+    """Distinct token bigrams over all bigrams (1.0 for fewer than two tokens): low values mean loops."""
+    pairs = list(zip(ids, ids[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
 def tibetan_share(text: str) -> float:
     """Share of the non-space characters of ``text`` that are in the Tibetan block (0 for empty text)."""
     chars = [c for c in text if not c.isspace()]

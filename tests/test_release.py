@@ -1,0 +1,84 @@
+"""`tiblocal release`: GGUFs, quality table, Modelfile, model card and SHA256SUMS in one atomic folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from conftest import DATA, run_cli
+
+
+def test_release_writes_every_artifact_and_verifies(tiny_hf: Path, tmp_path: Path) -> None:
+    hf = tmp_path / "tiny-demo"
+    shutil.copytree(tiny_hf, hf)
+    gen = {"do_sample": True, "temperature": 0.7, "top_k": 30, "top_p": 0.85, "repetition_penalty": 1.15}
+    (hf / "generation_config.json").write_text(json.dumps(gen))
+    notes = tmp_path / "notes.md"
+    notes.write_text("Trained by the tests.\n")
+    out = tmp_path / "rel"
+    p = run_cli("release", str(hf), "--out", str(out), "--types", "Q8_0,Q4_0:Q8_0", "--eval-text", str(DATA / "tibetan_sample.txt"),
+                "--ctx", "64", "--max-windows", "4", "--notes", str(notes), "--json", timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    files = sorted(x.name for x in out.iterdir())
+    assert files == ["Modelfile", "README.md", "SHA256SUMS", "quantization.json", "tiny-demo-Q4_0.gguf", "tiny-demo-Q8_0.gguf",
+                     "tiny-demo-f16.gguf"]
+    assert not list(tmp_path.glob(".rel.*"))  # no temporary folder left
+    rows = json.loads((out / "quantization.json").read_text())["rows"]
+    assert [r["file_type"] for r in rows] == ["F16", "Q8_0", "Q4_0"]
+    assert rows[0]["mean_kl"] == 0 and 0 < rows[1]["mean_kl"] < rows[2]["mean_kl"]
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny-demo-Q8_0.gguf\nTEMPLATE \"\"\"")
+    assert "### Instruction:\n{{ .Prompt }}\n\n### Response: {{ .Response }}" in modelfile
+    for line in ('PARAMETER stop "### Instruction:"', 'PARAMETER stop "</s>"', "PARAMETER temperature 0.7", "PARAMETER top_k 30",
+                 "PARAMETER top_p 0.85", "PARAMETER repeat_penalty 1.15", 'SYSTEM """Below is an instruction'):
+        assert line in modelfile, line
+    card = (out / "README.md").read_text()
+    assert "| tiny-demo-Q4_0.gguf | Q4_0 |" in card and "Trained by the tests." in card and "temp 0.7, top_k 30" in card
+    assert run_cli("verify", str(out)).returncode == 0
+    (out / "tiny-demo-Q4_0.gguf").write_bytes(b"changed")
+    v = run_cli("verify", str(out))
+    assert v.returncode == 1 and "changed" in v.stdout.decode() + v.stderr.decode()
+
+
+def test_release_bad_input(tiny_hf: Path, tmp_path: Path) -> None:
+    p = run_cli("release", str(tmp_path), "--out", str(tmp_path / "a"))
+    assert p.returncode == 1 and "no config.json" in p.stderr.decode()
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "b"), "--types", "Q3_X")
+    assert p.returncode == 1 and "unknown quantization type Q3_X; valid types:" in p.stderr.decode()
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "c"), "--template", "chatml")
+    assert p.returncode == 1 and "unknown chat template 'chatml'" in p.stderr.decode()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.txt").write_text("mine")
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "d"), "--types", "Q8_0")
+    assert p.returncode == 1 and "already exists; pass --force" in p.stderr.decode()
+    assert (tmp_path / "d" / "keep.txt").read_text() == "mine"
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "e"), "--types", "Q8_0", "--notes", str(tmp_path / "none.md"))
+    assert p.returncode == 1 and "no such notes file" in p.stderr.decode() and not (tmp_path / "e").exists()
+
+
+def test_convert_writes_the_suggested_sampling_and_the_runtime_uses_it(tiny_hf: Path, tmp_path: Path) -> None:
+    from tiblocal.convert.hf_to_gguf import hf_to_gguf
+    from tiblocal.engine import Sampling
+    from tiblocal.gguf_file import read_gguf
+
+    hf = tmp_path / "m"
+    shutil.copytree(tiny_hf, hf)
+    (hf / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    hf_to_gguf(hf, tmp_path / "greedy.gguf", outtype="f32")
+    assert not any(k.startswith("general.sampling") for k in read_gguf(tmp_path / "greedy.gguf", with_tokens=False).metadata)
+    assert Sampling.for_model(tmp_path / "greedy.gguf") == Sampling()
+    (hf / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20}))
+    hf_to_gguf(hf, tmp_path / "s.gguf", outtype="f32")
+    s = Sampling.for_model(tmp_path / "s.gguf")
+    assert (s.temperature, s.top_k, s.top_p) == (0.6, 20, Sampling().top_p)
+    assert Sampling.for_model(tmp_path / "s.gguf", temperature=0.1).temperature == 0.1  # the command line wins
+    assert Sampling.for_model(tmp_path / "missing.gguf") == Sampling()  # loading it reports the problem later
+    (hf / "generation_config.json").write_text("{not json")
+    import pytest
+
+    from tiblocal.errors import TiblocalError
+
+    with pytest.raises(TiblocalError, match=r"generation_config.json is not valid JSON"):
+        hf_to_gguf(hf, tmp_path / "bad.gguf", outtype="f32")
+    assert not (tmp_path / "bad.gguf").exists()

@@ -1,0 +1,190 @@
+"""`tiblocal release`: the artifacts of one model, ready to publish.
+
+From a merged Hugging Face folder it writes, into one new folder (atomically: all of it or nothing):
+- ``NAME-f16.gguf`` and ``NAME-TYPE.gguf`` for each chosen llama.cpp quant type;
+- ``quantization.json`` / ``.md``: size, bits per weight, ΔPPL, mean KL, top-1 agreement and tokens/s of
+  each file against the f16 one, on the given text (`tiblocal eval compare`'s measures);
+- an Ollama ``Modelfile`` for the first quant type, with the chat template in Ollama's syntax, its stop
+  strings, and the model's suggested sampling;
+- ``README.md``, the model card; ``SHA256SUMS`` over every file (`tiblocal verify` checks it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputFileError, TiblocalError
+
+# Ollama's Go template for each built-in chat template (the same text the Jinja renders for one turn)
+OLLAMA_TEMPLATES = {
+    "alpaca": '{{ if .System }}{{ .System }}{{ end }}\n\n### Instruction:\n{{ .Prompt }}\n\n### Response: {{ .Response }}',
+    "llama-2": "[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST] {{ .Response }}",
+    "human-assistant": "{{ if .System }}{{ .System }}\n{{ end }}Human: {{ .Prompt }}\n</s><s>Assistant: {{ .Response }}",
+    "raw": "{{ if .System }}{{ .System }}{{ end }}{{ .Prompt }}{{ .Response }}",
+}
+# GGUF general.sampling.* -> Ollama PARAMETER names
+OLLAMA_PARAMETERS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.penalty_repeat": "repeat_penalty",
+    "general.sampling.penalty_last_n": "repeat_last_n",
+}
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    out: Path
+    files: list[str]
+    rows: list[dict]
+
+
+def _ollama_string(text: str) -> str:
+    if '"""' in text:
+        raise TiblocalError(f'the text {text[:40]!r} holds """, which an Ollama Modelfile cannot quote')
+    return f'"""{text}"""'
+
+
+def modelfile(gguf_name: str, template_name: str, meta: dict) -> str:
+    from .templates import get_template
+
+    template = get_template(template_name)
+    default_system = template.render([], add_generation_prompt=False, bos_token="", eos_token="")
+    lines = [f"FROM ./{gguf_name}", f"TEMPLATE {_ollama_string(OLLAMA_TEMPLATES[template_name])}"]
+    if default_system:
+        lines.append(f"SYSTEM {_ollama_string(default_system)}")
+    for stop in (*template.stop, "</s>"):
+        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
+    for key, name in OLLAMA_PARAMETERS.items():
+        if key in meta:
+            value = meta[key]
+            lines.append(f"PARAMETER {name} {int(value) if isinstance(value, int) else round(float(value), 6)}")
+    return "\n".join(lines) + "\n"
+
+
+def _model_summary(hf_dir: Path) -> dict:
+    cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings", "tie_word_embeddings")
+    return {k: cfg.get(k) for k in keys}
+
+
+def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict], text_names: list[str], ctx: int,
+               template_name: str, meta: dict, notes: str | None) -> str:
+    from .templates import get_template
+
+    from tiblocal.quantize.evaluate import report_markdown
+
+    summary = _model_summary(hf_dir)
+    out = [f"# {name}", ""]
+    out += [f"Made with `tiblocal release` from the Hugging Face folder `{hf_dir.name}`.", ""]
+    out += ["## Model", "", "| setting | value |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in summary.items()]
+    out += ["", "## Files", "", "| file | size (MiB) |", "|---|---|"]
+    out += [f"| {f} | {size / 2**20:.1f} |" for f, size in files.items()]
+    out += [""]
+    if rows:
+        out += [report_markdown(rows, f"What quantization cost on {', '.join(text_names)} (ctx {ctx}, against f16)")]
+    else:
+        out += ["Quantization quality was not measured (no --eval-text given).", ""]
+    vocab = hf_dir / "tiblocal_vocab.json"
+    if vocab.is_file():
+        v = json.loads(vocab.read_text(encoding="utf-8"))
+        out += ["## Tokenizer", ""]
+        out += [f"- {k}: {val}" for k, val in v.items() if isinstance(val, (int, float, str))]
+        out += [""]
+    t = get_template(template_name)
+    out += ["## Chat template", "", f"`{template_name}`: {t.description}. Stop strings: "
+            + ", ".join(f"`{s}`" for s in (*t.stop, "</s>")) + ".", ""]
+    sampling = {k.removeprefix("general.sampling."): v for k, v in meta.items() if k.startswith("general.sampling.")}
+    if sampling:
+        out += ["Suggested sampling (in the GGUF as general.sampling.*, used by tiblocal and llama.cpp): "
+                + ", ".join(f"{k} {v if isinstance(v, int) else round(float(v), 6)}" for k, v in sampling.items()) + ".", ""]
+    quant = next((f for f in files if f.endswith(".gguf") and "-f16" not in f), next(iter(files)))
+    out += ["## Run it", "", "```", f"tiblocal chat {quant}", "ollama create " + name.lower() + " -f Modelfile",
+            "tiblocal verify .   # checks SHA256SUMS", "```", ""]
+    if notes:
+        out += ["## How it was made", "", notes.strip(), ""]
+    return "\n".join(out)
+
+
+def release(
+    hf_dir: Path, out: Path, *, types: list[str], name: str | None = None, template: str = "alpaca",
+    eval_text: list[Path] = (), ctx: int = 512, max_windows: int | None = None, threads: int | None = None,
+    notes: Path | None = None, force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ReleaseResult:
+    from tiblocal.convert.hf_to_gguf import hf_to_gguf
+    from tiblocal.quantize.evaluate import quant_report, read_text
+    from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
+
+    from .fsutil import atomic_dir
+    from .gguf_file import read_gguf
+    from .templates import get_template
+    from .verify import write_sha256sums
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not (hf_dir / "config.json").is_file():
+        raise InputFileError(f"{hf_dir}: no config.json; give the merged Hugging Face model folder (tiblocal merge's output)")
+    if template not in OLLAMA_TEMPLATES:
+        get_template(template)  # names the valid ones
+        raise TiblocalError(f"template {template!r} has no Ollama form; expected one of: {', '.join(OLLAMA_TEMPLATES)}")
+    # TYPE or TYPE:OUTPUT_TYPE (the type of output.weight, or of token_embd when the embeddings are tied)
+    specs = [t.strip().partition(":") for t in types if t.strip()]
+    names = parse_types(",".join(t for t, _, _ in specs))
+    output_types = {n: (o.strip() or None) for n, (_, _, o) in zip(names, specs)}
+    if out.exists() and not force:
+        raise TiblocalError(f"{out} already exists; pass --force to replace it")
+    notes_text = None
+    if notes is not None:
+        if not Path(notes).is_file():
+            raise InputFileError(f"{notes}: no such notes file (Markdown for the model card's 'How it was made')")
+        notes_text = Path(notes).read_text(encoding="utf-8")
+    text = read_text(list(eval_text)) if eval_text else None
+    name = name or hf_dir.resolve().name
+    say = progress or (lambda m: None)
+    with atomic_dir(out, replace=force) as tmp:
+        f16 = tmp / f"{name}-f16.gguf"
+        say(f"converting {hf_dir} to {f16.name}")
+        hf_to_gguf(hf_dir, f16, outtype="f16", template=template)
+        quants = []
+        for t in names:
+            path = tmp / f"{name}-{t}.gguf"
+            say(f"quantizing to {t}")
+            quantize_gguf(f16, path, [t], threads=threads, output_tensor_type=output_types[t])
+            quants.append(path)
+        rows = []
+        if text is not None:
+            rows = quant_report(f16, quants, text, ctx, max_windows=max_windows, threads=threads,
+                                progress=lambda m: say(f"measuring {Path(m).name}"))
+            for r in rows:
+                r["model"] = Path(r["model"]).name
+        meta = read_gguf(quants[0], with_tokens=False).metadata
+        (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
+        (tmp / "quantization.json").write_text(json.dumps({
+            "text": [str(p) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "rows": rows,
+        }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        files = {p.name: p.stat().st_size for p in [f16, *quants]}
+        card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        write_sha256sums(tmp)
+        listing = sorted(p.name for p in tmp.iterdir())
+    return ReleaseResult(out, listing, rows)
+
+
+def run_release(hf_dir: Path, out: Path, *, as_json: bool, **kw) -> int:
+    import sys
+
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    with err.status("releasing") as status:
+        r = release(hf_dir, out, progress=lambda m: status.update(m), **kw)
+    if as_json:
+        sys.stdout.write(json.dumps({"out": str(r.out), "files": r.files, "rows": r.rows}) + "\n")
+    else:
+        err.print(f"wrote {r.out}: {', '.join(r.files)}")
+    return 0
