@@ -36,6 +36,7 @@ class TrainConfig:
     eval_files: tuple[str, ...] = ()
     template: str = "alpaca"  # sft: the chat template examples are rendered with
     block_size: int = 1024  # pretrain: packed block length; sft: longest example kept
+    group_by_length: bool = True  # sft: batches of examples of similar length (less padding)
     batch_size: int = 4
     grad_accum: int = 1
     max_steps: int = 100

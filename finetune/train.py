@@ -185,13 +185,38 @@ def _examples(cfg: TrainConfig, sp, files: tuple[str, ...], limit: int | None = 
     return out
 
 
-def _batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
-    """The examples of global batch ``step``: epochs of a seeded shuffle, the same after a resume."""
-    per_epoch = max(1, n // batch)
-    epoch, k = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1000003 + epoch).shuffle(order)
-    return order[k * batch : (k + 1) * batch]
+class BatchOrder:
+    """The examples of each global batch: epochs of a seeded shuffle, a function of (seed, step) alone, so a
+    resumed run takes the same batches. With ``lengths`` (SFT), batches are grouped by length as
+    transformers' group_by_length does: each window of 64 batches is sorted by length and cut into batches,
+    and the batches are shuffled, so a batch pads to similar lengths and no attention crosses examples."""
+
+    WINDOW = 64
+
+    def __init__(self, n: int, batch: int, seed: int, lengths: list[int] | None = None) -> None:
+        self.n, self.batch, self.seed, self.lengths = n, batch, seed, lengths
+        self.per_epoch = max(1, n // batch)
+        self._epoch, self._batches = -1, []
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1000003 + epoch)
+        order = list(range(self.n))
+        rng.shuffle(order)
+        if self.lengths is None:
+            return [order[k * self.batch : (k + 1) * self.batch] for k in range(self.per_epoch)]
+        used = order[: self.per_epoch * self.batch] if self.n >= self.batch else order
+        batches = []
+        for s in range(0, len(used), self.batch * self.WINDOW):
+            window = sorted(used[s : s + self.batch * self.WINDOW], key=lambda i: -self.lengths[i])
+            batches += [window[j : j + self.batch] for j in range(0, len(window), self.batch)]
+        rng.shuffle(batches)
+        return batches
+
+    def indices(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[k]
 
 
 def _collate(examples, idx: list[int], pad_id: int):
@@ -238,6 +263,8 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     from accelerate import Accelerator
 
     out = Path(cfg.output_dir)
+    if cfg.tensorboard:
+        _tensorboard(None)  # before anything is written: is the package there?
     resume = _check_output_dir(cfg, out)
     # Accumulation is done here, per step (accelerate's own counter would skip optimizer steps whenever a step
     # has fewer micro-batches than grad_accum).
@@ -295,8 +322,10 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     eval_loss = None
     t0 = time.perf_counter()
     model.train()
+    lengths = [len(ids) for ids, _ in train_ex] if cfg.stage == "sft" and cfg.group_by_length else None
+    order = BatchOrder(len(train_ex), global_batch, cfg.seed, lengths)
     for step in range(start, cfg.max_steps):
-        idx = _batch_indices(len(train_ex), global_batch, step, cfg.seed)
+        idx = order.indices(step)
         mine = idx[accel.process_index :: accel.num_processes] or idx[:1]
         micro = max(1, math.ceil(len(mine) / cfg.grad_accum))
         starts = list(range(0, len(mine), micro))
@@ -361,12 +390,13 @@ def _evaluate(model, examples, pad: int, batch: int, accel) -> float:
     return total / max(count, 1)
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Path | None):
+    """A SummaryWriter into ``out``/tensorboard (None: only check that tensorboard is installed)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise TiblocalError("tensorboard: true needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard")) if out is not None else None
 
 
 def _save_checkpoint(accel, model, opt, sched, step: int, out: Path) -> None:

@@ -136,6 +136,12 @@ def test_bad_input(tmp_path: Path, tiny_tokenizer, pretrained) -> None:
     # an output folder that holds a different run
     p = _pretrain(pretrained, "lr=0.01")
     assert p.returncode == 1 and "holds a different run (lr differ)" in p.stderr.decode()
+    # tensorboard asked for where it is not installed: refused before anything is written
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        p = run_cli("pretrain", "tiny-pretrain", f"output_dir={tmp_path / 'tb'}", f"train_files=[{TEXT}]", "tensorboard=true")
+        assert p.returncode == 1 and "needs the tensorboard package" in p.stderr.decode() and not (tmp_path / "tb").exists()
     # unknown keys from the command line
     p = run_cli("pretrain", "tiny-pretrain", "lerning_rate=1")
     assert p.returncode == 1 and "unknown settings lerning_rate" in p.stderr.decode()
@@ -218,3 +224,24 @@ def test_train_weights_sample_and_repeat_files(tmp_path: Path) -> None:
         load_config("tiny-pretrain", [f"output_dir={tmp_path}", f"train_files=[{TEXT}]", f"train_weights={{{TEXT}: 0}}"])
     with pytest.raises(TiblocalError, match=r"mixed_precision 'fp8'; expected no or bf16"):
         load_config("tiny-pretrain", [f"output_dir={tmp_path}", "mixed_precision=fp8"])
+
+
+def test_batches_grouped_by_length_pad_less_and_resume_the_same() -> None:
+    import random
+
+    from tiblocal.finetune.train import BatchOrder
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 1000) for _ in range(1000)]
+    grouped, plain = BatchOrder(1000, 8, 7, lengths), BatchOrder(1000, 8, 7)
+    steps = range(2 * grouped.per_epoch)
+
+    def padded(order):
+        return sum(len(order.indices(s)) * max(lengths[i] for i in order.indices(s)) for s in steps)
+
+    assert padded(grouped) < 0.75 * padded(plain)
+    epoch = [i for s in range(grouped.per_epoch) for i in grouped.indices(s)]
+    assert len(epoch) == len(set(epoch)) == 125 * 8  # each example at most once an epoch
+    again = BatchOrder(1000, 8, 7, lengths)  # a resumed run: the same batches from any step on
+    assert [again.indices(s) for s in (200, 3, 130)] == [grouped.indices(s) for s in (200, 3, 130)]
+    assert grouped.indices(125) != grouped.indices(0)  # a new epoch, a new order
