@@ -9,7 +9,9 @@ transformers, on exactly the same ids and windows, so their figures compare.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,7 +78,8 @@ class HFSource(LogitSource):
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float32 if self.device == "cpu" else torch.float16
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        with contextlib.redirect_stdout(sys.stderr):  # gptqmodel (GPTQ folders) reports on stdout; --json owns it
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.n_vocab = self.model.get_output_embeddings().weight.shape[0]
         self.bos_id, self.name = self.sp.bos_id(), str(path)
 

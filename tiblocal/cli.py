@@ -181,6 +181,31 @@ def _quantize(a: argparse.Namespace) -> int:
     )
 
 
+def _gptq_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("hf_dir", type=Path, help="a merged Hugging Face model folder")
+    p.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    p.add_argument("--out", type=Path, required=True, help="the GPTQ model folder to write")
+    p.add_argument("--group-size", type=int, default=128, help="columns sharing a scale (default 128; -1: one group a row)")
+    p.add_argument("--calib", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="calibration text, plain or .xz (default: the Tibetan excerpt bundled in the package)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens a window (default 512)")
+    p.add_argument("--desc-act", action="store_true", help="quantize columns in order of decreasing activation")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (kept unquantized by default)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when torch sees a GPU)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", dest="as_json", action="store_true")
+
+
+def _gptq(a: argparse.Namespace) -> int:
+    from .quantize.gptq import run_gptq
+
+    return run_gptq(
+        a.hf_dir, a.out, as_json=a.as_json, bits=a.bits, group_size=a.group_size, calib=a.calib, samples=a.samples,
+        seq_len=a.seq_len, desc_act=a.desc_act, lm_head=a.quantize_lm_head, device=a.device, force=a.force,
+    )
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ppl = sub.add_parser("ppl", help="perplexity of a GGUF or a Hugging Face / GPTQ folder on a text")
@@ -342,6 +367,7 @@ VERBS = (
     Verb("verify", "check a folder's files against its SHA256SUMS", _verify_args, _verify),
     Verb("convert", "convert a Hugging Face Llama model to GGUF", _convert_args, _convert),
     Verb("quantize", "quantize a GGUF with llama.cpp's own quantizer (Q4_K_M, Q8_0, ...)", _quantize_args, _quantize),
+    Verb("gptq", "GPTQ 4/8-bit through gptqmodel, calibrated on Tibetan text (loads in transformers)", _gptq_args, _gptq),
     Verb("eval", "perplexity, and what quantization cost (ΔPPL, KL, top-1) on a text", _eval_args, _eval),
 )
 
