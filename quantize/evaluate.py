@@ -266,6 +266,8 @@ REPORT_COLUMNS = (
 
 
 def format_cell(key: str, fmt: str | None, row: dict) -> str:
+    if row.get(key) is None:
+        return "—"  # not measured for this row (e.g. tokens/s of a GPTQ folder)
     if key == "size_bytes":
         return f"{row[key] / 2**20:.1f}"
     if key == "model":

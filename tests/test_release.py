@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from conftest import DATA, run_cli
 
 
@@ -75,10 +77,34 @@ def test_convert_writes_the_suggested_sampling_and_the_runtime_uses_it(tiny_hf: 
     assert Sampling.for_model(tmp_path / "s.gguf", temperature=0.1).temperature == 0.1  # the command line wins
     assert Sampling.for_model(tmp_path / "missing.gguf") == Sampling()  # loading it reports the problem later
     (hf / "generation_config.json").write_text("{not json")
-    import pytest
-
     from tiblocal.errors import TiblocalError
 
     with pytest.raises(TiblocalError, match=r"generation_config.json is not valid JSON"):
         hf_to_gguf(hf, tmp_path / "bad.gguf", outtype="f32")
     assert not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.slow
+def test_release_with_gptq(tiny_hf: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    out = tmp_path / "rel"
+    p = run_cli("release", str(tiny_hf), "--out", str(out), "--name", "tiny", "--types", "Q8_0", "--gptq", "4",
+                "--gptq-group-size", "32", "--eval-text", str(DATA / "tibetan_sample.txt"), "--ctx", "64",
+                "--max-windows", "2", timeout=900, env={"GPTQMODEL_CPU_WORKERS": "2"})
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert (out / "tiny-GPTQ-4bit" / "config.json").is_file() and (out / "tiny-GPTQ-4bit" / "tokenizer.model").is_file()
+    sums = (out / "SHA256SUMS").read_text()
+    assert "  tiny-GPTQ-4bit/config.json\n" in sums and "  tiny-Q8_0.gguf\n" in sums
+    rows = json.loads((out / "quantization.json").read_text())["rows"]
+    assert [r["file_type"] for r in rows] == ["F16", "Q8_0", "GPTQ 4-bit"] and rows[2]["mean_kl"] > 0
+    card = (out / "README.md").read_text()
+    assert "| tiny-GPTQ-4bit | GPTQ 4-bit |" in card and "from_pretrained('tiny-GPTQ-4bit/')" in card
+    v = run_cli("verify", str(out), "--json")
+    assert v.returncode == 0, v.stdout.decode() + v.stderr.decode()
+    (out / "tiny-GPTQ-4bit" / "extra.txt").write_text("x")
+    v = run_cli("verify", str(out))
+    assert v.returncode == 0 and "unlisted  tiny-GPTQ-4bit/extra.txt" in v.stdout.decode()  # reported, as sha256sum -c does not
+    (out / "tiny-GPTQ-4bit" / "config.json").write_text("{}")
+    v = run_cli("verify", str(out))
+    assert v.returncode == 1 and "tiny-GPTQ-4bit/config.json is changed" in v.stderr.decode()

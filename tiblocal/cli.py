@@ -304,6 +304,9 @@ def _release_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--notes", type=Path, default=None, help="Markdown for the model card's 'How it was made'")
+    p.add_argument("--gptq", type=int, choices=[4, 8], default=None, metavar="BITS",
+                   help="also a GPTQ model folder at 4 or 8 bits (tiblocal gptq, bundled Tibetan calibration)")
+    p.add_argument("--gptq-group-size", type=int, default=128, help="GPTQ group size (default 128)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", dest="as_json", action="store_true")
 
@@ -313,7 +316,8 @@ def _release(a: argparse.Namespace) -> int:
 
     return run_release(
         a.hf_dir, a.out, as_json=a.as_json, types=a.types.split(","), name=a.name, template=a.template,
-        eval_text=a.eval_text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads, notes=a.notes, force=a.force,
+        eval_text=a.eval_text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads, notes=a.notes,
+        gptq_bits=a.gptq, gptq_group_size=a.gptq_group_size, force=a.force,
     )
 
 

@@ -1,7 +1,8 @@
 """`tiblocal release`: the artifacts of one model, ready to publish.
 
 From a merged Hugging Face folder it writes, into one new folder (atomically: all of it or nothing):
-- ``NAME-f16.gguf`` and ``NAME-TYPE.gguf`` for each chosen llama.cpp quant type;
+- ``NAME-f16.gguf`` and ``NAME-TYPE.gguf`` for each chosen llama.cpp quant type; with ``gptq_bits``, the GPTQ
+  model folder ``NAME-GPTQ-{bits}bit/`` (tiblocal gptq) for GPU servers;
 - ``quantization.json`` / ``.md``: size, bits per weight, ΔPPL, mean KL, top-1 agreement and tokens/s of
   each file against the f16 one, on the given text (`tiblocal eval compare`'s measures);
 - an Ollama ``Modelfile`` for the first quant type, with the chat template in Ollama's syntax, its stop
@@ -104,17 +105,37 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
         out += ["Suggested sampling (in the GGUF as general.sampling.*, used by tiblocal and llama.cpp): "
                 + ", ".join(f"{k} {v if isinstance(v, int) else round(float(v), 6)}" for k, v in sampling.items()) + ".", ""]
     quant = next((f for f in files if f.endswith(".gguf") and "-f16" not in f), next(iter(files)))
-    out += ["## Run it", "", "```", f"tiblocal chat {quant}", "ollama create " + name.lower() + " -f Modelfile",
-            "tiblocal verify .   # checks SHA256SUMS", "```", ""]
+    run = [f"tiblocal chat {quant}", "ollama create " + name.lower() + " -f Modelfile", "tiblocal verify .   # checks SHA256SUMS"]
+    gptq = next((f for f in files if f.endswith("/")), None)
+    if gptq:
+        run.append(f"python -c \"import transformers; transformers.AutoModelForCausalLM.from_pretrained('{gptq}')\"  # GPTQ: needs gptqmodel and optimum")
+    out += ["## Run it", "", "```", *run, "```", ""]
     if notes:
         out += ["## How it was made", "", notes.strip(), ""]
     return "\n".join(out)
 
 
+def _gptq_row(f16: Path, gptq_dir: Path, bits: int, text: str, ctx: int, max_windows: int | None,
+              threads: int | None, say: Callable[[str], None]) -> dict:
+    """The GPTQ folder's row of the quality table: the f16 GGUF through llama.cpp against it through transformers."""
+    from tiblocal.quantize.evaluate import GGUFSource, HFSource, compare
+
+    say(f"measuring {gptq_dir.name}")
+    ref, q = GGUFSource(f16, ctx, threads, 0), HFSource(gptq_dir)
+    try:
+        c = compare(ref, q, text, ctx, max_windows=max_windows)
+    finally:
+        ref.close()
+    size = sum(p.stat().st_size for p in gptq_dir.glob("*.safetensors"))
+    return {"model": gptq_dir.name + "/", "file_type": f"GPTQ {bits}-bit", "size_bytes": size, "bits_per_weight": None,
+            "ppl": c.ppl_quant, "delta_ppl": c.delta_ppl, "delta_ppl_pct": c.delta_ppl_pct, "mean_kl": c.mean_kl,
+            "top1_agreement": c.top1_agreement, "tokens_per_s": None}
+
+
 def release(
     hf_dir: Path, out: Path, *, types: list[str], name: str | None = None, template: str = "alpaca",
     eval_text: list[Path] = (), ctx: int = 512, max_windows: int | None = None, threads: int | None = None,
-    notes: Path | None = None, force: bool = False,
+    notes: Path | None = None, gptq_bits: int | None = None, gptq_group_size: int = 128, force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ReleaseResult:
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
@@ -162,12 +183,23 @@ def release(
                                 progress=lambda m: say(f"measuring {Path(m).name}"))
             for r in rows:
                 r["model"] = Path(r["model"]).name
+        gptq_dir = None
+        if gptq_bits:
+            from tiblocal.quantize.gptq import gptq_quantize
+
+            gptq_dir = tmp / f"{name}-GPTQ-{gptq_bits}bit"
+            say(f"GPTQ {gptq_bits}-bit")
+            gptq_quantize(hf_dir, gptq_dir, bits=gptq_bits, group_size=gptq_group_size, progress=say)
+            if text is not None:
+                rows.append(_gptq_row(f16, gptq_dir, gptq_bits, text, ctx, max_windows, threads, say))
         meta = read_gguf(quants[0], with_tokens=False).metadata
         (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
         (tmp / "quantization.json").write_text(json.dumps({
             "text": [str(p) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "rows": rows,
         }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         files = {p.name: p.stat().st_size for p in [f16, *quants]}
+        if gptq_dir is not None:
+            files[gptq_dir.name + "/"] = sum(p.stat().st_size for p in gptq_dir.iterdir() if p.is_file())
         card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)

@@ -20,10 +20,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _files(folder: Path) -> list[str]:
+    """Every file below ``folder`` (sub-folders too, e.g. a release's GPTQ model), as relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+
+
 def write_sha256sums(folder: Path) -> None:
-    """``SHA256SUMS`` in sha256sum(1)'s format, over every file in ``folder``."""
-    lines = [f"{sha256_file(p)}  {p.name}" for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != "SHA256SUMS"]
-    (Path(folder) / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+    """``SHA256SUMS`` in sha256sum(1)'s format (``sha256sum -c`` checks it), over every file below ``folder``."""
+    folder = Path(folder)
+    lines = [f"{sha256_file(folder / name)}  {name}" for name in _files(folder)]
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
 def verify(folder: Path) -> dict[str, str]:
@@ -42,9 +48,9 @@ def verify(folder: Path) -> dict[str, str]:
         name = name.lstrip("*")
         path = folder / name
         status[name] = "missing" if not path.is_file() else ("ok" if sha256_file(path) == digest else "changed")
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name != "SHA256SUMS" and p.name not in status:
-            status[p.name] = "unlisted"
+    for name in _files(folder):
+        if name not in status:
+            status[name] = "unlisted"
     return status
 
 
