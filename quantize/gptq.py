@@ -115,24 +115,16 @@ def check_job(hf_dir: Path, device: str) -> tuple[int, int]:
     return total, layers
 
 
-def gptq_quantize(
-    hf_dir: Path, out: Path, *, bits: int, group_size: int = 128, calib: list[Path] = (), samples: int = 128,
-    seq_len: int = 512, desc_act: bool = False, lm_head: bool = False, device: str | None = None,
-    batch_size: int = 4, force: bool = False, progress: Callable[[str], None] | None = None,
-) -> GPTQResult:
-    import time
-
-    from tiblocal.fsutil import atomic_dir
-
-    hf_dir, out = Path(hf_dir), Path(out)
+def preflight(hf_dir: Path, *, bits: int, group_size: int = 128, calib: list[Path] = (), samples: int = 128,
+              seq_len: int = 512, device: str | None = None) -> tuple[str, list[Path], list[dict]]:
+    """Every check of a GPTQ job, before any long work: (device, calibration files, calibration windows)."""
+    hf_dir = Path(hf_dir)
     if bits not in (4, 8):
         raise TiblocalError(f"--bits {bits}: expected 4 or 8")
     if not (hf_dir / "config.json").is_file():
         raise InputFileError(f"{hf_dir}: no config.json; give a Hugging Face model folder (tiblocal merge's output)")
     if not list(hf_dir.glob("*.safetensors")) and not list(hf_dir.glob("*.bin")):
         raise InputFileError(f"{hf_dir}: no weights (*.safetensors or *.bin); give the merged model folder")
-    if out.exists() and not force:
-        raise TiblocalError(f"{out} already exists; pass --force to replace it")
     texts = [Path(p) for p in calib] or [default_calibration()]
     for t in texts:
         if not t.is_file():
@@ -151,9 +143,31 @@ def gptq_quantize(
         if group_size > 0 and width % group_size:
             raise TiblocalError(
                 f"{hf_dir}: {key} {width} is not a multiple of --group-size {group_size}; choose a group size that "
-                f"divides it (e.g. {next(g for g in (128, 64, 32, 16) if width % g == 0)}) or -1 for one group a row"
+                f"divides it (e.g. {next((g for g in (128, 64, 32, 16) if width % g == 0), -1)}) or -1 for one group a row"
             )
     windows = calibration_windows(hf_dir, texts, samples, seq_len)
+    import importlib.util
+
+    if importlib.util.find_spec("gptqmodel") is None:
+        raise TiblocalError("GPTQ needs gptqmodel (and optimum to load the result in transformers): "
+                            "pip install 'tiblocal[gptq]'")
+    return device, texts, windows
+
+
+def gptq_quantize(
+    hf_dir: Path, out: Path, *, bits: int, group_size: int = 128, calib: list[Path] = (), samples: int = 128,
+    seq_len: int = 512, desc_act: bool = False, lm_head: bool = False, device: str | None = None,
+    batch_size: int = 4, force: bool = False, progress: Callable[[str], None] | None = None,
+) -> GPTQResult:
+    import time
+
+    from tiblocal.fsutil import atomic_dir
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if out.exists() and not force:
+        raise TiblocalError(f"{out} already exists; pass --force to replace it")
+    device, texts, windows = preflight(hf_dir, bits=bits, group_size=group_size, calib=calib, samples=samples,
+                                       seq_len=seq_len, device=device)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 8)))
     try:
         from gptqmodel import GPTQModel, QuantizeConfig

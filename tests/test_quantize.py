@@ -56,6 +56,10 @@ def test_ppl_of_gguf_f32_equals_ppl_of_its_hf_model(tiny256) -> None:
     a, b = json.loads(p_gguf.stdout), json.loads(p_hf.stdout)
     assert a["tokens_scored"] == b["tokens_scored"] == 6 * 63
     assert abs(a["ppl"] - b["ppl"]) / b["ppl"] < 1e-4
+    # a window exactly as long as llama.cpp's context (256 is not padded further) fits: scoring needs no extra slot
+    p = run_cli("eval", "ppl", str(tiny256[1]), "--text", str(TEXT), "--ctx", "256", "--max-windows", "1", "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    assert json.loads(p.stdout)["tokens_scored"] == 127
 
 
 def test_compare_cli(tiny256, quants) -> None:

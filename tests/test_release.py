@@ -57,6 +57,10 @@ def test_release_bad_input(tiny_hf: Path, tmp_path: Path) -> None:
     assert (tmp_path / "d" / "keep.txt").read_text() == "mine"
     p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "e"), "--types", "Q8_0", "--notes", str(tmp_path / "none.md"))
     assert p.returncode == 1 and "no such notes file" in p.stderr.decode() and not (tmp_path / "e").exists()
+    # a GPTQ group size that cannot work is refused before the GGUFs are made
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "f"), "--types", "Q8_0", "--gptq", "4")
+    assert p.returncode == 1 and "hidden_size 64 is not a multiple of --group-size 128" in p.stderr.decode()
+    assert not (tmp_path / "f").exists() and not list(tmp_path.glob(".f.*"))
 
 
 def test_convert_writes_the_suggested_sampling_and_the_runtime_uses_it(tiny_hf: Path, tmp_path: Path) -> None:

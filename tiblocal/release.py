@@ -165,6 +165,10 @@ def release(
             raise InputFileError(f"{notes}: no such notes file (Markdown for the model card's 'How it was made')")
         notes_text = Path(notes).read_text(encoding="utf-8")
     text = read_text(list(eval_text)) if eval_text else None
+    if gptq_bits:  # its checks (group size, calibration, gptqmodel installed) before the long work
+        from tiblocal.quantize.gptq import preflight
+
+        preflight(hf_dir, bits=gptq_bits, group_size=gptq_group_size)
     name = name or hf_dir.resolve().name
     say = progress or (lambda m: None)
     with atomic_dir(out, replace=force) as tmp:
