@@ -133,6 +133,8 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
         raise TiblocalError(f"{source}: dtype {cfg.dtype!r}; expected float32 or bfloat16")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise TiblocalError(f"{source}: mixed_precision {cfg.mixed_precision!r}; expected no or bf16")
+    if not isinstance(cfg.generation, dict):
+        raise TiblocalError(f"{source}: generation must be a group of generation_config.json settings, e.g. {{do_sample: true, temperature: 0.8}}")
     if not isinstance(cfg.train_weights, dict):
         raise TiblocalError(f"{source}: train_weights must map files of train_files to weights, e.g. {{corpus.txt.xz: 0.5}}")
     for f, w in cfg.train_weights.items():

@@ -222,6 +222,8 @@ def test_train_weights_sample_and_repeat_files(tmp_path: Path) -> None:
         load_config("tiny-pretrain", [f"output_dir={tmp_path}", f"train_files=[{TEXT}]", "train_weights={other.txt: 0.5}"])
     with pytest.raises(TiblocalError, match=r"expected a number above 0"):
         load_config("tiny-pretrain", [f"output_dir={tmp_path}", f"train_files=[{TEXT}]", f"train_weights={{{TEXT}: 0}}"])
+    with pytest.raises(TiblocalError, match=r"generation must be a group of generation_config.json settings"):
+        load_config("tiny-pretrain", [f"output_dir={tmp_path}", "generation=0.8"])
     with pytest.raises(TiblocalError, match=r"mixed_precision 'fp8'; expected no or bf16"):
         load_config("tiny-pretrain", [f"output_dir={tmp_path}", "mixed_precision=fp8"])
 
@@ -245,3 +247,11 @@ def test_batches_grouped_by_length_pad_less_and_resume_the_same() -> None:
     again = BatchOrder(1000, 8, 7, lengths)  # a resumed run: the same batches from any step on
     assert [again.indices(s) for s in (200, 3, 130)] == [grouped.indices(s) for s in (200, 3, 130)]
     assert grouped.indices(125) != grouped.indices(0)  # a new epoch, a new order
+
+
+def test_generation_settings_reach_generation_config(tmp_path: Path) -> None:
+    out = tmp_path / "g"
+    p = _pretrain(out, "max_steps=1", "save_every=1", "eval_every=1", "generation={do_sample: true, temperature: 0.7, top_k: 30}")
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    gen = json.loads((out / "model" / "generation_config.json").read_text())
+    assert gen["do_sample"] is True and gen["temperature"] == 0.7 and gen["top_k"] == 30
