@@ -72,10 +72,11 @@ MAX_NEWS, MAX_CONTINUE = 4000, 3000  # train examples of each corpus task (dev: 
 
 
 def _lines(path: Path) -> list[str]:
+    from tiblocal.vocab import read_lines
+
     if not path.is_file():
         raise InputFileError(f"{path}: no such file; give --data the shared data folder (it has corpus/)")
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    return list(read_lines([path]))
 
 
 def news_examples(lines: list[str], limit: int) -> list[dict]:

@@ -10,6 +10,7 @@ transformers, on exactly the same ids and windows, so their figures compare.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -220,38 +221,48 @@ def decode_speed(path: Path, *, threads: int | None, n_gpu_layers: int, tokens: 
     return r.tokens_per_s
 
 
+def _file_facts(path: Path) -> dict:
+    """Type, size and bits per weight of a GGUF, or of a quantized Hugging Face folder (GPTQ)."""
+    from tiblocal.gguf_file import read_gguf
+
+    if path.is_dir():
+        qcfg = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
+        method, bits = str(qcfg.get("quant_method", "hf")).upper(), qcfg.get("bits")
+        return {"file_type": f"{method} {bits}-bit" if bits else method,
+                "size_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")), "bits_per_weight": None}
+    info = read_gguf(path, with_tokens=False)
+    return {"file_type": info.file_type, "size_bytes": info.size,
+            "bits_per_weight": round(8 * sum(t.n_bytes for t in info.tensors) / info.n_params, 3)}
+
+
 def quant_report(
     ref: Path, quants: list[Path], text: str, ctx: int, *, max_windows: int | None = None, threads: int | None = None,
     n_gpu_layers: int = 0, speed_tokens: int = 64, progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """One row per model (the reference first): size, bits per weight, file type, ΔPPL, KL, top-1, tokens/s."""
-    from tiblocal.gguf_file import read_gguf
-
+    """One row per model (the reference GGUF first): size, bits per weight, file type, ΔPPL, KL, top-1, tokens/s.
+    A quant may be a GGUF (llama.cpp) or a GPTQ folder (transformers; no bits per weight or tokens/s)."""
     rows = []
     ref_src = GGUFSource(ref, ctx, threads, n_gpu_layers)
     try:
         for path in [ref, *quants]:
+            path = Path(path)
             if progress:
                 progress(str(path))
-            info = read_gguf(path, with_tokens=False)
-            row = {
-                "model": str(path),
-                "file_type": info.file_type,
-                "size_bytes": info.size,
-                "bits_per_weight": round(8 * sum(t.n_bytes for t in info.tensors) / info.n_params, 3),
-            }
+            row = {"model": str(path), **_file_facts(path)}
             if path == ref:
                 r = perplexity(ref_src, text, ctx, max_windows=max_windows)
                 row.update(ppl=r.ppl, delta_ppl=0.0, delta_ppl_pct=0.0, mean_kl=0.0, top1_agreement=1.0)
             else:
-                q = GGUFSource(path, ctx, threads, n_gpu_layers)
+                q = open_source(path, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers)
                 try:
                     c = compare(ref_src, q, text, ctx, max_windows=max_windows)
                 finally:
                     q.close()
                 row.update(ppl=c.ppl_quant, delta_ppl=c.delta_ppl, delta_ppl_pct=c.delta_ppl_pct, mean_kl=c.mean_kl,
                            top1_agreement=c.top1_agreement)
-            row["tokens_per_s"] = decode_speed(path, threads=threads, n_gpu_layers=n_gpu_layers, tokens=speed_tokens)
+            row["tokens_per_s"] = (
+                None if path.is_dir() else decode_speed(path, threads=threads, n_gpu_layers=n_gpu_layers, tokens=speed_tokens)
+            )
             rows.append(row)
     finally:
         ref_src.close()

@@ -161,11 +161,10 @@ def gptq_quantize(
 ) -> GPTQResult:
     import time
 
-    from tiblocal.fsutil import atomic_dir
+    from tiblocal.fsutil import atomic_dir, check_output_path
 
     hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and not force:
-        raise TiblocalError(f"{out} already exists; pass --force to replace it")
+    check_output_path(out, force=force)
     device, texts, windows = preflight(hf_dir, bits=bits, group_size=group_size, calib=calib, samples=samples,
                                        seq_len=seq_len, device=device)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 8)))

@@ -192,15 +192,16 @@ def run_chat(
     template: str | None,
     system: str | None,
     engine_config: EngineConfig,
-    sampling: Sampling,
+    sampling: dict,
     console: Console | None = None,
 ) -> int:
+    """``sampling``: the settings given on the command line, over the model's suggested ones."""
     console = console or Console(highlight=False)
     path = resolve_model(model)
     with console.status(f"loading {path.name}"):
         engine = Engine(path, engine_config)
     try:
-        return _chat_loop(engine, path, template, system, sampling, console)
+        return _chat_loop(engine, path, template, system, Sampling.for_metadata(engine.info.metadata, **sampling), console)
     finally:
         engine.close()
 

@@ -60,16 +60,18 @@ def _engine_config(a: argparse.Namespace):
     return EngineConfig(threads=a.threads, ctx=a.ctx, n_gpu_layers=a.n_gpu_layers, verbose=a.verbose)
 
 
-def _sampling(a: argparse.Namespace):
-    """The command line's settings over the model's suggested ones (GGUF general.sampling.*) over ours."""
+def _sampling(a: argparse.Namespace) -> dict:
+    """The settings given on the command line (checked now); the runtime puts them over the model's suggested
+    ones (GGUF general.sampling.*), which are over ours."""
     from .engine import Sampling
 
     given = {
         "temperature": a.temp, "top_k": a.top_k, "top_p": a.top_p, "repeat_penalty": a.repeat_penalty,
-        "repeat_last_n": a.repeat_last_n,
+        "repeat_last_n": a.repeat_last_n, "max_tokens": a.max_tokens, "seed": a.seed,
     }
-    return Sampling.for_model(a.model, **{k: v for k, v in given.items() if v is not None},
-                              max_tokens=a.max_tokens, seed=a.seed)
+    given = {k: v for k, v in given.items() if v is not None}
+    Sampling(**given)  # an invalid value fails here, before the model loads
+    return given
 
 
 # --- verbs ---------------------------------------------------------------------------------------

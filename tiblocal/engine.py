@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
+from gguf import Keys
 
 from .errors import EngineError, PromptTooLongError, TiblocalError
 from .gguf_file import GGUFInfo, check_supported_architecture, read_gguf
@@ -90,30 +91,34 @@ class Sampling:
 
     # general.sampling.* keys of a GGUF (the model's suggested settings) -> fields
     GGUF_KEYS = {
-        "general.sampling.temp": "temperature",
-        "general.sampling.top_k": "top_k",
-        "general.sampling.top_p": "top_p",
-        "general.sampling.penalty_repeat": "repeat_penalty",
-        "general.sampling.penalty_last_n": "repeat_last_n",
+        Keys.General.SAMPLING_TEMP: "temperature",
+        Keys.General.SAMPLING_TOP_K: "top_k",
+        Keys.General.SAMPLING_TOP_P: "top_p",
+        Keys.General.SAMPLING_PENALTY_REPEAT: "repeat_penalty",
+        Keys.General.SAMPLING_PENALTY_LAST_N: "repeat_last_n",
     }
 
     @classmethod
-    def for_model(cls, model: Path | None, **given) -> Sampling:
-        """Settings for ``model`` (None: the bundled one): ``given`` over the GGUF's suggested settings over
-        the defaults. A model that cannot be read gives the defaults (loading it reports the problem)."""
-        from .gguf_file import read_gguf
-        from .models import resolve_model
-
+    def for_metadata(cls, meta: dict, **given) -> Sampling:
+        """``given`` over the suggested settings in a GGUF's metadata (general.sampling.*) over the defaults."""
         suggested = {}
-        try:
-            meta = read_gguf(resolve_model(model), with_tokens=False).metadata
-        except TiblocalError:
-            meta = {}
         for key, name in cls.GGUF_KEYS.items():
             if key in meta and isinstance(meta[key], (int, float)):
                 value = meta[key]  # stored as float32: 0.9 reads 0.8999999761
                 suggested[name] = int(value) if _FIELD_TYPES[name] is int else round(float(value), 6)
         return cls(**{**suggested, **given})
+
+    @classmethod
+    def for_model(cls, model: Path | None, **given) -> Sampling:
+        """Settings for ``model`` (None: the bundled one), reading its header; a model that cannot be read gives
+        the defaults (loading it reports the problem). An open Engine has the metadata: use for_metadata."""
+        from .models import resolve_model
+
+        try:
+            meta = read_gguf(resolve_model(model), with_tokens=False).metadata
+        except TiblocalError:
+            meta = {}
+        return cls.for_metadata(meta, **given)
 
     def with_value(self, name: str, value: str) -> Sampling:
         """A copy with one setting changed from text, as typed in `/set temp 0.3`."""
@@ -349,8 +354,7 @@ class Engine:
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits at every position of ``tokens`` (float32, shape (len, n_vocab)), from an empty cache."""
         lib = _llama_cpp
-        if len(tokens) > self.n_ctx:  # no room needed for a next token here, unlike generation
-            self.check_fits(len(tokens))
+        self.check_fits(len(tokens), room=0)  # scoring needs no slot for a next token
         self.reset()
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
         step = max(1, min(self.config.batch, self.n_ctx))
@@ -394,8 +398,9 @@ class Engine:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
 
-    def check_fits(self, n_prompt: int) -> None:
-        if n_prompt >= self.n_ctx:
+    def check_fits(self, n_prompt: int, *, room: int = 1) -> None:
+        """Refuse ``n_prompt`` tokens unless the context holds them and ``room`` more (the first generated token)."""
+        if n_prompt + room > self.n_ctx:
             raise PromptTooLongError(
                 f"the prompt has {n_prompt} tokens but the context holds {self.n_ctx}; "
                 f"shorten it or raise --ctx (the model was trained on {self.n_ctx_train})"

@@ -115,8 +115,9 @@ def run_generate(
     as_json: bool,
     force: bool,
     engine_config: EngineConfig,
-    sampling: Sampling,
+    sampling: dict,
 ) -> int:
+    """``sampling``: the settings given on the command line, over the model's suggested ones."""
     if (prompt is None) == (file is None):
         raise TiblocalError("give exactly one of --prompt TEXT or --file PROMPTS")
     items = [PromptItem(0, prompt, None, "--prompt")] if prompt is not None else read_prompts(Path(file))
@@ -127,7 +128,8 @@ def run_generate(
         tmpl, notice = resolve_chat_template(engine.chat_template, template)
         if notice:
             err.print(f"note: {notice}")
-        records = _run_all(engine, tmpl, items, sampling, system, err, show_progress=file is not None)
+        settings = Sampling.for_metadata(engine.info.metadata, **sampling)
+        records = _run_all(engine, tmpl, items, settings, system, err, show_progress=file is not None)
     failed = [r for r in records if "error" in r]
 
     if out is not None:

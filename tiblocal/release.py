@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .engine import Sampling
 from .errors import InputFileError, TiblocalError
 
 # Ollama's Go template for each built-in chat template (the same text the Jinja renders for one turn)
@@ -26,14 +27,8 @@ OLLAMA_TEMPLATES = {
     "human-assistant": "{{ if .System }}{{ .System }}\n{{ end }}Human: {{ .Prompt }}\n</s><s>Assistant: {{ .Response }}",
     "raw": "{{ if .System }}{{ .System }}{{ end }}{{ .Prompt }}{{ .Response }}",
 }
-# GGUF general.sampling.* -> Ollama PARAMETER names
-OLLAMA_PARAMETERS = {
-    "general.sampling.temp": "temperature",
-    "general.sampling.top_k": "top_k",
-    "general.sampling.top_p": "top_p",
-    "general.sampling.penalty_repeat": "repeat_penalty",
-    "general.sampling.penalty_last_n": "repeat_last_n",
-}
+# GGUF general.sampling.* -> Ollama PARAMETER names: Ollama names them as tiblocal's Sampling fields do
+OLLAMA_PARAMETERS = Sampling.GGUF_KEYS
 
 
 @dataclass(frozen=True)
@@ -115,23 +110,6 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
     return "\n".join(out)
 
 
-def _gptq_row(f16: Path, gptq_dir: Path, bits: int, text: str, ctx: int, max_windows: int | None,
-              threads: int | None, say: Callable[[str], None]) -> dict:
-    """The GPTQ folder's row of the quality table: the f16 GGUF through llama.cpp against it through transformers."""
-    from tiblocal.quantize.evaluate import GGUFSource, HFSource, compare
-
-    say(f"measuring {gptq_dir.name}")
-    ref, q = GGUFSource(f16, ctx, threads, 0), HFSource(gptq_dir)
-    try:
-        c = compare(ref, q, text, ctx, max_windows=max_windows)
-    finally:
-        ref.close()
-    size = sum(p.stat().st_size for p in gptq_dir.glob("*.safetensors"))
-    return {"model": gptq_dir.name + "/", "file_type": f"GPTQ {bits}-bit", "size_bytes": size, "bits_per_weight": None,
-            "ppl": c.ppl_quant, "delta_ppl": c.delta_ppl, "delta_ppl_pct": c.delta_ppl_pct, "mean_kl": c.mean_kl,
-            "top1_agreement": c.top1_agreement, "tokens_per_s": None}
-
-
 def release(
     hf_dir: Path, out: Path, *, types: list[str], name: str | None = None, template: str = "alpaca",
     eval_text: list[Path] = (), ctx: int = 512, max_windows: int | None = None, threads: int | None = None,
@@ -142,7 +120,7 @@ def release(
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
 
-    from .fsutil import atomic_dir
+    from .fsutil import atomic_dir, check_output_path
     from .gguf_file import read_gguf
     from .templates import get_template
     from .verify import write_sha256sums
@@ -157,8 +135,7 @@ def release(
     specs = [t.strip().partition(":") for t in types if t.strip()]
     names = parse_types(",".join(t for t, _, _ in specs))
     output_types = {n: (o.strip() or None) for n, (_, _, o) in zip(names, specs)}
-    if out.exists() and not force:
-        raise TiblocalError(f"{out} already exists; pass --force to replace it")
+    check_output_path(out, force=force)
     notes_text = None
     if notes is not None:
         if not Path(notes).is_file():
@@ -181,12 +158,6 @@ def release(
             say(f"quantizing to {t}")
             quantize_gguf(f16, path, [t], threads=threads, output_tensor_type=output_types[t])
             quants.append(path)
-        rows = []
-        if text is not None:
-            rows = quant_report(f16, quants, text, ctx, max_windows=max_windows, threads=threads,
-                                progress=lambda m: say(f"measuring {Path(m).name}"))
-            for r in rows:
-                r["model"] = Path(r["model"]).name
         gptq_dir = None
         if gptq_bits:
             from tiblocal.quantize.gptq import gptq_quantize
@@ -194,8 +165,14 @@ def release(
             gptq_dir = tmp / f"{name}-GPTQ-{gptq_bits}bit"
             say(f"GPTQ {gptq_bits}-bit")
             gptq_quantize(hf_dir, gptq_dir, bits=gptq_bits, group_size=gptq_group_size, progress=say)
-            if text is not None:
-                rows.append(_gptq_row(f16, gptq_dir, gptq_bits, text, ctx, max_windows, threads, say))
+        rows = []
+        if text is not None:
+            # the GPTQ folder runs through transformers, against the same f16 GGUF on the same ids and windows
+            measured = [*quants, gptq_dir] if gptq_dir is not None else quants
+            rows = quant_report(f16, measured, text, ctx, max_windows=max_windows, threads=threads,
+                                progress=lambda m: say(f"measuring {Path(m).name}"))
+            for r in rows:
+                r["model"] = Path(r["model"]).name + ("/" if Path(r["model"]).is_dir() else "")
         meta = read_gguf(quants[0], with_tokens=False).metadata
         (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
         (tmp / "quantization.json").write_text(json.dumps({
