@@ -5,13 +5,16 @@ alpha 128 / dropout 0.05 on q,k,v,o,gate,up,down, embed_tokens and lm_head train
 modules_to_save), sequences of 1024, AdamW. Every mode runs in this one process on the same model:
 - ``plain:B``: ``model(input_ids, labels=labels).loss`` (transformers computes full fp32 logits), torch's
   default AdamW; this is the loop the issue measured (9,213 tokens/s at batch 4 without checkpointing);
-- ``tiblocal:B``: the step `tiblocal pretrain` takes: finetune.loss.CausalLMWithLoss (the head and the
-  cross-entropy chunked, no full logits), fused AdamW;
-- ``tiblocal-compile:B``: the same with the decoder layers compiled (recipe key ``compile: true``).
+- ``loss:B``: peft's own LoRA forward with finetune.loss.CausalLMWithLoss (the head and the cross-entropy
+  chunked, no full logits) and fused AdamW;
+- ``tiblocal:B``: the step `tiblocal pretrain` takes: the same plus finetune.fused_lora (LoRA in bf16 from
+  fp32 masters, one autograd function per projection, the dropout mask kept as bool);
+- ``tiblocal-compile:B``: the same with the decoder layers compiled (recipe key ``compile: true``; put these
+  runs last, compiling is not undone).
 Tokens/s is the median over the timed steps; MFU counts the model FLOPs of a step (forward 2 N, backward
 2 N for activations + 2 N_trainable for weight gradients, causal attention) against the GPU's dense bf16 peak.
 
-    python benchmarks/bench_train_step.py --modes plain:4,tiblocal:4,tiblocal:8,tiblocal-compile:8 --out r.json
+    python benchmarks/bench_train_step.py --modes plain:4,loss:4,tiblocal:4,tiblocal:8,tiblocal-compile:8 --out r.json
 """
 
 from __future__ import annotations
@@ -59,10 +62,15 @@ def step_flops(model, tokens: int, args) -> float:
 
 
 def run_mode(model, mode: str, batch: int, args) -> dict:
+    from tiblocal.finetune.fused_lora import fuse_lora
     from tiblocal.finetune.loss import CausalLMWithLoss
     from tiblocal.finetune.train import compile_layers
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    for module in model.modules():  # undo fuse_lora of an earlier mode
+        module.__dict__.pop("forward", None)
+    if mode.startswith("tiblocal"):
+        fuse_lora(model)
     if mode == "plain":
         opt = torch.optim.AdamW(trainable, lr=1e-5)
         forward = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
@@ -90,6 +98,22 @@ def run_mode(model, mode: str, batch: int, args) -> dict:
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
             losses.append(loss.item())
+        if args.profile and DEVICE == "cuda":  # two more steps under the profiler: where the time goes
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    ids = torch.randint(0, args.vocab, (batch, args.seq), device=DEVICE, generator=g)
+                    forward(ids).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                sync()
+            try:
+                table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=70)
+            except (KeyError, AttributeError, ValueError):
+                table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70)
+            args.profile.mkdir(parents=True, exist_ok=True)
+            (args.profile / f"{mode}-{batch}.txt").write_text(table)
     except torch.OutOfMemoryError:
         return {"mode": mode, "batch": batch, "error": "out of memory"}
     finally:
@@ -112,7 +136,7 @@ def run_mode(model, mode: str, batch: int, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", default="plain:4,tiblocal:4,tiblocal:8,tiblocal-compile:8")
+    ap.add_argument("--modes", default="plain:4,loss:4,tiblocal:4,tiblocal:8,tiblocal-compile:8")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--ffn", type=int, default=11008)
     ap.add_argument("--layers", type=int, default=32)
@@ -122,6 +146,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--profile", type=Path, help="also write a torch.profiler kernel table per mode to this folder")
     args = ap.parse_args()
     t0 = time.perf_counter()
     model = build(args)
@@ -129,6 +154,8 @@ def main() -> None:
               "shape": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "heads", "vocab", "seq")}, "runs": []}
     for spec in args.modes.split(","):
         mode, _, batch = spec.partition(":")
+        if mode not in ("plain", "loss", "tiblocal", "tiblocal-compile") or not batch.isdigit():
+            ap.error(f"mode {spec!r}: expected plain|loss|tiblocal|tiblocal-compile:BATCH")
         r = run_mode(model, mode, int(batch), args)
         print(json.dumps(r), flush=True)
         result["runs"].append(r)

@@ -21,6 +21,7 @@ class LoraSettings:
     dropout: float = 0.05
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     modules_to_save: tuple[str, ...] = ("embed_tokens", "lm_head")
+    fused: bool = True  # tiblocal's LoRA function (finetune/fused_lora.py); false: peft's own forward
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class TrainConfig:
     template: str = "alpaca"  # sft: the chat template examples are rendered with
     block_size: int = 1024  # pretrain: packed block length; sft: longest example kept
     group_by_length: bool = True  # sft: batches of examples of similar length (less padding)
-    batch_size: int = 4
-    grad_accum: int = 1
+    batch_size: int = 4  # examples per optimizer step (per process)
+    grad_accum: int = 1  # micro-batches each step's examples are split into (micro-batch: batch_size / grad_accum)
     max_steps: int = 100
     lr: float = 2e-4
     embed_lr: float | None = None  # learning rate of embed_tokens / lm_head (default: lr)
@@ -127,6 +128,12 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
         elif key in values:
             values[key] = tuple(values[key] or ())
     cfg = TrainConfig(**values)
+    if not 1 <= cfg.grad_accum <= cfg.batch_size:
+        raise TiblocalError(
+            f"{source}: grad_accum {cfg.grad_accum} with batch_size {cfg.batch_size}; each step's batch_size examples are "
+            "split into grad_accum micro-batches, so grad_accum must be from 1 to batch_size (e.g. batch_size=32 grad_accum=8 "
+            "for micro-batches of 4)"
+        )
     if cfg.scheduler not in ("cosine", "constant"):
         raise TiblocalError(f"{source}: scheduler {cfg.scheduler!r}; expected cosine or constant")
     if cfg.dtype not in ("float32", "bfloat16"):

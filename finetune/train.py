@@ -66,7 +66,7 @@ def _load_tokenizer(cfg: TrainConfig):
     return sp, model_file, tokenizer_dir(cfg.tokenizer), n_base
 
 
-def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None):
+def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None, device=None):
     torch = _torch()
     import transformers
 
@@ -76,7 +76,8 @@ def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None):
         mc.setdefault("vocab_size", n_base if cfg.extended else sp.vocab_size())
         mc.setdefault("bos_token_id", sp.bos_id())
         mc.setdefault("eos_token_id", sp.eos_id())
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**mc)).to(dtype)
+        with torch.device(device or "cpu"):  # initialised where it trains (a 7B init on the CPU takes minutes)
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**mc)).to(dtype)
     else:
         if not Path(cfg.base_model, "config.json").is_file():
             raise InputFileError(f"{cfg.base_model}: no config.json; base_model must be a Hugging Face folder or 'scratch'")
@@ -104,6 +105,10 @@ def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None):
             modules_to_save=list(cfg.lora.modules_to_save) or None, task_type="CAUSAL_LM",
         )
         model = peft.get_peft_model(model, lc)
+        if cfg.lora.fused:
+            from .fused_lora import fuse_lora
+
+            fuse_lora(model)
     if cfg.compile:
         compile_layers(model)
     return model
@@ -281,7 +286,7 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
         )
     from .loss import CausalLMWithLoss
 
-    model = CausalLMWithLoss(_build_model(cfg, sp, model_file, n_base)).to(accel.device)
+    model = CausalLMWithLoss(_build_model(cfg, sp, model_file, n_base, accel.device)).to(accel.device)
     embed_names = ("embed_tokens", "lm_head")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
@@ -325,6 +330,9 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     lengths = [len(ids) for ids, _ in train_ex] if cfg.stage == "sft" and cfg.group_by_length else None
     order = BatchOrder(len(train_ex), global_batch, cfg.seed, lengths)
     for step in range(start, cfg.max_steps):
+        # the random draws of a step (LoRA dropout masks) are a function of (seed, step, process), on every device,
+        # so a resumed run draws what the uninterrupted run drew, under DDP and FSDP too
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 64 + accel.process_index)
         idx = order.indices(step)
         mine = idx[accel.process_index :: accel.num_processes] or idx[:1]
         micro = max(1, math.ceil(len(mine) / cfg.grad_accum))

@@ -53,6 +53,8 @@ def test_every_shipped_recipe_validates() -> None:
     assert set(seven.lora.targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert seven.lora.modules_to_save == ("embed_tokens", "lm_head")
     assert load_config("tibetan-alpaca-7b-sft").lr == 1e-4
+    # micro-batches of 4 blocks, compiled, tiblocal's LoRA function (the setup measured in the README)
+    assert (seven.batch_size // seven.grad_accum, seven.compile, seven.lora.fused) == (4, True, True)
 
 
 def test_unknown_keys_are_listed_and_overrides_apply(tmp_path: Path) -> None:
@@ -66,6 +68,21 @@ def test_unknown_keys_are_listed_and_overrides_apply(tmp_path: Path) -> None:
     assert (cfg.lora.r, cfg.max_steps, cfg.output_dir) == (4, 3, "elsewhere")
     with pytest.raises(TiblocalError, match="is a sft recipe; run it with `tiblocal sft`"):
         load_config("tiny-sft", stage="pretrain")
+    with pytest.raises(TiblocalError, match="grad_accum 8 with batch_size 4; .* must be from 1 to batch_size"):
+        load_config("tiny-sft", ["grad_accum=8"])
+    with pytest.raises(TiblocalError, match="grad_accum 0 with batch_size 4"):
+        load_config("tiny-sft", ["grad_accum=0"])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_lora_fused_setting_routes_the_projections(pretrained, fused: bool) -> None:
+    from tiblocal.finetune import train as T
+
+    cfg = load_config("tiny-sft", [f"base_model={pretrained / 'model'}", "output_dir=unused", f"lora.fused={str(fused).lower()}"])
+    sp, model_file, _, n_base = T._load_tokenizer(cfg)
+    model = T._build_model(cfg, sp, model_file, n_base)
+    routed = [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    assert len(routed) == (14 if fused else 0)  # 2 layers x 7 projections
 
 
 def test_pretraining_loss_falls_and_the_model_loads(pretrained) -> None:
