@@ -2,19 +2,31 @@
 
     python benchmarks/bench_quantize.py MODEL-f16.gguf --llama-quantize build/bin/llama-quantize --threads 16
 
-Both run as child processes, alternating, and each output's tensors are compared (same C code, so the
-files should hold the same bytes).
+Both run as child processes, alternating (A B B A, ``--rounds`` times), and each output's tensors are compared
+(same C code, so the files should hold the same bytes). ``--bare`` adds a third contender: the same C call through
+llama-cpp-python from a bare ``python -c`` (no tiblocal), which splits a gap into the bindings' share and tiblocal's.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from bench_convert_merge import emit, measure, same_tensors
+
+BARE = """
+import sys, llama_cpp as L
+inp, out, qtype, threads = sys.argv[1:]
+p = L.llama_model_quantize_default_params()
+p.ftype = getattr(L, "LLAMA_FTYPE_MOSTLY_" + qtype)
+p.nthread = int(threads)
+sys.exit(L.llama_model_quantize(inp.encode(), out.encode(), p))
+"""
 
 
 def main() -> int:
@@ -24,6 +36,8 @@ def main() -> int:
     ap.add_argument("--types", default="Q4_K_M,Q8_0")
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--repeats", type=int, default=2, help="1: one run each; 2: ABBA")
+    ap.add_argument("--rounds", type=int, default=1, help="ABBA rounds (with --repeats 2)")
+    ap.add_argument("--bare", action="store_true", help="also time a bare python -c call of llama_model_quantize")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: beside the model)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -31,22 +45,32 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(dir=args.work or args.model.parent))
     result: dict = {"model": str(args.model), "model_bytes": args.model.stat().st_size, "threads": args.threads}
     for qtype in args.types.split(","):
-        ref, ours = work / f"ref-{qtype}.gguf", work / f"ours-{qtype}.gguf"
-        runs = {"llama_quantize": [], "tiblocal": []}
+        ref, ours, bare = work / f"ref-{qtype}.gguf", work / f"ours-{qtype}.gguf", work / f"bare-{qtype}.gguf"
+        who_all = ["llama_quantize", "tiblocal"] + (["bare_python"] if args.bare else [])
+        runs = {w: [] for w in who_all}
+        outs = {"llama_quantize": ref, "tiblocal": ours, "bare_python": bare}
         cmds = {
             "llama_quantize": lambda out: [str(args.llama_quantize), str(args.model), str(out), qtype, str(args.threads)],
             "tiblocal": lambda out: [sys.executable, "-m", "tiblocal", "quantize", str(args.model), "--type", qtype,
                                      "--out", str(out), "--threads", str(args.threads), "--force"],
+            "bare_python": lambda out: [sys.executable, "-c", BARE, str(args.model), str(out), qtype, str(args.threads)],
         }
         # ABBA order, each run starting with no dirty pages from the one before (the outputs are GBs)
-        for who in ("llama_quantize", "tiblocal", "tiblocal", "llama_quantize")[: 4 if args.repeats > 1 else 2]:
+        order = who_all + who_all[::-1] if args.repeats > 1 else who_all
+        for who in itertools.chain.from_iterable([order] * (args.rounds if args.repeats > 1 else 1)):
             os.sync()
-            runs[who].append(measure(cmds[who](ref if who == "llama_quantize" else ours), cwd=work))
+            runs[who].append(measure(cmds[who](outs[who]), cwd=work))
         best = {who: min(r["seconds"] for r in rs) for who, rs in runs.items()}
-        result[qtype] = {**runs, "best_seconds": best, "ratio": round(best["tiblocal"] / best["llama_quantize"], 3),
+        median = {who: round(statistics.median(r["seconds"] for r in rs), 3) for who, rs in runs.items()}
+        result[qtype] = {**runs, "best_seconds": best, "median_seconds": median,
+                         "ratio": round(best["tiblocal"] / best["llama_quantize"], 3),
+                         "ratio_of_medians": round(median["tiblocal"] / median["llama_quantize"], 3),
                          "identical_tensors": same_tensors(ours, ref), "bytes": ours.stat().st_size}
-        ref.unlink()
-        ours.unlink()
+        if args.bare:
+            result[qtype]["bare_ratio"] = round(best["bare_python"] / best["llama_quantize"], 3)
+            result[qtype]["bare_identical_tensors"] = same_tensors(bare, ref)
+        for f in (ref, ours, bare):
+            f.unlink(missing_ok=True)
     work.rmdir()
     emit(result, args.json)
     return 0

@@ -146,6 +146,7 @@ class CompareResult:
     tokens_scored: int
     windows: int
     ctx: int
+    delta_ppl_pct_se: float = 0.0  # standard error of delta_ppl_pct, from the per-token log-ratios (as llama-perplexity)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -183,7 +184,7 @@ def compare(
         )
     ids = ref.tokenize(text)  # one tokenization, fed to both
     wins = list(windows(ids, ctx, ref.bos_id, max_windows))
-    nll_r = nll_q = kl_sum = 0.0
+    nll_r = nll_q = kl_sum = d2_sum = 0.0
     kl_max = 0.0
     same = count = 0
     for i, win in enumerate(wins):
@@ -193,6 +194,7 @@ def compare(
         idx = np.arange(len(targets))
         nll_r -= float(lr[idx, targets].sum())
         nll_q -= float(lq[idx, targets].sum())
+        d2_sum += float(((lr[idx, targets] - lq[idx, targets]).astype(np.float64) ** 2).sum())
         kl = (np.exp(lr) * (lr - lq)).sum(-1)  # KL(P_ref || P_quant) per position
         kl_sum += float(kl.sum())
         kl_max = max(kl_max, float(kl.max()))
@@ -201,9 +203,13 @@ def compare(
         if progress:
             progress(i + 1, len(wins))
     ppl_r, ppl_q = math.exp(nll_r / count), math.exp(nll_q / count)
+    # ln(PPL_q / PPL_r) is the mean of the per-token differences d; its standard error gives that of ΔPPL %
+    mean_d = (nll_q - nll_r) / count
+    var_d = max(d2_sum / count - mean_d**2, 0.0)
+    se_pct = 100 * math.exp(mean_d) * math.sqrt(var_d / max(count - 1, 1))
     return CompareResult(
         ref.name, quant.name, ppl_r, ppl_q, ppl_q - ppl_r, 100 * (ppl_q - ppl_r) / ppl_r, kl_sum / count, kl_max,
-        same / count, count, len(wins), ctx,
+        same / count, count, len(wins), ctx, se_pct,
     )
 
 
@@ -258,8 +264,8 @@ def quant_report(
                     c = compare(ref_src, q, text, ctx, max_windows=max_windows)
                 finally:
                     q.close()
-                row.update(ppl=c.ppl_quant, delta_ppl=c.delta_ppl, delta_ppl_pct=c.delta_ppl_pct, mean_kl=c.mean_kl,
-                           top1_agreement=c.top1_agreement)
+                row.update(ppl=c.ppl_quant, delta_ppl=c.delta_ppl, delta_ppl_pct=c.delta_ppl_pct,
+                           delta_ppl_pct_se=c.delta_ppl_pct_se, mean_kl=c.mean_kl, top1_agreement=c.top1_agreement)
             row["tokens_per_s"] = (
                 None if path.is_dir() else decode_speed(path, threads=threads, n_gpu_layers=n_gpu_layers, tokens=speed_tokens)
             )
@@ -283,6 +289,8 @@ def format_cell(key: str, fmt: str | None, row: dict) -> str:
         return f"{row[key] / 2**20:.1f}"
     if key == "model":
         return Path(row[key]).name
+    if key == "delta_ppl_pct" and row.get("delta_ppl_pct_se"):
+        return f"{row[key]:+.3f}% ± {row['delta_ppl_pct_se']:.3f}%"
     return fmt.format(row[key])
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import DATA, run_cli
 from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.gguf_file import read_gguf
-from tiblocal.quantize.evaluate import GGUFSource, compare, read_text, windows
+from tiblocal.quantize.evaluate import GGUFSource, LogitSource, compare, read_text, windows
 from tiblocal.quantize.gguf_quant import quantize_gguf
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
@@ -68,6 +68,46 @@ def test_compare_cli(tiny256, quants) -> None:
     r = json.loads(p.stdout)
     assert r["windows"] == 4 and 0.5 < r["top1_agreement"] <= 1 and r["mean_kl"] >= 0
     assert abs(r["delta_ppl_pct"]) < 5
+
+
+class _Fixed(LogitSource):
+    """Logits from a seeded table: position p of any window gets row p (plus noise for the 'quantized' one)."""
+
+    def __init__(self, name: str, noise: float) -> None:
+        import numpy as np
+
+        self.name, self.n_vocab, self.bos_id = name, 16, 1
+        rng = np.random.default_rng(0)
+        self.table = rng.normal(size=(32, 16)).astype(np.float32)
+        self.table += noise * rng.normal(size=(32, 16)).astype(np.float32)
+
+    def tokenize(self, text: str) -> list[int]:
+        return [i % 16 for i in range(len(text))]
+
+    def logits(self, ids):
+        return self.table[: len(ids)]
+
+
+def test_compare_gives_the_uncertainty_of_delta_ppl() -> None:
+    import math
+
+    import numpy as np
+
+    ref, quant = _Fixed("ref", 0.0), _Fixed("q", 0.3)
+    text = "x" * 200
+    r = compare(ref, quant, text, 32, max_windows=4)
+    # by hand: the per-token differences of log-probabilities over the same scored positions
+    d = []
+    for win in windows(ref.tokenize(text), 32, 1, 4):
+        lr = ref.table - np.log(np.exp(ref.table).sum(-1, keepdims=True))
+        lq = quant.table - np.log(np.exp(quant.table).sum(-1, keepdims=True))
+        for pos in range(16, 31):
+            d.append(lr[pos, win[pos + 1]] - lq[pos, win[pos + 1]])
+    d = np.asarray(d, dtype=np.float64)
+    assert r.tokens_scored == len(d)
+    assert r.delta_ppl_pct == pytest.approx(100 * (math.exp(d.mean()) - 1), rel=1e-4)
+    assert r.delta_ppl_pct_se == pytest.approx(100 * math.exp(d.mean()) * d.std(ddof=0) / math.sqrt(len(d) - 1), rel=1e-3)
+    assert compare(ref, ref, text, 32, max_windows=4).delta_ppl_pct_se == 0
 
 
 def test_windows_are_llama_perplexity_windows() -> None:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The 7B-scale CPU benchmarks of convert, merge and quantize, as run on the 16-core H100 host.
-# Usage: [SKIP=merge] [QTYPES=Q8_0] cpu_benchmarks.sh SDIST TOKENIZER OUTDIR [convert-reference]
+# Usage: [SKIP=merge] [QTYPES=Q8_0] [QARGS="--rounds 2 --bare"] [STAGE=prepare|quantize] cpu_benchmarks.sh SDIST TOKENIZER OUTDIR [convert-reference]
+#   STAGE splits the work into two calls on the same machine (each under the GPU tool's 10 minutes): prepare (builds,
+#   random checkpoint, convert and merge benchmarks), then quantize (the quantize benchmark on what prepare left in /tmp).
 #   SDIST: llama-cpp-python sdist (its vendor/llama.cpp gives llama-quantize and convert_hf_to_gguf.py)
 #   TOKENIZER: a 55,296-piece tokenizer.model (Chinese-LLaMA-2's); OUTDIR: where the JSON results go.
 # Needs tiblocal (and gguf, diskcache) importable; builds llama-quantize and a CPU llama-cpp-python while the
@@ -9,6 +11,13 @@ set -uo pipefail
 sdist=$(realpath "$1"); tok=$(realpath "$2"); out=$(realpath "$3"); mode=${4:-}
 here=$(cd "$(dirname "$0")/.." && pwd)
 src=/tmp/src; work=/tmp/bench; mkdir -p $src $work
+stage=${STAGE:-all}
+if [ "$stage" = quantize ]; then
+  lc=$(ls -d $src/llama_cpp_python-*)
+  python3 $here/bench_quantize.py $work/ours.gguf --llama-quantize $lc/vendor/llama.cpp/build/bin/llama-quantize \
+    --threads "$(nproc)" --types "${QTYPES:-Q4_K_M,Q8_0}" ${QARGS:-} --json $out/quantize.json
+  exit
+fi
 tar xzf "$sdist" -C $src && lc=$(ls -d $src/llama_cpp_python-*)
 ( cd $lc/vendor/llama.cpp && cmake -B build -DGGML_CUDA=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF > /tmp/lq.log 2>&1 \
@@ -29,5 +38,6 @@ mkdir -p /tmp/lc && cp -r $lc/vendor/llama.cpp/{convert_hf_to_gguf.py,conversion
 skip="--skip reference ${SKIP:-}"; [ "$mode" = convert-reference ] && skip="--skip ${SKIP:-}"
 python3 $here/bench_convert_merge.py --llama-cpp /tmp/lc --tokenizer "$tok" --work $work --keep $skip \
   --json $out/convert_merge.json
+[ "$stage" = prepare ] && { rm -rf $work/base; exit; }  # the f16 GGUF stays for STAGE=quantize
 python3 $here/bench_quantize.py $work/ours.gguf --llama-quantize $lc/vendor/llama.cpp/build/bin/llama-quantize \
-  --threads "$(nproc)" --types "${QTYPES:-Q4_K_M,Q8_0}" --json $out/quantize.json
+  --threads "$(nproc)" --types "${QTYPES:-Q4_K_M,Q8_0}" ${QARGS:-} --json $out/quantize.json
