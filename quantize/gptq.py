@@ -175,8 +175,9 @@ def gptq_quantize(
                             "pip install 'tiblocal[gptq]'") from None
     say = progress or (lambda m: None)
     t0 = time.perf_counter()
-    # gptqmodel reports on stdout; keep stdout for our own result (--json)
-    with atomic_dir(out, replace=force) as tmp, contextlib.redirect_stdout(sys.stderr):
+    # gptqmodel reports on stdout; keep stdout for our own result (--json); its per-module logs go to a scratch
+    # folder instead of ./logs in whatever folder the command was run from
+    with atomic_dir(out, replace=force) as tmp, contextlib.redirect_stdout(sys.stderr), _gptqmodel_logs_elsewhere():
         say(f"loading {hf_dir}")
         qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, lm_head=lm_head)
         model = GPTQModel.load(str(hf_dir), qcfg, device=device)
@@ -193,6 +194,27 @@ def gptq_quantize(
         }, indent=2) + "\n", encoding="utf-8")
         size = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix == ".safetensors")
     return GPTQResult(out, bits, group_size, samples, seq_len, time.perf_counter() - t0, size)
+
+
+@contextlib.contextmanager
+def _gptqmodel_logs_elsewhere():
+    import tempfile
+
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:  # another layout: leave it be
+        yield
+        return
+    if not hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+        yield
+        return
+    old = loop_processor._PROJECT_LOG_DIR
+    with tempfile.TemporaryDirectory(prefix="tiblocal-gptq-logs-") as d:
+        loop_processor._PROJECT_LOG_DIR = Path(d)
+        try:
+            yield
+        finally:
+            loop_processor._PROJECT_LOG_DIR = old
 
 
 def run_gptq(hf_dir: Path, out: Path, *, as_json: bool, **kw) -> int:

@@ -164,7 +164,7 @@ def merged(tmp_path_factory, tiny_hf, adapters):
 
 
 
-def run_cli(*args: str, input: bytes | None = None, timeout: float = 120, env: dict | None = None):
+def run_cli(*args: str, input: bytes | None = None, timeout: float = 120, env: dict | None = None, cwd=None):
     """Run ``python -m tiblocal ARGS`` as a user would; returns the CompletedProcess."""
     import subprocess
 
@@ -177,4 +177,5 @@ def run_cli(*args: str, input: bytes | None = None, timeout: float = 120, env: d
         capture_output=True,
         timeout=timeout,
         env=full_env,
+        cwd=cwd,
     )

@@ -46,10 +46,12 @@ def test_gptq_4_and_8_bit_on_the_cpu_load_in_transformers(small_hf: Path, tmp_pa
     from safetensors import safe_open
 
     outs = {}
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     for bits in (4, 8):
         out = tmp_path / f"q{bits}"
         p = run_cli("gptq", str(small_hf), "--bits", str(bits), "--out", str(out), "--samples", "8", "--seq-len", "128",
-                    "--device", "cpu", "--json", timeout=600, env={"GPTQMODEL_CPU_WORKERS": "2"})
+                    "--device", "cpu", "--json", timeout=600, env={"GPTQMODEL_CPU_WORKERS": "2"}, cwd=cwd)
         assert p.returncode == 0, p.stderr.decode()[-3000:]
         outs[bits] = out
         summary = json.loads(p.stdout.decode().strip().splitlines()[-1])
@@ -64,6 +66,7 @@ def test_gptq_4_and_8_bit_on_the_cpu_load_in_transformers(small_hf: Path, tmp_pa
         assert "model.layers.0.self_attn.q_proj.qweight" in keys
         assert keys.get("lm_head.weight") in ("F16", "BF16", "F32")  # lm_head stays unquantized
     assert not list(tmp_path.glob(".q*"))  # no temporary folders left
+    assert not list(cwd.iterdir())  # nothing written where the command ran (gptqmodel's own logs/ folder)
     ids = torch.tensor([[1, 31890, 34000, 40000, 29871, 35000, 50000, 32500] * 4])
     ref, q4, q8 = _logits(small_hf, ids), _logits(outs[4], ids), _logits(outs[8], ids)
     err4, err8 = (q4 - ref).abs().mean().item(), (q8 - ref).abs().mean().item()
