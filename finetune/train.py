@@ -309,8 +309,7 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     start = 0
     if resume:
         state = torch.load(out / CHECKPOINT / "state.pt", map_location="cpu", weights_only=False)
-        accel.unwrap_model(model).inner.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["optimizer"])
+        _load_training_state(accel, model, opt, state, out)
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["py_rng"])
@@ -407,17 +406,54 @@ def _tensorboard(out: Path | None):
     return SummaryWriter(str(out / "tensorboard")) if out is not None else None
 
 
+def _sharded(accel) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accel.distributed_type == DistributedType.FSDP
+
+
+def _optimizer_state(accel, model, opt) -> dict:
+    """The optimizer's whole state: under FSDP gathered from every shard (keyed by parameter name; every process
+    takes part, the main one gets it), else the optimizer's own state dict."""
+    if not _sharded(accel):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_training_state(accel, model, opt, state: dict, out: Path) -> None:
+    """Put a checkpoint's trained parameters and optimizer state back, sharding them again under FSDP."""
+    fmt = "fsdp" if _sharded(accel) else "plain"
+    if state.get("format", "plain") != fmt:
+        raise TiblocalError(
+            f"{out / CHECKPOINT} was written {'under FSDP' if fmt == 'plain' else 'without FSDP'}; resume it the way it "
+            "was started (the same accelerate config), or choose another output_dir"
+        )
+    if fmt == "plain":
+        accel.unwrap_model(model).inner.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)  # every process holds the whole checkpoint
+    set_model_state_dict(model, {f"inner.{k}": v for k, v in state["model"].items()}, options=options)
+    set_optimizer_state_dict(model, opt.optimizer, state["optimizer"], options=options)
+
+
 def _save_checkpoint(accel, model, opt, sched, step: int, out: Path) -> None:
     torch = _torch()
     accel.wait_for_everyone()
     full = _full_state(accel, model)
+    optimizer = _optimizer_state(accel, model, opt)  # collective under FSDP
     if not accel.is_main_process:
         return
     inner = accel.unwrap_model(model).inner
     trainable = {n for n, p in inner.named_parameters() if p.requires_grad}
     state = {
         "model": {k: v.detach().cpu() for k, v in full.items() if k in trainable},
-        "optimizer": opt.state_dict(),
+        "optimizer": optimizer,
+        "format": "fsdp" if _sharded(accel) else "plain",
         "scheduler": sched.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "py_rng": random.getstate(),

@@ -74,6 +74,15 @@ def test_unknown_keys_are_listed_and_overrides_apply(tmp_path: Path) -> None:
         load_config("tiny-sft", ["grad_accum=0"])
 
 
+def test_a_checkpoint_resumes_only_the_way_it_was_written(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    from tiblocal.finetune.train import _load_training_state
+
+    with pytest.raises(TiblocalError, match="was written under FSDP; resume it the way it was started"):
+        _load_training_state(Accelerator(cpu=True), None, None, {"format": "fsdp"}, tmp_path)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_lora_fused_setting_routes_the_projections(pretrained, fused: bool) -> None:
     from tiblocal.finetune import train as T
