@@ -90,6 +90,23 @@ def test_fused_model_equals_peft_without_dropout(dtype):
             assert cos > 0.99, (n, cos)
 
 
+def test_fused_model_under_autocast_matches_peft():
+    """fp32 weights with bf16 autocast (recipe key mixed_precision: bf16): the function computes in bf16 too."""
+    model = _tiny_peft(torch.float32, 0.0)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _loss_and_grads(model, ids)
+    fuse_lora(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=0.02, atol=0.02)
+    for n in grads:
+        assert grads[n].dtype == torch.float32, n
+        cos = torch.nn.functional.cosine_similarity(grads[n].flatten(), ref_grads[n].flatten(), dim=0)
+        assert cos > 0.99, (n, cos)
+
+
 def test_fused_model_draws_the_same_dropout_as_peft_on_the_cpu():
     """On the CPU both take one Bernoulli draw of the input's shape per projection, in the same order: with the
     same seed the losses are equal, dropout included (on CUDA the kernels differ, the distribution does not)."""
