@@ -30,12 +30,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+from .loss import compute_dtype
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -83,7 +78,7 @@ class _LoraLinear(torch.autograd.Function):
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, p: float = 0.0, mask: torch.Tensor | None = None):
     """The fused LoRA linear as a function; ``mask`` (bool, x's shape flattened to 2-D) fixes the dropout."""
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scale), float(p), mask, _compute_dtype(x))
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scale), float(p), mask, compute_dtype(x))
 
 
 def _eligible_call(layer, x, args, kwargs) -> str | None:

@@ -19,7 +19,8 @@ IGNORE = -100
 CHUNK_BYTES = 1 << 30  # fp32 logits of one chunk
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls of ``t`` run in: autocast's when it is on, else ``t``'s own."""
     device = t.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -73,7 +74,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     labels = labels.reshape(-1)
     n_valid = max(int((labels != IGNORE).sum()), 1)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, n_valid, _compute_dtype(hidden), need_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, n_valid, compute_dtype(hidden), need_grad)
 
 
 def _head_weight(head: torch.nn.Module) -> torch.Tensor:
