@@ -40,6 +40,7 @@ class TrainConfig:
     group_by_length: bool = True  # sft: batches of examples of similar length (less padding)
     batch_size: int = 4  # examples per optimizer step (per process)
     grad_accum: int = 1  # micro-batches each step's examples are split into (micro-batch: batch_size / grad_accum)
+    micro_tokens: int | None = None  # sft: micro-batches of at most this many padded tokens instead of grad_accum parts
     max_steps: int = 100
     lr: float = 2e-4
     embed_lr: float | None = None  # learning rate of embed_tokens / lm_head (default: lr)
@@ -134,6 +135,16 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
             "split into grad_accum micro-batches, so grad_accum must be from 1 to batch_size (e.g. batch_size=32 grad_accum=8 "
             "for micro-batches of 4)"
         )
+    if cfg.micro_tokens is not None:
+        if cfg.stage != "sft":
+            raise TiblocalError(f"{source}: micro_tokens is for sft recipes (examples of many lengths); pretraining blocks "
+                                "are all block_size long, split them with grad_accum")
+        if cfg.grad_accum != 1:
+            raise TiblocalError(f"{source}: micro_tokens and grad_accum {cfg.grad_accum} both split the step; set one "
+                                "(e.g. grad_accum=1)")
+        if not isinstance(cfg.micro_tokens, int) or isinstance(cfg.micro_tokens, bool) or cfg.micro_tokens < cfg.block_size:
+            raise TiblocalError(f"{source}: micro_tokens {cfg.micro_tokens!r}; expected a whole number of tokens of at "
+                                f"least block_size ({cfg.block_size}), so the longest example fits")
     if cfg.scheduler not in ("cosine", "constant"):
         raise TiblocalError(f"{source}: scheduler {cfg.scheduler!r}; expected cosine or constant")
     if cfg.dtype not in ("float32", "bfloat16"):

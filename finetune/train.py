@@ -224,6 +224,35 @@ class BatchOrder:
         return self._batches[k]
 
 
+def token_chunks(idx: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of ``idx`` whose padded size (examples x the longest) stays within ``budget`` tokens (a
+    longer example goes alone)."""
+    chunks: list[list[int]] = []
+    longest = 0
+    for i in idx:
+        if chunks and (len(chunks[-1]) + 1) * max(longest, lengths[i]) <= budget:
+            chunks[-1].append(i)
+            longest = max(longest, lengths[i])
+        else:
+            chunks.append([i])
+            longest = lengths[i]
+    return chunks
+
+
+def _micro_batches(cfg: TrainConfig, idx: list[int], examples, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches of one step. ``grad_accum`` equal parts of its share; with ``micro_tokens``
+    (SFT) runs of the step's examples of at most that many padded tokens a process, cut the same way on every
+    process (so under FSDP all take part in the same number of passes), each process taking its share of each."""
+    if cfg.micro_tokens is None:
+        mine = idx[rank::world] or idx[:1]
+        micro = max(1, math.ceil(len(mine) / cfg.grad_accum))
+        return [mine[m : m + micro] for m in range(0, len(mine), micro)]
+    lengths = {i: len(examples[i][0]) for i in idx}
+    ordered = sorted(idx, key=lambda i: -lengths[i])
+    chunks = token_chunks(ordered, lengths, cfg.micro_tokens * world)
+    return [c[rank::world] or c[:1] for c in chunks]
+
+
 def _collate(examples, idx: list[int], pad_id: int):
     """A batch of examples ``idx``: packed blocks need no mask (every position is text); SFT examples are
     right-padded with a mask and -100 labels."""
@@ -333,25 +362,23 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
         # so a resumed run draws what the uninterrupted run drew, under DDP and FSDP too
         torch.manual_seed((cfg.seed * 1_000_003 + step) * 64 + accel.process_index)
         idx = order.indices(step)
-        mine = idx[accel.process_index :: accel.num_processes] or idx[:1]
-        micro = max(1, math.ceil(len(mine) / cfg.grad_accum))
-        starts = list(range(0, len(mine), micro))
+        parts = _micro_batches(cfg, idx, train_ex, accel.process_index, accel.num_processes)
+        n_mine = sum(len(part) for part in parts)
         losses = []
-        for m in starts:
-            chunk = mine[m : m + micro]
+        for i, chunk in enumerate(parts):
             batch = {k: v.to(accel.device, non_blocking=True) for k, v in _collate(train_ex, chunk, pad).items()}
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             # gradients are synchronised across processes on the last micro-batch only
-            sync = contextlib.nullcontext() if m == starts[-1] else accel.no_sync(model)
+            sync = contextlib.nullcontext() if i == len(parts) - 1 else accel.no_sync(model)
             with sync:
                 with accel.autocast():
                     loss = model(**batch)
-                accel.backward(loss * (len(chunk) / len(mine)))
-            losses.append(loss.detach())
+                accel.backward(loss * (len(chunk) / n_mine))
+            losses.append(loss.detach() * (len(chunk) / n_mine))
         opt.step()
         sched.step()
         opt.zero_grad()
-        loss_value = float(torch.stack(losses).mean())
+        loss_value = float(torch.stack(losses).sum())
         done = step + 1
         if progress:
             progress(done, cfg.max_steps, loss_value)

@@ -72,6 +72,42 @@ def test_unknown_keys_are_listed_and_overrides_apply(tmp_path: Path) -> None:
         load_config("tiny-sft", ["grad_accum=8"])
     with pytest.raises(TiblocalError, match="grad_accum 0 with batch_size 4"):
         load_config("tiny-sft", ["grad_accum=0"])
+    with pytest.raises(TiblocalError, match="micro_tokens is for sft recipes"):
+        load_config("tiny-pretrain", ["micro_tokens=256"])
+    with pytest.raises(TiblocalError, match="micro_tokens and grad_accum 2 both split the step"):
+        load_config("tiny-sft", ["micro_tokens=512", "grad_accum=2"])
+    with pytest.raises(TiblocalError, match=r"micro_tokens 100; expected a whole number of tokens of at least block_size \(256\)"):
+        load_config("tiny-sft", ["micro_tokens=100"])
+    assert load_config("tibetan-alpaca-7b-sft").micro_tokens == 4096
+
+
+def test_sft_in_micro_batches_of_tokens(tmp_path: Path, pretrained) -> None:
+    out = tmp_path / "sft"
+    p = run_cli("sft", "tiny-sft", f"output_dir={out}", f"base_model={pretrained / 'model'}", "micro_tokens=256",
+                "--json", timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    m = _metrics(out)
+    assert m[-1]["loss"] < m[0]["loss"] and (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_token_chunks_keep_every_example_once_within_the_budget() -> None:
+    from tiblocal.finetune.train import _micro_batches, token_chunks
+
+    lengths = {0: 900, 1: 500, 2: 300, 3: 120, 4: 100, 5: 90, 6: 60, 7: 50}
+    chunks = token_chunks(list(lengths), lengths, 1024)
+    assert chunks == [[0], [1, 2], [3, 4, 5, 6, 7]]  # 2 x 500 and 5 x 120 fit; 900 goes alone
+    assert all(len(c) * max(lengths[i] for i in c) <= 1024 for c in chunks)
+    assert token_chunks([0], {0: 5000}, 1024) == [[0]]  # longer than the budget: alone
+    cfg = load_config("tiny-sft", ["micro_tokens=512"])
+    examples = {i: ([1] * n, [1] * n) for i, n in lengths.items()}
+    # two processes: the same number of passes, each taking its share of every run (budget 512 a process)
+    p0 = _micro_batches(cfg, [7, 0, 3, 1, 5, 2, 4, 6], examples, 0, 2)
+    p1 = _micro_batches(cfg, [7, 0, 3, 1, 5, 2, 4, 6], examples, 1, 2)
+    assert len(p0) == len(p1) == 3
+    assert sorted(i for part in p0 + p1 for i in part) == [0, 0, 1, 2, 3, 4, 5, 6, 7]  # 0 alone: both take it
+    # without micro_tokens: grad_accum equal parts of this process's share, as before
+    cfg = load_config("tiny-sft", ["grad_accum=2"])
+    assert _micro_batches(cfg, [0, 1, 2, 3], examples, 0, 1) == [[0, 1], [2, 3]]
 
 
 def test_a_checkpoint_resumes_only_the_way_it_was_written(tmp_path: Path) -> None:
