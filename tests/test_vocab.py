@@ -120,6 +120,27 @@ def test_parity_on_the_small_extension(small_ext, tmp_path: Path) -> None:
     assert counts == {k: 0 for k in counts}, report[:3]
 
 
+def test_pieces_that_span_spaces_keep_parity_and_the_base(tmp_path: Path, tiny_tokenizer, small_ext) -> None:
+    """--no-split-whitespace: pieces such as "ན།▁།" (the shad, space, shad of verse) are added; every runtime still
+    gives the same ids, lines without Tibetan are untouched, base ids are kept, and Tibetan takes fewer tokens."""
+    out = tmp_path / "spans"
+    extend_vocabulary(tiny_tokenizer, [TIBETAN], out, ExtendConfig(add=300, sample_chars=10_000_000, split_by_whitespace=False))
+    base, ext = _proto(tiny_tokenizer), _proto(out / "tokenizer.model")
+    assert [(p.piece, p.score) for p in base.pieces] == [(p.piece, p.score) for p in ext.pieces[: len(base.pieces)]]
+    spans = [p.piece for p in ext.pieces[len(base.pieces):] if "\u2581" in p.piece[1:]]
+    assert "།\u2581།" in spans
+    assert json.loads((out / "report.json").read_text())["split_by_whitespace"] is False
+    sp, sp_base = load_sentencepiece(out / "tokenizer.model"), load_sentencepiece(tiny_tokenizer)
+    for line in NON_TIBETAN + ENGLISH.read_text(encoding="utf-8").splitlines():
+        assert sp.encode(line) == sp_base.encode(line), line
+    lines = TIBETAN.read_text(encoding="utf-8").splitlines() + MIXED + NON_TIBETAN
+    assert all(sp.decode(sp.encode(line)) == line for line in lines)
+    counts, report = parity(sp, lines, _runtimes(out, tmp_path))
+    assert counts == {k: 0 for k in counts} and "huggingface" in counts, report[:3]
+    tib = TIBETAN.read_text(encoding="utf-8")
+    assert len(sp.encode(tib)) < len(load_sentencepiece(small_ext / "tokenizer.model").encode(tib))
+
+
 def test_llama2_extension_parity_on_dev_text_and_llama_cpp_vectors(llama2_ext, tmp_path: Path) -> None:
     sp = load_sentencepiece(llama2_ext / "tokenizer.model")
     lines = _dev_lines() + _llama_cpp_test_vectors() + MIXED + NON_TIBETAN

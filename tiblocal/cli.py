@@ -255,6 +255,8 @@ def _vocab_args(p: argparse.ArgumentParser) -> None:
                      help="sample a corpus file more or less, e.g. derge_kangyur=0.3 (repeatable)")
     ext.add_argument("--eval", type=Path, nargs="+", default=None, help="held-out text for the report (default: unsampled corpus lines)")
     ext.add_argument("--curve", default=None, metavar="N,N,...", help="also measure these sizes (bpe), e.g. 8000,16000,24000,32000")
+    ext.add_argument("--no-split-whitespace", dest="split_by_whitespace", action="store_false",
+                     help="let pieces span spaces (the '། །' of verse): about 3%% fewer tokens on Tibetan text")
     ext.add_argument("--force", action="store_true")
     ext.add_argument("--json", dest="as_json", action="store_true")
     stats = sub.add_parser("stats", help="tokens per Tibetan syllable, characters per token, byte fallback")
@@ -273,6 +275,7 @@ def _vocab(a: argparse.Namespace) -> int:
         return run_extend(
             a.base, a.corpus, a.out, add=a.add, model_type=a.model_type, sample_chars=a.sample_chars,
             weights=a.weight, eval_files=a.eval, force=a.force, as_json=a.as_json, curve=a.curve,
+            split_by_whitespace=a.split_by_whitespace,
         )
     from .vocab_cli import run_parity, run_stats
 
