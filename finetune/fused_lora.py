@@ -19,8 +19,8 @@ projection, scaled by 1 / (1 - p)); with the same mask the results equal peft's 
 gradients). The parameters stay peft's own, so saving, loading and merging adapters are unchanged.
 
 ``fuse_lora(model)`` switches every eligible peft LoRA linear of a model to this path; anything it does
-not cover (several active adapters, DoRA and other variants, merged or disabled adapters, a trained bias,
-``adapter_names`` in the call) goes through peft's own forward.
+not cover (several active adapters, DoRA and other variants, a LoRA bias, merged or disabled adapters, a trained
+bias, ``adapter_names`` in the call) goes through peft's own forward.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def _eligible_call(layer, x, args, kwargs) -> str | None:
         return None
     name = active[0]
     if name in getattr(layer, "lora_variant", {}) or getattr(layer, "fan_in_fan_out", False):
+        return None
+    if layer.lora_A[name].bias is not None or layer.lora_B[name].bias is not None:  # peft's lora_bias
         return None
     base = layer.get_base_layer()
     if type(base) is not torch.nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):

@@ -123,6 +123,28 @@ def test_fused_model_draws_the_same_dropout_as_peft_on_the_cpu():
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
+def test_variants_it_does_not_cover_go_through_peft():
+    from tiblocal.finetune.fused_lora import _eligible_call
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(5))
+    for extra in ({"use_dora": True}, {"lora_bias": True}):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **extra))
+        with torch.no_grad():
+            for n, prm in model.named_parameters():
+                if "lora_B" in n:
+                    prm.normal_(0, 0.1)
+        model.train()
+        ref = model(input_ids=ids).logits
+        fuse_lora(model)
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert _eligible_call(layer, ids, (), {}) is None, extra
+        torch.testing.assert_close(model(input_ids=ids).logits, ref)
+
+
 def test_fused_model_with_dropout_trains_and_falls_back_where_it_must():
     model = _tiny_peft(torch.float32, 0.05)
     fuse_lora(model)
