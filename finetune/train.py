@@ -224,9 +224,9 @@ class BatchOrder:
         return self._batches[k]
 
 
-def token_chunks(idx: list[int], lengths: list[int], budget: int) -> list[list[int]]:
-    """Consecutive runs of ``idx`` whose padded size (examples x the longest) stays within ``budget`` tokens (a
-    longer example goes alone)."""
+def token_chunks(idx: list[int], lengths, budget: int) -> list[list[int]]:
+    """Consecutive runs of ``idx`` whose padded size (examples x the longest, ``lengths[i]`` the length of example i)
+    stays within ``budget`` tokens (a longer example goes alone)."""
     chunks: list[list[int]] = []
     longest = 0
     for i in idx:
@@ -366,8 +366,9 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
         n_mine = sum(len(part) for part in parts)
         losses = []
         for i, chunk in enumerate(parts):
-            batch = {k: v.to(accel.device, non_blocking=True) for k, v in _collate(train_ex, chunk, pad).items()}
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            cpu = _collate(train_ex, chunk, pad)  # counted here, before the copy: no wait on the GPU
+            tokens += int(cpu["attention_mask"].sum()) if "attention_mask" in cpu else cpu["input_ids"].numel()
+            batch = {k: v.to(accel.device, non_blocking=True) for k, v in cpu.items()}
             # gradients are synchronised across processes on the last micro-batch only
             sync = contextlib.nullcontext() if i == len(parts) - 1 else accel.no_sync(model)
             with sync:

@@ -192,9 +192,10 @@ def compare(
         lr = _log_softmax(ref.logits(win)[rows])
         lq = _log_softmax(quant.logits(win)[rows])
         idx = np.arange(len(targets))
-        nll_r -= float(lr[idx, targets].sum())
-        nll_q -= float(lq[idx, targets].sum())
-        d2_sum += float(((lr[idx, targets] - lq[idx, targets]).astype(np.float64) ** 2).sum())
+        pr, pq = lr[idx, targets], lq[idx, targets]  # log-probabilities of the next tokens
+        nll_r -= float(pr.sum())
+        nll_q -= float(pq.sum())
+        d2_sum += float(((pr - pq).astype(np.float64) ** 2).sum())
         kl = (np.exp(lr) * (lr - lq)).sum(-1)  # KL(P_ref || P_quant) per position
         kl_sum += float(kl.sum())
         kl_max = max(kl_max, float(kl.max()))
