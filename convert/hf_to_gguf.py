@@ -10,7 +10,6 @@ with the model, and the output appears under its final name only when it is comp
 from __future__ import annotations
 
 import json
-
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass

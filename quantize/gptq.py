@@ -27,6 +27,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 # machine has, are refused on the CPU.
 CPU_SECONDS_PER_MPARAM = 32.0
 CPU_MAX_HOURS = 4.0
+NEEDS_GPTQMODEL = "GPTQ needs gptqmodel (and optimum to load the result in transformers): pip install 'tiblocal[gptq]'"
 
 
 def default_calibration() -> Path:
@@ -149,8 +150,7 @@ def preflight(hf_dir: Path, *, bits: int, group_size: int = 128, calib: list[Pat
     import importlib.util
 
     if importlib.util.find_spec("gptqmodel") is None:
-        raise TiblocalError("GPTQ needs gptqmodel (and optimum to load the result in transformers): "
-                            "pip install 'tiblocal[gptq]'")
+        raise TiblocalError(NEEDS_GPTQMODEL)
     return device, texts, windows
 
 
@@ -171,8 +171,7 @@ def gptq_quantize(
     try:
         from gptqmodel import GPTQModel, QuantizeConfig
     except ImportError:
-        raise TiblocalError("GPTQ needs gptqmodel (and optimum to load the result in transformers): "
-                            "pip install 'tiblocal[gptq]'") from None
+        raise TiblocalError(NEEDS_GPTQMODEL) from None
     say = progress or (lambda m: None)
     t0 = time.perf_counter()
     # gptqmodel reports on stdout; keep stdout for our own result (--json); its per-module logs go to a scratch
