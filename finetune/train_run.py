@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -25,7 +26,10 @@ def run_train(stage: str, config: str, overrides: list[str], *, as_json: bool) -
         def report(done: int, total: int, loss: float) -> None:
             progress.update(task, completed=done, loss=f"loss {loss:.4f}")
 
-        r = train(cfg, progress=report)
+        # stdout is the command's own (--json); libraries that print there (gptqmodel's banner, imported by peft
+        # when it is installed) go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            r = train(cfg, progress=report)
     summary = {"output_dir": str(r.output_dir), "steps": r.steps, "resumed_from": r.resumed_from,
                "train_loss": r.train_loss, "eval_loss": r.eval_loss}
     if not main:

@@ -86,6 +86,7 @@ def test_sft_in_micro_batches_of_tokens(tmp_path: Path, pretrained) -> None:
     p = run_cli("sft", "tiny-sft", f"output_dir={out}", f"base_model={pretrained / 'model'}", "micro_tokens=256",
                 "--json", timeout=300)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert json.loads(p.stdout)["steps"] == 6  # stdout holds the JSON summary alone
     m = _metrics(out)
     assert m[-1]["loss"] < m[0]["loss"] and (out / "adapter" / "adapter_config.json").is_file()
 
