@@ -5,14 +5,20 @@
 Both run as child processes, alternating (A B B A, ``--rounds`` times), and each output's tensors are compared
 (same C code, so the files should hold the same bytes). ``--bare`` adds a third contender: the same C call through
 llama-cpp-python from a bare ``python -c`` (no tiblocal), which splits a gap into the bindings' share and tiblocal's.
+``--lib-dir DIR`` (the bindings' ``llama_cpp/lib``) crosses the two: the binary run against the bindings' shared
+libraries (``LD_LIBRARY_PATH``) and, with ``--bare``, the bare call run against the binary's own libraries
+(``LLAMA_CPP_LIB_PATH``), which splits the bindings' share into their build of llama.cpp and the Python process.
+The JSON is rewritten after every run, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,42 +44,73 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="1: one run each; 2: ABBA")
     ap.add_argument("--rounds", type=int, default=1, help="ABBA rounds (with --repeats 2)")
     ap.add_argument("--bare", action="store_true", help="also time a bare python -c call of llama_model_quantize")
+    ap.add_argument("--lib-dir", type=Path, help="also time the binary against this folder's libllama/libggml")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: beside the model)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.model = args.model.resolve()
     work = Path(tempfile.mkdtemp(dir=args.work or args.model.parent))
     result: dict = {"model": str(args.model), "model_bytes": args.model.stat().st_size, "threads": args.threads}
+    lib_env = {"LD_LIBRARY_PATH": str(args.lib_dir.resolve())} if args.lib_dir else None
+    if lib_env:  # which libraries the binary loads each way, so the comparison is known to be the one intended
+        for key, env in (("ldd_own", None), ("ldd_lib_dir", lib_env)):
+            out = subprocess.run(["ldd", str(args.llama_quantize)], env={**os.environ, **(env or {})},
+                                 capture_output=True, text=True).stdout
+            result[key] = [ln.strip() for ln in out.splitlines() if "llama" in ln or "ggml" in ln]
     for qtype in args.types.split(","):
         ref, ours, bare = work / f"ref-{qtype}.gguf", work / f"ours-{qtype}.gguf", work / f"bare-{qtype}.gguf"
-        who_all = ["llama_quantize", "tiblocal"] + (["bare_python"] if args.bare else [])
+        libs, bare_bin = work / f"libs-{qtype}.gguf", work / f"bare-bin-{qtype}.gguf"
+        who_all = (["llama_quantize", "tiblocal"] + (["bare_python"] if args.bare else [])
+                   + (["llama_quantize_lib_dir"] if lib_env else [])
+                   + (["bare_python_binary_libs"] if lib_env and args.bare else []))
         runs = {w: [] for w in who_all}
-        outs = {"llama_quantize": ref, "tiblocal": ours, "bare_python": bare}
+        result[qtype] = runs
+        outs = {"llama_quantize": ref, "tiblocal": ours, "bare_python": bare, "llama_quantize_lib_dir": libs,
+                "bare_python_binary_libs": bare_bin}
         cmds = {
             "llama_quantize": lambda out: [str(args.llama_quantize), str(args.model), str(out), qtype, str(args.threads)],
             "tiblocal": lambda out: [sys.executable, "-m", "tiblocal", "quantize", str(args.model), "--type", qtype,
                                      "--out", str(out), "--threads", str(args.threads), "--force"],
             "bare_python": lambda out: [sys.executable, "-c", BARE, str(args.model), str(out), qtype, str(args.threads)],
+            "llama_quantize_lib_dir": lambda out: [str(args.llama_quantize), str(args.model), str(out), qtype,
+                                                   str(args.threads)],
+            "bare_python_binary_libs": lambda out: [sys.executable, "-c", BARE, str(args.model), str(out), qtype,
+                                                    str(args.threads)],
         }
-        # ABBA order, each run starting with no dirty pages from the one before (the outputs are GBs)
+        envs = {"llama_quantize_lib_dir": lib_env,
+                "bare_python_binary_libs": {"LLAMA_CPP_LIB_PATH": str(args.llama_quantize.resolve().parent)}}
+        # ABBA order, each run writing a new file (its previous output is deleted first, outside the timing: a
+        # truncate or unlink of GBs is not quantization) and starting with no dirty pages from the one before
         order = who_all + who_all[::-1] if args.repeats > 1 else who_all
         for who in itertools.chain.from_iterable([order] * (args.rounds if args.repeats > 1 else 1)):
+            outs[who].unlink(missing_ok=True)
             os.sync()
-            runs[who].append(measure(cmds[who](outs[who]), cwd=work))
+            runs[who].append(measure(cmds[who](outs[who]), env=envs.get(who), cwd=work))
+            if args.json:
+                emit_quietly(result, args.json)
         best = {who: min(r["seconds"] for r in rs) for who, rs in runs.items()}
         median = {who: round(statistics.median(r["seconds"] for r in rs), 3) for who, rs in runs.items()}
         result[qtype] = {**runs, "best_seconds": best, "median_seconds": median,
                          "ratio": round(best["tiblocal"] / best["llama_quantize"], 3),
                          "ratio_of_medians": round(median["tiblocal"] / median["llama_quantize"], 3),
                          "identical_tensors": same_tensors(ours, ref), "bytes": ours.stat().st_size}
-        if args.bare:
-            result[qtype]["bare_ratio"] = round(best["bare_python"] / best["llama_quantize"], 3)
-            result[qtype]["bare_identical_tensors"] = same_tensors(bare, ref)
-        for f in (ref, ours, bare):
+        for who, out in (("bare_python", bare), ("llama_quantize_lib_dir", libs), ("bare_python_binary_libs", bare_bin)):
+            if who in runs:
+                result[qtype][f"{who}_ratio"] = round(best[who] / best["llama_quantize"], 3)
+                result[qtype][f"{who}_ratio_of_medians"] = round(median[who] / median["llama_quantize"], 3)
+                result[qtype][f"{who}_identical_tensors"] = same_tensors(out, ref)
+        for f in (ref, ours, bare, libs, bare_bin):
             f.unlink(missing_ok=True)
     work.rmdir()
     emit(result, args.json)
     return 0
+
+
+def emit_quietly(result: dict, path: Path) -> None:
+    """Write the results so far (the whole file is replaced, never left half-written)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ llama-server and Ollama do.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-
-import jinja2
-import jinja2.sandbox
 
 from .errors import TiblocalError
 
@@ -165,8 +163,14 @@ def _raise(message: str) -> None:
     raise TiblocalError(f"chat template error: {message}")
 
 
-_ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-_ENV.globals["raise_exception"] = _raise
+@functools.cache
+def _jinja_env():
+    """The sandboxed environment, made on first use: commands that render no template skip importing jinja2."""
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    return env
 
 
 def render_jinja(
@@ -178,8 +182,10 @@ def render_jinja(
     eos_token: str = "</s>",
 ) -> str:
     """Render any chat template (built-in or read from a GGUF) the way Hugging Face does."""
+    import jinja2
+
     try:
-        template = _ENV.from_string(jinja_text)
+        template = _jinja_env().from_string(jinja_text)
         return template.render(
             messages=[dict(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
