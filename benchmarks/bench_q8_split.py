@@ -96,12 +96,15 @@ def main() -> int:
     ref = open_source(f16, ctx=a.ctx, threads=a.threads)
     rows = []
     for label, path in (("f32 (control)", f32), ("Q8_0 weights, f32 activations", r32), ("Q8_0", q8)):
-        r = compare(ref, open_source(path, ctx=a.ctx, threads=a.threads), text, a.ctx, max_windows=a.max_windows)
+        quant = open_source(path, ctx=a.ctx, threads=a.threads)
+        r = compare(ref, quant, text, a.ctx, max_windows=a.max_windows)
+        quant.close()
         row = {"file": label, "delta_ppl_pct": round(r.delta_ppl_pct, 4), "se_pct": round(r.delta_ppl_pct_se, 4),
                "mean_kl": round(r.mean_kl, 6), "top1": round(r.top1_agreement, 4), "ppl_ref": round(r.ppl_ref, 3),
                "ppl": round(r.ppl_quant, 3), "tokens": r.tokens_scored}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
+    ref.close()
     result = {"model": str(a.hf_dir), "text": [str(t) for t in a.text], "ctx": a.ctx, "windows": a.max_windows,
               "rows": rows}
     print(json.dumps(result, indent=2))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from bench_convert_merge import emit, measure, same_tensors
 
+from tiblocal.fsutil import atomic_write_text
+
 BARE = """
 import sys, llama_cpp as L
 inp, out, qtype, threads = sys.argv[1:]
@@ -72,11 +74,9 @@ def main() -> int:
             "tiblocal": lambda out: [sys.executable, "-m", "tiblocal", "quantize", str(args.model), "--type", qtype,
                                      "--out", str(out), "--threads", str(args.threads), "--force"],
             "bare_python": lambda out: [sys.executable, "-c", BARE, str(args.model), str(out), qtype, str(args.threads)],
-            "llama_quantize_lib_dir": lambda out: [str(args.llama_quantize), str(args.model), str(out), qtype,
-                                                   str(args.threads)],
-            "bare_python_binary_libs": lambda out: [sys.executable, "-c", BARE, str(args.model), str(out), qtype,
-                                                    str(args.threads)],
         }
+        # the crossed contenders run the same commands against the other side's libraries
+        cmds["llama_quantize_lib_dir"], cmds["bare_python_binary_libs"] = cmds["llama_quantize"], cmds["bare_python"]
         envs = {"llama_quantize_lib_dir": lib_env,
                 "bare_python_binary_libs": {"LLAMA_CPP_LIB_PATH": str(args.llama_quantize.resolve().parent)}}
         # ABBA order, each run writing a new file (its previous output is deleted first, outside the timing: a
@@ -86,8 +86,9 @@ def main() -> int:
             outs[who].unlink(missing_ok=True)
             os.sync()
             runs[who].append(measure(cmds[who](outs[who]), env=envs.get(who), cwd=work))
-            if args.json:
-                emit_quietly(result, args.json)
+            if args.json:  # the results so far, replacing the file whole
+                with atomic_write_text(args.json) as f:
+                    json.dump(result, f, indent=2)
         best = {who: min(r["seconds"] for r in rs) for who, rs in runs.items()}
         median = {who: round(statistics.median(r["seconds"] for r in rs), 3) for who, rs in runs.items()}
         result[qtype] = {**runs, "best_seconds": best, "median_seconds": median,
@@ -104,13 +105,6 @@ def main() -> int:
     work.rmdir()
     emit(result, args.json)
     return 0
-
-
-def emit_quietly(result: dict, path: Path) -> None:
-    """Write the results so far (the whole file is replaced, never left half-written)."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
