@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -35,6 +36,26 @@ p.ftype = getattr(L, "LLAMA_FTYPE_MOSTLY_" + qtype)
 p.nthread = int(threads)
 sys.exit(L.llama_model_quantize(inp.encode(), out.encode(), p))
 """
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median: the order statistics a binomial(n, 1/2) count puts it between."""
+    xs, n = sorted(values), len(values)
+    k = 0  # the largest k with P(Binomial(n, 1/2) < k) <= (1 - level) / 2; the interval is [x_(k), x_(n-k+1)]
+    while sum(math.comb(n, i) for i in range(k + 1)) / 2**n <= (1 - level) / 2:
+        k += 1
+    if k == 0:  # too few runs for this level: the whole range
+        return xs[0], xs[-1]
+    return xs[k - 1], xs[n - k]
+
+
+def paired(runs: dict[str, list[dict]], who: str, prefix: str) -> dict:
+    """The i-th run of ``who`` over the i-th run of the binary (neighbours in the ABBA order, so slow spells of the
+    machine hit both): the median of those ratios and its 95% interval, beside the best and median ratios."""
+    ratios = [a["seconds"] / b["seconds"] for a, b in zip(runs[who], runs["llama_quantize"])]
+    lo, hi = median_ci(ratios)
+    return {f"{prefix}paired_ratio_median": round(statistics.median(ratios), 3),
+            f"{prefix}paired_ratio_ci95": [round(lo, 3), round(hi, 3)], f"{prefix}pairs": len(ratios)}
 
 
 def main() -> int:
@@ -94,12 +115,14 @@ def main() -> int:
         result[qtype] = {**runs, "best_seconds": best, "median_seconds": median,
                          "ratio": round(best["tiblocal"] / best["llama_quantize"], 3),
                          "ratio_of_medians": round(median["tiblocal"] / median["llama_quantize"], 3),
-                         "identical_tensors": same_tensors(ours, ref), "bytes": ours.stat().st_size}
+                         "identical_tensors": same_tensors(ours, ref), "bytes": ours.stat().st_size,
+                         **paired(runs, "tiblocal", "")}
         for who, out in (("bare_python", bare), ("llama_quantize_lib_dir", libs), ("bare_python_binary_libs", bare_bin)):
             if who in runs:
                 result[qtype][f"{who}_ratio"] = round(best[who] / best["llama_quantize"], 3)
                 result[qtype][f"{who}_ratio_of_medians"] = round(median[who] / median["llama_quantize"], 3)
                 result[qtype][f"{who}_identical_tensors"] = same_tensors(out, ref)
+                result[qtype].update(paired(runs, who, f"{who}_"))
         for f in (ref, ours, bare, libs, bare_bin):
             f.unlink(missing_ok=True)
     work.rmdir()

@@ -115,6 +115,24 @@ def test_truncated_gguf(tiny_gguf, tmp_path: Path) -> None:
     assert "truncated" in line
 
 
+def test_header_cut_inside_the_vocabulary(tiny_gguf, tmp_path: Path) -> None:
+    """A file cut anywhere inside the token list is reported truncated, whether the tokens are kept or skipped."""
+    from tiblocal.errors import ModelFormatError
+    from tiblocal.gguf_file import read_gguf
+
+    data = tiny_gguf.read_bytes()
+    full = read_gguf(tiny_gguf)
+    assert read_gguf(tiny_gguf, with_tokens=False).tokens == [""] * len(full.tokens)
+    start = data.index(b"tokenizer.ggml.tokens")
+    end = data.index(full.tokens[-1].encode(), start) + len(full.tokens[-1].encode())
+    cut = tmp_path / "cut.gguf"
+    for at in (start + 40, (start + end) // 2, end - 1):
+        cut.write_bytes(data[:at])
+        for keep in (True, False):
+            with pytest.raises(ModelFormatError, match="is truncated: its header ends early"):
+                read_gguf(cut, with_tokens=keep)
+
+
 def test_unsupported_architecture(tmp_path: Path) -> None:
     path = tmp_path / "gpt2.gguf"
     w = gguf.GGUFWriter(path, "gpt2")
