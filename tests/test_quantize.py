@@ -173,3 +173,28 @@ def test_report_table_json_and_markdown(tmp_path: Path, tiny256, quants) -> None
     assert md.count("\n|") == 5 and "| Q4_K_M |" in md  # header, separator, three rows
     p = run_cli("eval", "report", str(tiny256[1]), "--text", str(TEXT))
     assert p.returncode == 1 and "at least one quantization" in p.stderr.decode()
+
+
+def test_atomic_output_is_created_by_the_writer(tmp_path: Path) -> None:
+    """The temporary name does not exist until the writer makes it (no empty file for llama.cpp to truncate, which
+    ext4 flushes to disk on close); a failed block leaves nothing; the result has the umask's permissions."""
+    import os
+
+    from tiblocal.fsutil import atomic_path
+
+    out = tmp_path / "m.gguf"
+    with pytest.raises(RuntimeError):
+        with atomic_path(out) as tmp:
+            assert tmp.parent == tmp_path and not tmp.exists()
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert list(tmp_path.iterdir()) == []
+    old = os.umask(0o027)
+    try:
+        with atomic_path(out) as tmp:
+            assert not tmp.exists()
+            tmp.write_bytes(b"whole")
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [out]
+    assert out.stat().st_mode & 0o777 == 0o640
