@@ -57,3 +57,12 @@ sys.exit(L.llama_model_quantize(inp.encode(), out.encode(), p))
     assert q["pairs"] == q["bare_python_pairs"] == 4
     lo, hi = q["paired_ratio_ci95"]
     assert lo <= q["paired_ratio_median"] <= hi
+
+
+def test_atomic_write_bench_runs_both_ways_and_cleans_up(tmp_path):
+    out = tmp_path / "w.json"
+    subprocess.run([sys.executable, str(BENCH / "bench_atomic_write.py"), "--dir", str(tmp_path), "--gb", "0.02",
+                    "--rounds", "1", "--json", str(out)], check=True, capture_output=True)
+    r = json.loads(out.read_text())
+    assert len(r["precreated"]) == len(r["writer"]) == 2 and r["bytes"] == 16 << 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]  # outputs and temporary names removed
