@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from bench_convert_merge import emit
 
 from tiblocal.fsutil import atomic_path
 
@@ -96,10 +97,7 @@ def main() -> int:
               "median_seconds": {h: statistics.median(r["seconds"] for r in rs) for h, rs in runs.items()}}
     if args.hf_dir is None:
         result["median_close_s"] = {h: statistics.median(r["close_s"] for r in rs) for h, rs in runs.items()}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(result, args.json)
     return 0
 
 

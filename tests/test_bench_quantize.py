@@ -38,14 +38,10 @@ def test_paired_ratios():
 def test_whole_run_against_a_stand_in_binary(tiny_gguf, tmp_path):
     """llama-quantize's command line served by the bindings: same bytes, so the run reports identical tensors."""
     pytest.importorskip("llama_cpp")
-    fake = tmp_path / "llama-quantize"
-    fake.write_text(f"#!{sys.executable}\n" + """import sys, llama_cpp as L
-inp, out, qtype, threads = sys.argv[1:]
-p = L.llama_model_quantize_default_params()
-p.ftype = getattr(L, "LLAMA_FTYPE_MOSTLY_" + qtype)
-p.nthread = int(threads)
-sys.exit(L.llama_model_quantize(inp.encode(), out.encode(), p))
-""")
+    from bench_quantize import BARE
+
+    fake = tmp_path / "llama-quantize"  # the bare contender's script takes llama-quantize's arguments
+    fake.write_text(f"#!{sys.executable}\n" + BARE)
     fake.chmod(0o755)
     res = tmp_path / "q.json"
     subprocess.run([sys.executable, str(BENCH / "bench_quantize.py"), str(tiny_gguf), "--llama-quantize", str(fake),
