@@ -8,13 +8,16 @@ llama-cpp-python from a bare ``python -c`` (no tiblocal), which splits a gap int
 ``--lib-dir DIR`` (the bindings' ``llama_cpp/lib``) crosses the two: the binary run against the bindings' shared
 libraries (``LD_LIBRARY_PATH``) and, with ``--bare``, the bare call run against the binary's own libraries
 (``LLAMA_CPP_LIB_PATH``), which splits the bindings' share into their build of llama.cpp and the Python process.
-The JSON is rewritten after every run, so a run cut short still leaves what it measured.
+The JSON is rewritten after every run, so a run cut short still leaves what it measured; ``--budget SECONDS`` ends
+the runs before a round that would not fit (judged by the slowest round so far) and still writes the summary.
+``--pool JSON...`` summarises runs from several such files (each file's runs paired within it), cut short or not:
+
+    python benchmarks/bench_quantize.py --pool q1.json q2.json q3.json
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -22,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench_convert_merge import emit, measure, same_tensors
@@ -58,19 +62,64 @@ def paired(runs: dict[str, list[dict]], who: str, prefix: str) -> dict:
             f"{prefix}paired_ratio_ci95": [round(lo, 3), round(hi, 3)], f"{prefix}pairs": len(ratios)}
 
 
+def pool(files: list[Path]) -> dict:
+    """Runs of several result files, each file's runs paired within it, summarised together for each type."""
+    pooled: dict[str, dict[str, list]] = {}
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{f}: not a bench_quantize.py result ({e}); give the files its --json wrote")
+        types = {k: v for k, v in data.items() if isinstance(v, dict) and "llama_quantize" in v}
+        if not types:
+            raise SystemExit(f"{f}: no runs in it (no type with llama_quantize runs); give the files its --json wrote")
+        for qtype, runs in types.items():
+            acc = pooled.setdefault(qtype, {"ratios": [], "ours": [], "ref": [], "files": []})
+            ours, ref = runs.get("tiblocal", []), runs["llama_quantize"]
+            n = min(len(ours), len(ref))  # a run cut short leaves one run without its neighbour
+            acc["ratios"] += [a["seconds"] / b["seconds"] for a, b in zip(ours[:n], ref[:n])]
+            acc["ours"] += [r["seconds"] for r in ours[:n]]
+            acc["ref"] += [r["seconds"] for r in ref[:n]]
+            acc["files"].append(str(f))
+    result = {}
+    for qtype, acc in pooled.items():
+        if not acc["ratios"]:
+            raise SystemExit(f"{qtype}: no pair of runs in {', '.join(acc['files'])}")
+        lo, hi = median_ci(acc["ratios"])
+        m_ours, m_ref = statistics.median(acc["ours"]), statistics.median(acc["ref"])
+        result[qtype] = {
+            "files": acc["files"], "pairs": len(acc["ratios"]),
+            "paired_ratio_median": round(statistics.median(acc["ratios"]), 3), "paired_ratio_ci95": [round(lo, 3), round(hi, 3)],
+            "median_seconds": {"tiblocal": round(m_ours, 3), "llama_quantize": round(m_ref, 3)},
+            "ratio_of_medians": round(m_ours / m_ref, 3),
+            "best_seconds": {"tiblocal": min(acc["ours"]), "llama_quantize": min(acc["ref"])},
+            "ratio": round(min(acc["ours"]) / min(acc["ref"]), 3),
+            "median_difference_s": round(statistics.median(a - b for a, b in zip(acc["ours"], acc["ref"])), 3),
+        }
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", type=Path, help="an f16 GGUF")
-    ap.add_argument("--llama-quantize", type=Path, required=True)
+    ap.add_argument("model", type=Path, nargs="?", help="an f16 GGUF")
+    ap.add_argument("--pool", type=Path, nargs="+", metavar="JSON", help="summarise these result files instead")
+    ap.add_argument("--llama-quantize", type=Path)
     ap.add_argument("--types", default="Q4_K_M,Q8_0")
-    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--threads", type=int)
     ap.add_argument("--repeats", type=int, default=2, help="1: one run each; 2: ABBA")
     ap.add_argument("--rounds", type=int, default=1, help="ABBA rounds (with --repeats 2)")
     ap.add_argument("--bare", action="store_true", help="also time a bare python -c call of llama_model_quantize")
     ap.add_argument("--lib-dir", type=Path, help="also time the binary against this folder's libllama/libggml")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: beside the model)")
+    ap.add_argument("--budget", type=float, help="seconds: start no round that would end after this")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.pool:
+        emit(pool(args.pool), args.json)
+        return 0
+    if args.model is None or args.llama_quantize is None or args.threads is None:
+        ap.error("MODEL, --llama-quantize and --threads are needed (or --pool JSON...)")
+    started = time.monotonic()
     args.model = args.model.resolve()
     work = Path(tempfile.mkdtemp(dir=args.work or args.model.parent))
     result: dict = {"model": str(args.model), "model_bytes": args.model.stat().st_size, "threads": args.threads}
@@ -103,13 +152,20 @@ def main() -> int:
         # ABBA order, each run writing a new file (its previous output is deleted first, outside the timing: a
         # truncate or unlink of GBs is not quantization) and starting with no dirty pages from the one before
         order = who_all + who_all[::-1] if args.repeats > 1 else who_all
-        for who in itertools.chain.from_iterable([order] * (args.rounds if args.repeats > 1 else 1)):
-            outs[who].unlink(missing_ok=True)
-            os.sync()
-            runs[who].append(measure(cmds[who](outs[who]), env=envs.get(who), cwd=work))
-            if args.json:  # the results so far, replacing the file whole
-                with atomic_write_text(args.json) as f:
-                    json.dump(result, f, indent=2)
+        slowest = 0.0
+        for i in range(args.rounds if args.repeats > 1 else 1):
+            if i and args.budget is not None and time.monotonic() - started + slowest > args.budget:
+                print(f"{qtype}: {i} rounds; another would end past --budget {args.budget:g} s", file=sys.stderr)
+                break
+            t0 = time.monotonic()
+            for who in order:
+                outs[who].unlink(missing_ok=True)
+                os.sync()
+                runs[who].append(measure(cmds[who](outs[who]), env=envs.get(who), cwd=work))
+                if args.json:  # the results so far, replacing the file whole
+                    with atomic_write_text(args.json) as f:
+                        json.dump(result, f, indent=2)
+            slowest = max(slowest, time.monotonic() - t0)
         best = {who: min(r["seconds"] for r in rs) for who, rs in runs.items()}
         median = {who: round(statistics.median(r["seconds"] for r in rs), 3) for who, rs in runs.items()}
         result[qtype] = {**runs, "best_seconds": best, "median_seconds": median,

@@ -1,9 +1,11 @@
-"""benchmarks/bench_quantize.py: the interval for the median, and a whole run against a stand-in binary."""
+"""benchmarks/bench_quantize.py (the interval for the median, --budget, --pool, a whole run against a stand-in binary),
+bench_atomic_write.py and bench_startup.py."""
 
 from __future__ import annotations
 
 import json
 import random
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +57,52 @@ def test_whole_run_against_a_stand_in_binary(tiny_gguf, tmp_path):
     assert lo <= q["paired_ratio_median"] <= hi
 
 
+def test_budget_ends_after_the_round_that_fits_and_still_summarises(tiny_gguf, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from bench_quantize import BARE
+
+    fake = tmp_path / "llama-quantize"
+    fake.write_text(f"#!{sys.executable}\n" + BARE)
+    fake.chmod(0o755)
+    res = tmp_path / "q.json"
+    out = subprocess.run([sys.executable, str(BENCH / "bench_quantize.py"), str(tiny_gguf), "--llama-quantize", str(fake),
+                          "--threads", "2", "--types", "Q8_0", "--rounds", "5", "--budget", "0", "--work", str(tmp_path),
+                          "--json", str(res)], check=True, capture_output=True, text=True, cwd=BENCH)
+    q = json.loads(res.read_text())["Q8_0"]
+    assert len(q["llama_quantize"]) == len(q["tiblocal"]) == 2 and q["pairs"] == 2  # the first round always runs
+    assert q["identical_tensors"] and "1 rounds; another would end past --budget 0 s" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-quantize", "q.json"]
+
+
+def _runs(*seconds: float) -> list[dict]:
+    return [{"seconds": s} for s in seconds]
+
+
+def test_pool_pairs_within_each_file_and_drops_an_unpaired_run(tmp_path):
+    from bench_quantize import pool
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"threads": 16, "Q8_0": {"llama_quantize": _runs(10, 20, 20, 10),
+                                                     "tiblocal": _runs(11, 22, 20, 10), "ratio": 1.0}}))
+    # cut short: the last tiblocal run has no neighbour yet
+    b.write_text(json.dumps({"Q8_0": {"llama_quantize": _runs(10), "tiblocal": _runs(12, 99)}}))
+    q = pool([a, b])["Q8_0"]
+    assert q["pairs"] == 5 and q["paired_ratio_median"] == 1.1  # ratios 1.1, 1.1, 1.0, 1.0, 1.2
+    assert q["best_seconds"] == {"tiblocal": 10, "llama_quantize": 10} and q["ratio_of_medians"] == 1.2  # 12 s over 10 s
+    assert q["median_difference_s"] == 1.0 and q["files"] == [str(a), str(b)]
+
+
+def test_pool_refuses_a_file_that_is_not_a_result(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"cpus": 16, "tiblocal_convert_f16": {"seconds": 8.8}}))
+    run = subprocess.run([sys.executable, str(BENCH / "bench_quantize.py"), "--pool", str(bad)], capture_output=True,
+                         text=True, cwd=BENCH)
+    assert run.returncode != 0 and f"{bad}: no runs in it" in run.stderr
+    run = subprocess.run([sys.executable, str(BENCH / "bench_quantize.py"), str(bad)], capture_output=True, text=True,
+                         cwd=BENCH)
+    assert run.returncode == 2 and "--llama-quantize and --threads are needed" in run.stderr
+
+
 def test_atomic_write_bench_runs_both_ways_and_cleans_up(tmp_path):
     out = tmp_path / "w.json"
     subprocess.run([sys.executable, str(BENCH / "bench_atomic_write.py"), "--dir", str(tmp_path), "--gb", "0.02",
@@ -71,3 +119,17 @@ def test_atomic_write_bench_times_convert_both_ways(tiny_hf, tmp_path):
     r = json.loads(out.read_text())
     assert len(r["precreated"]) == len(r["writer"]) == 2 and r["bytes"] > 0 and "median_close_s" not in r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+
+
+def test_startup_bench_times_every_contender_and_cleans_up(tmp_path):
+    pytest.importorskip("llama_cpp")
+    out, scratch = tmp_path / "s.json", tmp_path / "scratch"
+    scratch.mkdir()
+    subprocess.run([sys.executable, str(BENCH / "bench_startup.py"), "--rounds", "1", "--json", str(out)], check=True,
+                   capture_output=True, cwd=BENCH, env={**os.environ, "TMPDIR": str(scratch)})
+    r = json.loads(out.read_text())
+    assert r["model_bytes"] > 10 << 20 and r["rounds"] == 1
+    assert r["tiblocal quantize"]["over"] == "bare bindings quantize" and "llama-quantize" not in r
+    assert all(r[k]["median_ms"] > 0 for k in ("python -c pass", "tiblocal --help", "tiblocal verify --help",
+                                              "tiblocal chat --help", "bare bindings quantize"))
+    assert list(scratch.iterdir()) == []  # its scratch folder (model and outputs) is gone

@@ -37,6 +37,36 @@ def test_every_verb_has_help(verb: str) -> None:
     assert f"usage: tiblocal {verb}" in p.stdout.decode()
 
 
+def _options(parser) -> dict[str, list[tuple]]:
+    sub = next(a for a in parser._actions if a.dest == "verb")  # argparse's subparsers action
+    return {name: sorted((tuple(a.option_strings), a.dest, repr(a.default)) for a in p._actions)
+            for name, p in sub.choices.items()}
+
+
+def test_a_verb_alone_is_set_up_as_in_the_whole_parser() -> None:
+    """main sets up only the verb it is given; that verb's options are exactly those of the whole command line."""
+    from tiblocal.cli import build_parser
+
+    whole = _options(build_parser())
+    for v in VERBS:
+        alone = _options(build_parser(only=v.name))
+        assert alone[v.name] == whole[v.name]
+        assert all(len(opts) == 1 for name, opts in alone.items() if name != v.name)  # just -h
+    assert all(len(opts) == 1 for opts in _options(build_parser(only="")).values())
+
+
+def test_a_verb_that_needs_no_runtime_does_not_import_it() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from tiblocal.cli import main\n"
+            "try: main(['verify', '--help'])\n"
+            "except SystemExit: pass\n"
+            "print(sorted(m for m in ('tiblocal.engine', 'llama_cpp', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 def test_usage_errors_exit_2() -> None:
     assert run_cli().returncode == 2
     assert run_cli("fly").returncode == 2

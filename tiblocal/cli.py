@@ -381,23 +381,29 @@ VERBS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, only the options of the verb of that name are set up (none for a name
+    that is no verb): the others keep their summary, all that the top-level help shows, and start-up does not pay for
+    their options (those of chat and generate import the runtime for their defaults)."""
     parser = argparse.ArgumentParser(
         prog="tiblocal",
         description="Extended-vocabulary Llama models (Tibetan, Chinese) from training to an offline laptop.",
     )
     parser.add_argument("--version", action="version", version=f"tiblocal {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb in VERBS:
-        p = sub.add_parser(verb.name, help=verb.summary, description=verb.summary)
-        verb.configure(p)
-        p.set_defaults(_run=verb.run)
+    for v in VERBS:
+        p = sub.add_parser(v.name, help=v.summary, description=v.summary)
+        if only is None or v.name == only:
+            v.configure(p)
+        p.set_defaults(_run=v.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    named = next((a for a in argv if not a.startswith("-")), "")  # the verb: top-level options take no value
+    parser = build_parser(only=named)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
