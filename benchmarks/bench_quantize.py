@@ -89,7 +89,8 @@ def pool(files: list[Path]) -> dict:
         m_ours, m_ref = statistics.median(acc["ours"]), statistics.median(acc["ref"])
         result[qtype] = {
             "files": acc["files"], "pairs": len(acc["ratios"]),
-            "paired_ratio_median": round(statistics.median(acc["ratios"]), 3), "paired_ratio_ci95": [round(lo, 3), round(hi, 3)],
+            "paired_ratio_median": round(statistics.median(acc["ratios"]), 3),
+            "paired_ratio_ci95": [round(lo, 3), round(hi, 3)],
             "median_seconds": {"tiblocal": round(m_ours, 3), "llama_quantize": round(m_ref, 3)},
             "ratio_of_medians": round(m_ours / m_ref, 3),
             "best_seconds": {"tiblocal": min(acc["ours"]), "llama_quantize": min(acc["ref"])},
@@ -111,7 +112,8 @@ def main() -> int:
     ap.add_argument("--bare", action="store_true", help="also time a bare python -c call of llama_model_quantize")
     ap.add_argument("--lib-dir", type=Path, help="also time the binary against this folder's libllama/libggml")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: beside the model)")
-    ap.add_argument("--budget", type=float, help="seconds: start no round that would end after this")
+    ap.add_argument("--budget", type=float,
+                    help="seconds: start no round that would end after this (each type runs at least one)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.pool:
