@@ -53,6 +53,8 @@ def test_a_verb_alone_is_set_up_as_in_the_whole_parser() -> None:
         assert alone[v.name] == whole[v.name]
         assert all(len(opts) == 1 for name, opts in alone.items() if name != v.name)  # just -h
     assert all(len(opts) == 1 for opts in _options(build_parser(only="")).values())
+    # main finds the verb as the first argument without a dash: that holds while no top-level option takes a value
+    assert all(a.nargs == 0 for a in build_parser()._actions if a.option_strings)
 
 
 def test_a_verb_that_needs_no_runtime_does_not_import_it() -> None:
