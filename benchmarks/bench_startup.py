@@ -61,7 +61,7 @@ def main() -> int:
                                    "--threads", str(args.threads), "--force"], "bare bindings quantize"),
         }
         if args.llama_quantize:
-            cmds["llama-quantize"] = ([str(args.llama_quantize), *q], "python -c pass")
+            cmds["llama-quantize"] = ([str(args.llama_quantize.resolve()), *q], "python -c pass")  # runs in work
         times: dict[str, list[float]] = {k: [] for k in cmds}
         rng = random.Random(0)
         for _ in range(args.rounds):
