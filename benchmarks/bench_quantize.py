@@ -62,6 +62,16 @@ def paired(runs: dict[str, list[dict]], who: str, prefix: str) -> dict:
             f"{prefix}paired_ratio_ci95": [round(lo, 3), round(hi, 3)], f"{prefix}pairs": len(ratios)}
 
 
+def summary(runs: dict[str, list[dict]]) -> dict:
+    """Each contender's best and median seconds, and tiblocal's ratios to the binary: of best runs, of medians, paired."""
+    best = {who: min(r["seconds"] for r in rs) for who, rs in runs.items()}
+    median = {who: round(statistics.median(r["seconds"] for r in rs), 3) for who, rs in runs.items()}
+    return {"best_seconds": best, "median_seconds": median,
+            "ratio": round(best["tiblocal"] / best["llama_quantize"], 3),
+            "ratio_of_medians": round(median["tiblocal"] / median["llama_quantize"], 3),
+            **paired(runs, "tiblocal", "")}
+
+
 def pool(files: list[Path]) -> dict:
     """Runs of several result files, each file's runs paired within it, summarised together for each type."""
     pooled: dict[str, dict[str, list]] = {}
@@ -74,29 +84,19 @@ def pool(files: list[Path]) -> dict:
         if not types:
             raise SystemExit(f"{f}: no runs in it (no type with llama_quantize runs); give the files its --json wrote")
         for qtype, runs in types.items():
-            acc = pooled.setdefault(qtype, {"ratios": [], "ours": [], "ref": [], "files": []})
+            acc = pooled.setdefault(qtype, {"tiblocal": [], "llama_quantize": [], "files": []})
             ours, ref = runs.get("tiblocal", []), runs["llama_quantize"]
             n = min(len(ours), len(ref))  # a run cut short leaves one run without its neighbour
-            acc["ratios"] += [a["seconds"] / b["seconds"] for a, b in zip(ours[:n], ref[:n])]
-            acc["ours"] += [r["seconds"] for r in ours[:n]]
-            acc["ref"] += [r["seconds"] for r in ref[:n]]
+            acc["tiblocal"] += ours[:n]  # equal lengths from each file, so the i-th runs stay neighbours
+            acc["llama_quantize"] += ref[:n]
             acc["files"].append(str(f))
     result = {}
     for qtype, acc in pooled.items():
-        if not acc["ratios"]:
-            raise SystemExit(f"{qtype}: no pair of runs in {', '.join(acc['files'])}")
-        lo, hi = median_ci(acc["ratios"])
-        m_ours, m_ref = statistics.median(acc["ours"]), statistics.median(acc["ref"])
-        result[qtype] = {
-            "files": acc["files"], "pairs": len(acc["ratios"]),
-            "paired_ratio_median": round(statistics.median(acc["ratios"]), 3),
-            "paired_ratio_ci95": [round(lo, 3), round(hi, 3)],
-            "median_seconds": {"tiblocal": round(m_ours, 3), "llama_quantize": round(m_ref, 3)},
-            "ratio_of_medians": round(m_ours / m_ref, 3),
-            "best_seconds": {"tiblocal": min(acc["ours"]), "llama_quantize": min(acc["ref"])},
-            "ratio": round(min(acc["ours"]) / min(acc["ref"]), 3),
-            "median_difference_s": round(statistics.median(a - b for a, b in zip(acc["ours"], acc["ref"])), 3),
-        }
+        files = acc.pop("files")
+        if not acc["tiblocal"]:
+            raise SystemExit(f"{qtype}: no pair of runs in {', '.join(files)}")
+        diffs = [a["seconds"] - b["seconds"] for a, b in zip(acc["tiblocal"], acc["llama_quantize"])]
+        result[qtype] = {"files": files, **summary(acc), "median_difference_s": round(statistics.median(diffs), 3)}
     return result
 
 
@@ -168,13 +168,9 @@ def main() -> int:
                     with atomic_write_text(args.json) as f:
                         json.dump(result, f, indent=2)
             slowest = max(slowest, time.monotonic() - t0)
-        best = {who: min(r["seconds"] for r in rs) for who, rs in runs.items()}
-        median = {who: round(statistics.median(r["seconds"] for r in rs), 3) for who, rs in runs.items()}
-        result[qtype] = {**runs, "best_seconds": best, "median_seconds": median,
-                         "ratio": round(best["tiblocal"] / best["llama_quantize"], 3),
-                         "ratio_of_medians": round(median["tiblocal"] / median["llama_quantize"], 3),
-                         "identical_tensors": same_tensors(ours, ref), "bytes": ours.stat().st_size,
-                         **paired(runs, "tiblocal", "")}
+        summed = summary(runs)
+        best, median = summed["best_seconds"], summed["median_seconds"]
+        result[qtype] = {**runs, **summed, "identical_tensors": same_tensors(ours, ref), "bytes": ours.stat().st_size}
         for who, out in (("bare_python", bare), ("llama_quantize_lib_dir", libs), ("bare_python_binary_libs", bare_bin)):
             if who in runs:
                 result[qtype][f"{who}_ratio"] = round(best[who] / best["llama_quantize"], 3)

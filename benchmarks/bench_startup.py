@@ -69,7 +69,7 @@ def main() -> int:
             rng.shuffle(names)
             for name in names:
                 out.unlink(missing_ok=True)
-                t0 = time.perf_counter()
+                t0 = time.perf_counter()  # not bench_convert_merge.measure: it polls every 0.1 s, too coarse here
                 # cwd: from a source checkout's root, python -m tiblocal would import the tree, not the install
                 subprocess.run(cmds[name][0], check=True, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 times[name].append(time.perf_counter() - t0)
