@@ -22,10 +22,10 @@ from tiblocal.gguf_file import check_supported_architecture, read_gguf
 UNQUANTIZED = ("ALL_F32", "F16", "BF16")
 
 
-def _bindings():
-    from tiblocal.engine import _bindings as engine_bindings
+def _bindings(verbose: bool = False):
+    from tiblocal import bindings
 
-    return engine_bindings()
+    return bindings.load(verbose)
 
 
 def quant_types() -> dict[str, int]:
@@ -92,8 +92,10 @@ def quantize_gguf(
     token_embedding_type: str | None = None,
     allow_requantize: bool = False,
     force: bool = False,
+    verbose: bool = False,
     on_start: Callable[[str, Path], None] | None = None,
 ) -> list[QuantResult]:
+    """Quantize ``inp`` to each type; ``on_start(type, path)`` runs while llama.cpp works on that type."""
     inp, out = Path(inp), Path(out)
     info = read_gguf(inp, with_tokens=False)
     check_supported_architecture(info)
@@ -110,7 +112,7 @@ def quantize_gguf(
         out.mkdir(parents=True, exist_ok=True)
     for p in paths.values():
         check_output_path(p, force=force)
-    lib = _bindings()
+    lib = _bindings(verbose)
     results = []
     for qtype, path in paths.items():
         params = lib.llama_model_quantize_default_params()
@@ -121,22 +123,28 @@ def quantize_gguf(
             params.output_tensor_type = out_tt
         if emb_tt >= 0:
             params.token_embedding_type = emb_tt
-        if on_start:
-            on_start(qtype, path)
         t0 = time.perf_counter()
         with atomic_path(path) as tmp:
-            rc = _run_blocking(lambda: lib.llama_model_quantize(str(inp).encode(), str(tmp).encode(), params))
+            rc = _run_blocking(
+                lambda: lib.llama_model_quantize(str(inp).encode(), str(tmp).encode(), params),
+                meanwhile=(lambda: on_start(qtype, path)) if on_start else None,
+            )
             if rc != 0:
                 raise TiblocalError(f"llama.cpp could not quantize {inp} to {qtype} (code {rc}); run with --verbose for its log")
         results.append(QuantResult(qtype, path, path.stat().st_size, time.perf_counter() - t0))
     return results
 
 
-def _run_blocking(fn: Callable[[], int]) -> int:
-    """Run a long C call in a worker thread so Ctrl-C reaches the main thread (the output is then discarded)."""
+def _run_blocking(fn: Callable[[], int], meanwhile: Callable[[], None] | None = None) -> int:
+    """Run a long C call in a worker thread so Ctrl-C reaches the main thread (the output is then discarded).
+
+    ``meanwhile`` runs on the main thread once the call has started: the progress display (rich's import
+    among it) then costs no time before llama.cpp begins."""
     box: list[int] = []
     worker = threading.Thread(target=lambda: box.append(fn()), daemon=True)
     worker.start()
+    if meanwhile:
+        meanwhile()
     while worker.is_alive():
         worker.join(0.2)
     return box[0]

@@ -6,35 +6,57 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
 from .gguf_quant import parse_types, quantize_gguf
+
+
+class _Display:
+    """A spinner per type on stderr. rich is imported on the first type, while llama.cpp is already working."""
+
+    def __init__(self) -> None:
+        self.progress = None
+        self.tasks: list = []
+
+    def started(self, qtype: str, path: Path) -> None:
+        if self.progress is None:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+            self.progress = Progress(*columns, console=_stderr(), transient=True)
+            self.progress.start()
+        if self.tasks:
+            self.progress.update(self.tasks[-1], completed=1, total=1)
+        self.tasks.append(self.progress.add_task(f"quantizing to {qtype} -> {path.name}", total=None))
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 def run_quantize(
     inp: Path, out: Path, *, types: str, threads: int | None, output_tensor_type: str | None,
-    token_embedding_type: str | None, allow_requantize: bool, force: bool, as_json: bool,
+    token_embedding_type: str | None, allow_requantize: bool, force: bool, verbose: bool, as_json: bool,
 ) -> int:
-    err = Console(stderr=True, highlight=False)
     names = parse_types(types)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
-        current: list = []
-
-        def started(qtype: str, path: Path) -> None:
-            if current:
-                progress.update(current[-1], completed=1, total=1)
-            current.append(progress.add_task(f"quantizing to {qtype} -> {path.name}", total=None))
-
+    display = _Display()
+    try:
         results = quantize_gguf(
             inp, out, names, threads=threads, output_tensor_type=output_tensor_type,
-            token_embedding_type=token_embedding_type, allow_requantize=allow_requantize, force=force, on_start=started,
+            token_embedding_type=token_embedding_type, allow_requantize=allow_requantize, force=force, verbose=verbose,
+            on_start=display.started,
         )
+    finally:
+        display.stop()
     rows = [{"type": r.type, "path": str(r.path), "size_bytes": r.size, "seconds": round(r.seconds, 2)} for r in results]
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
     else:
+        err = _stderr()
         for r in results:
             err.print(f"wrote {r.path} ({r.type}, {r.size / 2**20:.1f} MiB, {r.seconds:.1f} s)")
     return 0
@@ -44,7 +66,8 @@ def run_eval(
     action: str, models: list[Path], *, text: list[Path], ctx: int, max_windows: int | None, threads: int | None,
     n_gpu_layers: int, as_json: bool,
 ) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from .evaluate import compare, open_source, perplexity, read_text
@@ -79,6 +102,7 @@ def run_report(
     ref: Path, quants: list[Path], *, text: list[Path], ctx: int, max_windows: int | None, threads: int | None,
     n_gpu_layers: int, out: Path | None, as_json: bool,
 ) -> int:
+    from rich.console import Console
     from rich.table import Table
 
     from tiblocal.fsutil import atomic_write_text

@@ -171,6 +171,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-embedding-type", default=None, metavar="T", help="type of token_embd.weight")
     p.add_argument("--allow-requantize", action="store_true", help="accept an input that is already quantized")
     p.add_argument("--force", action="store_true", help="overwrite outputs that exist")
+    p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log (one line per tensor)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print the results as JSON")
 
 
@@ -179,7 +180,8 @@ def _quantize(a: argparse.Namespace) -> int:
 
     return run_quantize(
         a.input, a.out, types=a.types, threads=a.threads, output_tensor_type=a.output_tensor_type,
-        token_embedding_type=a.token_embedding_type, allow_requantize=a.allow_requantize, force=a.force, as_json=a.as_json,
+        token_embedding_type=a.token_embedding_type, allow_requantize=a.allow_requantize, force=a.force, verbose=a.verbose,
+        as_json=a.as_json,
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from gguf import Keys
 
+from . import bindings
 from .errors import EngineError, PromptTooLongError, TiblocalError
 from .gguf_file import GGUFInfo, check_supported_architecture, read_gguf
 from .text import StopMatcher, Utf8Stream
@@ -161,17 +162,9 @@ _llama_cpp = None
 
 
 def _bindings(verbose: bool = False):
-    """Import llama_cpp once, with llama.cpp's own log silenced unless ``verbose``."""
+    """llama.cpp's C API (tiblocal.bindings), with llama.cpp's own log silenced unless ``verbose``."""
     global _llama_cpp
-    # llama-cpp-python routes llama.cpp's log through this logger (everything when its level is unset).
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
-    if _llama_cpp is None:
-        try:
-            import llama_cpp
-        except ImportError as e:  # pragma: no cover - a broken install
-            raise EngineError(f"llama-cpp-python is not installed or does not load ({e}); pip install llama-cpp-python") from None
-        llama_cpp.llama_backend_init()
-        _llama_cpp = llama_cpp
+    _llama_cpp = bindings.load(verbose)
     return _llama_cpp
 
 

@@ -1,0 +1,71 @@
+"""tiblocal.bindings: llama.cpp's C API without llama-cpp-python's high-level half, and llama.cpp's log."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_cli
+from tiblocal.gguf_file import read_gguf
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_quantize_skips_the_high_level_half_and_llama_cpp_still_imports_whole(tmp_path: Path, tiny_gguf) -> None:
+    out = tmp_path / "q.gguf"
+    code = f"""
+import sys
+from tiblocal.cli import main
+assert main(["quantize", {str(tiny_gguf)!r}, "--type", "Q8_0", "--out", {str(out)!r}, "--json"]) == 0
+print("after quantize:", sorted(m for m in ("llama_cpp", "llama_cpp.llama", "jinja2") if m in sys.modules))
+lib = sys.modules["llama_cpp.llama_cpp"]
+import llama_cpp  # a user's script or a test, later in the same process
+assert llama_cpp.llama_cpp is lib and llama_cpp.llama_model_quantize is lib.llama_model_quantize
+llm = llama_cpp.Llama({str(out)!r}, n_ctx=64, verbose=False)  # the high-level API works on the same types
+print("n_vocab", llm.n_vocab())
+"""
+    p = _python(code)
+    assert p.returncode == 0, p.stderr
+    assert "after quantize: []" in p.stdout
+    assert f"n_vocab {read_gguf(tiny_gguf).vocab_size}" in p.stdout
+
+
+def test_llama_cpp_imported_first_is_reused() -> None:
+    code = """
+import sys
+import llama_cpp
+from tiblocal import bindings
+assert bindings.load() is llama_cpp.llama_cpp
+print("ok")
+"""
+    p = _python(code)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_bindings_that_do_not_import_give_one_clear_error() -> None:
+    code = """
+import sys
+sys.modules["llama_cpp"] = None  # as when llama-cpp-python is missing
+from tiblocal import bindings
+from tiblocal.errors import EngineError
+try:
+    bindings.load()
+except EngineError as e:
+    print("EngineError:", e)
+"""
+    p = _python(code)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("EngineError: llama-cpp-python is not installed or does not load (")
+    assert p.stdout.rstrip().endswith("pip install llama-cpp-python")
+
+
+def test_llama_cpp_log_only_with_verbose(tmp_path: Path, tiny_gguf) -> None:
+    quiet = run_cli("quantize", str(tiny_gguf), "--type", "Q8_0", "--out", str(tmp_path / "a.gguf"))
+    assert quiet.returncode == 0, quiet.stderr
+    assert b"llama_model_loader" not in quiet.stderr and b"wrote " in quiet.stderr
+    loud = run_cli("quantize", str(tiny_gguf), "--type", "Q8_0", "--out", str(tmp_path / "b.gguf"), "--verbose")
+    assert loud.returncode == 0, loud.stderr
+    assert b"llama_model_loader" in loud.stderr and b"q8_0" in loud.stderr

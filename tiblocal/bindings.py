@@ -1,0 +1,76 @@
+"""llama.cpp's C API through llama-cpp-python's ctypes layer, without the rest of that package.
+
+tiblocal calls the C API directly (``llama_cpp.llama_cpp``: model loading, decode, samplers, the quantizer).
+``import llama_cpp`` also imports the package's high-level half (``llama_cpp.llama``: the chat formats, jinja2,
+the disk cache), about 0.11 s of every command's start on 2 cores (benchmarks/bench_startup.py) for code tiblocal
+never calls. The package's ``__init__`` only re-exports the two halves, so the ctypes layer is imported here
+under its own name with that ``__init__`` left out. It stays registered as ``llama_cpp.llama_cpp``: a later
+``import llama_cpp`` in the same process (a test, a user's script) runs the real ``__init__``, which reuses this
+module, so the process has one set of ctypes types and one loaded library.
+
+llama.cpp's log goes to stderr only when asked (``verbose``), as llama-cpp-python does with its own callback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+from types import ModuleType
+
+from .errors import EngineError
+
+_lib: ModuleType | None = None
+_verbose = False
+_log_callback = None  # the ctypes callback object; llama.cpp keeps a raw pointer to it, so it must stay alive
+
+
+def load(verbose: bool = False) -> ModuleType:
+    """The ctypes layer (``llama_cpp.llama_cpp``), imported and the backend initialised once per process."""
+    global _lib, _verbose
+    _verbose = verbose
+    # If llama-cpp-python's own callback is installed (someone imported llama_cpp), it reads this logger's level.
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    if _lib is None:
+        try:
+            lib = _import_ctypes_layer()
+        except (ImportError, OSError) as e:
+            raise EngineError(
+                f"llama-cpp-python is not installed or does not load ({e}); pip install llama-cpp-python"
+            ) from None
+        if "llama_cpp._logger" not in sys.modules:  # else its callback is in place and honours the level above
+            _install_log_callback(lib)
+        lib.llama_backend_init()
+        _lib = lib
+    return _lib
+
+
+def _import_ctypes_layer() -> ModuleType:
+    name = "llama_cpp.llama_cpp"
+    if name in sys.modules:
+        return sys.modules[name]
+    if "llama_cpp" in sys.modules:  # the whole package is already there
+        return importlib.import_module(name)
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError("No module named 'llama_cpp'")
+    shell = importlib.util.module_from_spec(spec)  # the package object, its __init__ not run
+    sys.modules["llama_cpp"] = shell
+    try:
+        return importlib.import_module(name)
+    finally:
+        if sys.modules.get("llama_cpp") is shell:
+            del sys.modules["llama_cpp"]
+
+
+def _install_log_callback(lib: ModuleType) -> None:
+    global _log_callback
+
+    def log(level: int, text: bytes, user_data) -> None:
+        if _verbose:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+    _log_callback = lib.llama_log_callback(log)
+    lib.llama_log_set(_log_callback, None)
