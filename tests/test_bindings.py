@@ -69,3 +69,28 @@ def test_llama_cpp_log_only_with_verbose(tmp_path: Path, tiny_gguf) -> None:
     loud = run_cli("quantize", str(tiny_gguf), "--type", "Q8_0", "--out", str(tmp_path / "b.gguf"), "--verbose")
     assert loud.returncode == 0, loud.stderr
     assert b"llama_model_loader" in loud.stderr and b"q8_0" in loud.stderr
+
+
+def test_a_ctypes_layer_that_needs_the_package_init_falls_back_to_the_whole_import(tmp_path: Path) -> None:
+    pkg = tmp_path / "llama_cpp"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("INITIALISED = True\nfrom .llama_cpp import *\n")
+    (pkg / "llama_cpp.py").write_text(
+        "import llama_cpp as _package\n"
+        "assert _package.INITIALISED  # a future layout that relies on the package's __init__\n"
+        "calls = []\n"
+        "def llama_backend_init(): calls.append('init')\n"
+        "def llama_log_callback(f): return f\n"
+        "def llama_log_set(cb, user_data): calls.append('log')\n"
+    )
+    code = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+from tiblocal import bindings
+lib = bindings.load()
+import llama_cpp
+print(lib.__name__, lib is llama_cpp.llama_cpp, llama_cpp.INITIALISED, lib.calls)
+"""
+    p = _python(code)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["llama_cpp.llama_cpp", "True", "True", "['log',", "'init']"]

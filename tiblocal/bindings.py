@@ -2,11 +2,12 @@
 
 tiblocal calls the C API directly (``llama_cpp.llama_cpp``: model loading, decode, samplers, the quantizer).
 ``import llama_cpp`` also imports the package's high-level half (``llama_cpp.llama``: the chat formats, jinja2,
-the disk cache), about 0.11 s of every command's start on 2 cores (benchmarks/bench_startup.py) for code tiblocal
-never calls. The package's ``__init__`` only re-exports the two halves, so the ctypes layer is imported here
+the disk cache), about 0.11 s of the start of each command that runs llama.cpp, on 2 cores (the two imports timed
+after numpy, gguf and rich, medians of 15), for code tiblocal never calls. The package's ``__init__`` only re-exports the two halves, so the ctypes layer is imported here
 under its own name with that ``__init__`` left out. It stays registered as ``llama_cpp.llama_cpp``: a later
 ``import llama_cpp`` in the same process (a test, a user's script) runs the real ``__init__``, which reuses this
-module, so the process has one set of ctypes types and one loaded library.
+module, so the process has one set of ctypes types and one loaded library. Should a later llama-cpp-python's ctypes
+layer need its package's ``__init__``, the package is imported as usual instead.
 
 llama.cpp's log goes to stderr only when asked (``verbose``), as llama-cpp-python does with its own callback.
 """
@@ -50,18 +51,24 @@ def _import_ctypes_layer() -> ModuleType:
     name = "llama_cpp.llama_cpp"
     if name in sys.modules:
         return sys.modules[name]
-    if "llama_cpp" in sys.modules:  # the whole package is already there
-        return importlib.import_module(name)
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.submodule_search_locations is None:
-        raise ImportError("No module named 'llama_cpp'")
-    shell = importlib.util.module_from_spec(spec)  # the package object, its __init__ not run
-    sys.modules["llama_cpp"] = shell
-    try:
-        return importlib.import_module(name)
-    finally:
-        if sys.modules.get("llama_cpp") is shell:
-            del sys.modules["llama_cpp"]
+    if "llama_cpp" not in sys.modules:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or spec.submodule_search_locations is None:
+            raise ImportError("No module named 'llama_cpp'")
+        before = set(sys.modules)
+        shell = importlib.util.module_from_spec(spec)  # the package object, its __init__ not run
+        sys.modules["llama_cpp"] = shell
+        try:
+            return importlib.import_module(name)
+        except Exception:  # a layout this shortcut does not know: forget what it loaded, import the package as usual
+            for m in set(sys.modules) - before:
+                if m == "llama_cpp" or m.startswith("llama_cpp."):
+                    del sys.modules[m]
+        finally:
+            if sys.modules.get("llama_cpp") is shell:
+                del sys.modules["llama_cpp"]
+    importlib.import_module("llama_cpp")
+    return importlib.import_module(name)
 
 
 def _install_log_callback(lib: ModuleType) -> None:
