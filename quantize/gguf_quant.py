@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType
 
+from tiblocal import bindings
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import check_supported_architecture, read_gguf
@@ -23,8 +24,6 @@ UNQUANTIZED = ("ALL_F32", "F16", "BF16")
 
 
 def _bindings(verbose: bool = False):
-    from tiblocal import bindings
-
     return bindings.load(verbose)
 
 
@@ -93,6 +92,7 @@ def quantize_gguf(
     allow_requantize: bool = False,
     force: bool = False,
     verbose: bool = False,
+    imatrix: Path | None = None,
     on_start: Callable[[str, Path], None] | None = None,
 ) -> list[QuantResult]:
     """Quantize ``inp`` to each type; ``on_start(type, path)`` runs while llama.cpp works on that type."""
@@ -113,6 +113,15 @@ def quantize_gguf(
     for p in paths.values():
         check_output_path(p, force=force)
     lib = _bindings(verbose)
+    im_args = None
+    if imatrix is not None:
+        from .imatrix import QuantizeImatrixArgs, load_imatrix
+
+        if not hasattr(lib, "llama_model_imatrix_data"):
+            raise TiblocalError(
+                "this llama-cpp-python is too old to pass an importance matrix (--imatrix); pip install -U llama-cpp-python"
+            )
+        im_args = QuantizeImatrixArgs(lib, load_imatrix(imatrix))
     results = []
     for qtype, path in paths.items():
         params = lib.llama_model_quantize_default_params()
@@ -123,6 +132,10 @@ def quantize_gguf(
             params.output_tensor_type = out_tt
         if emb_tt >= 0:
             params.token_embedding_type = emb_tt
+        if im_args is not None:
+            params.imatrix = im_args.imatrix
+            params.kv_overrides = im_args.kv_overrides
+        bindings.take_errors()
         t0 = time.perf_counter()
         with atomic_path(path) as tmp:
             rc = _run_blocking(
@@ -130,9 +143,19 @@ def quantize_gguf(
                 meanwhile=(lambda: on_start(qtype, path)) if on_start else None,
             )
             if rc != 0:
-                raise TiblocalError(f"llama.cpp could not quantize {inp} to {qtype} (code {rc}); run with --verbose for its log")
+                raise TiblocalError(_failure(inp, qtype, rc, bindings.take_errors(), imatrix))
         results.append(QuantResult(qtype, path, path.stat().st_size, time.perf_counter() - t0))
     return results
+
+
+def _failure(inp: Path, qtype: str, rc: int, why: str, imatrix: Path | None) -> str:
+    why = why.rstrip(".! ")
+    msg = f"llama.cpp could not quantize {inp} to {qtype}: {why}" if why else f"llama.cpp could not quantize {inp} to {qtype} (code {rc})"
+    if "importance matrix" in why or "imatrix" in why:
+        if imatrix is None:
+            return f"{msg}. Pass --imatrix FILE (made by llama.cpp's llama-imatrix), or choose a type that needs none (Q2_K, Q3_K_S, IQ3_S, IQ4_XS, ...)"
+        return f"{msg}. {imatrix} does not cover that tensor: make it with llama-imatrix from this model"
+    return f"{msg}; `tiblocal quantize {inp} --type {qtype} --out OUT --verbose` shows llama.cpp's whole log"
 
 
 def _run_blocking(fn: Callable[[], int], meanwhile: Callable[[], None] | None = None) -> int:

@@ -40,7 +40,8 @@ def _stderr():
 
 def run_quantize(
     inp: Path, out: Path, *, types: str, threads: int | None, output_tensor_type: str | None,
-    token_embedding_type: str | None, allow_requantize: bool, force: bool, verbose: bool, as_json: bool,
+    token_embedding_type: str | None, imatrix: Path | None, allow_requantize: bool, force: bool, verbose: bool,
+    as_json: bool,
 ) -> int:
     names = parse_types(types)
     display = _Display()
@@ -48,7 +49,7 @@ def run_quantize(
         results = quantize_gguf(
             inp, out, names, threads=threads, output_tensor_type=output_tensor_type,
             token_embedding_type=token_embedding_type, allow_requantize=allow_requantize, force=force, verbose=verbose,
-            on_start=display.started,
+            imatrix=imatrix, on_start=display.started,
         )
     finally:
         display.stop()

@@ -94,3 +94,20 @@ print(lib.__name__, lib is llama_cpp.llama_cpp, llama_cpp.INITIALISED, lib.calls
     p = _python(code)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["llama_cpp.llama_cpp", "True", "True", "['log',", "'init']"]
+
+
+def test_llama_cpp_errors_are_kept_after_llama_cpp_installs_its_own_log(tmp_path: Path, tiny256) -> None:
+    code = f"""
+from tiblocal import bindings
+from tiblocal.quantize.gguf_quant import quantize_gguf
+bindings.load()
+import llama_cpp  # installs llama-cpp-python's own log callback in place of tiblocal's
+try:
+    quantize_gguf({str(tiny256[1])!r}, {str(tmp_path / "q.gguf")!r}, ["IQ2_XXS"])
+except Exception as e:
+    print(e)
+"""
+    p = _python(code)
+    assert p.returncode == 0, p.stderr
+    assert "requires an importance matrix" in p.stdout and "Pass --imatrix FILE" in p.stdout
+    assert "llama_model_loader" not in p.stderr  # and llama.cpp's log stays quiet

@@ -9,7 +9,8 @@ under its own name with that ``__init__`` left out. It stays registered as ``lla
 module, so the process has one set of ctypes types and one loaded library. Should a later llama-cpp-python's ctypes
 layer need its package's ``__init__``, the package is imported as usual instead.
 
-llama.cpp's log goes to stderr only when asked (``verbose``), as llama-cpp-python does with its own callback.
+llama.cpp's log goes to stderr only when asked (``verbose``), as llama-cpp-python does with its own callback; its
+error lines are kept, so that a failed call can say why (``take_errors``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+from collections import deque
 from types import ModuleType
 
 from .errors import EngineError
@@ -25,13 +27,15 @@ from .errors import EngineError
 _lib: ModuleType | None = None
 _verbose = False
 _log_callback = None  # the ctypes callback object; llama.cpp keeps a raw pointer to it, so it must stay alive
+_errors: deque[str] = deque(maxlen=64)  # llama.cpp's error lines since the last take_errors()
+_ERROR, _CONT = 4, 5  # ggml.h's ggml_log_level: GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT (continues a line)
 
 
 def load(verbose: bool = False) -> ModuleType:
     """The ctypes layer (``llama_cpp.llama_cpp``), imported and the backend initialised once per process."""
     global _lib, _verbose
     _verbose = verbose
-    # If llama-cpp-python's own callback is installed (someone imported llama_cpp), it reads this logger's level.
+    # llama-cpp-python's own callback, should it be installed again later, reads this logger's level.
     logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     if _lib is None:
         try:
@@ -40,10 +44,11 @@ def load(verbose: bool = False) -> ModuleType:
             raise EngineError(
                 f"llama-cpp-python is not installed or does not load ({e}); pip install llama-cpp-python"
             ) from None
-        if "llama_cpp._logger" not in sys.modules:  # else its callback is in place and honours the level above
-            _install_log_callback(lib)
+        _install_log_callback(lib)  # before the backend starts: a GPU backend logs its devices
         lib.llama_backend_init()
         _lib = lib
+    else:  # again: importing llama_cpp's high-level half (a test, a user's script) installs its own callback
+        _install_log_callback(_lib)
     return _lib
 
 
@@ -71,10 +76,26 @@ def _import_ctypes_layer() -> ModuleType:
     return importlib.import_module(name)
 
 
+def take_errors() -> str:
+    """llama.cpp's error log since the last call (or the last ``load``), on one line; empty when it logged none."""
+    text = "".join(_errors)
+    _errors.clear()
+    lines = (line.strip(" -").removeprefix("ERROR: ") for line in text.splitlines())
+    return " ".join(line for line in lines if line and set(line) != {"="})
+
+
 def _install_log_callback(lib: ModuleType) -> None:
     global _log_callback
+    if _log_callback is not None:
+        lib.llama_log_set(_log_callback, None)
+        return
+    level_of_line = [0]
 
     def log(level: int, text: bytes, user_data) -> None:
+        if level != _CONT:
+            level_of_line[0] = level
+        if level_of_line[0] == _ERROR:
+            _errors.append(text.decode("utf-8", errors="replace"))
         if _verbose:
             sys.stderr.write(text.decode("utf-8", errors="replace"))
             sys.stderr.flush()

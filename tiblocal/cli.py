@@ -169,6 +169,10 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--output-tensor-type", default=None, metavar="T", help="type of output.weight (e.g. Q8_0, F16)")
     p.add_argument("--token-embedding-type", default=None, metavar="T", help="type of token_embd.weight")
+    p.add_argument(
+        "--imatrix", type=Path, default=None, metavar="FILE",
+        help="importance matrix from llama.cpp's llama-imatrix (GGUF or .dat); IQ1/IQ2/IQ3_XXS types and Q2_K_S need one",
+    )
     p.add_argument("--allow-requantize", action="store_true", help="accept an input that is already quantized")
     p.add_argument("--force", action="store_true", help="overwrite outputs that exist")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log (one line per tensor)")
@@ -180,8 +184,8 @@ def _quantize(a: argparse.Namespace) -> int:
 
     return run_quantize(
         a.input, a.out, types=a.types, threads=a.threads, output_tensor_type=a.output_tensor_type,
-        token_embedding_type=a.token_embedding_type, allow_requantize=a.allow_requantize, force=a.force, verbose=a.verbose,
-        as_json=a.as_json,
+        token_embedding_type=a.token_embedding_type, imatrix=a.imatrix, allow_requantize=a.allow_requantize,
+        force=a.force, verbose=a.verbose, as_json=a.as_json,
     )
 
 

@@ -1,0 +1,152 @@
+"""Importance matrices (llama.cpp's ``llama-imatrix`` output) for ``tiblocal quantize --imatrix``.
+
+llama.cpp's 1- to 3-bit i-quants (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and the files made of them) and
+Q2_K_S refuse to run without one, and every k-quant uses one when it is given. The file is read as llama.cpp's
+``common_imatrix_load`` reads it: the GGUF format (``NAME.in_sum2`` and ``NAME.counts`` tensors, ``imatrix.*``
+keys) or the legacy binary ``.dat``; each entry is normalised the same way (sums over counts, 1 where a count is
+0), handed to ``llama_model_quantize`` as ``llama_model_imatrix_data``, and the output GGUF gets the
+``quantize.imatrix.*`` keys that ``llama-quantize --imatrix`` writes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tiblocal.errors import InputFileError
+
+KV_DATASETS, KV_CHUNK_COUNT, KV_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
+
+
+@dataclass
+class Imatrix:
+    path: Path
+    entries: dict[str, np.ndarray]  # tensor name -> float32 importance per input column (per expert, flattened)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+
+
+def _bad(path: Path, what: str) -> InputFileError:
+    return InputFileError(
+        f"{path} is not a usable importance matrix: {what}; give a file written by llama.cpp's llama-imatrix "
+        "(GGUF or legacy .dat)"
+    )
+
+
+def load_imatrix(path: Path) -> Imatrix:
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"no such importance matrix file: {path}; make one with llama.cpp's llama-imatrix")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
+
+
+def _load_gguf(path: Path) -> Imatrix:
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf-py raises plain ValueError/struct errors on damaged files
+        raise _bad(path, f"its GGUF header does not read ({e})") from None
+    keys = {f.name: f for f in reader.fields.values()}
+    missing = [k for k in (KV_DATASETS, KV_CHUNK_COUNT, KV_CHUNK_SIZE) if k not in keys]
+    if missing:  # llama-quantize stops here too ("missing imatrix metadata")
+        raise _bad(path, f"it lacks the keys {', '.join(missing)}")
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        for suffix, into in ((".in_sum2", sums), (".counts", counts)):
+            if t.name.endswith(suffix):
+                if t.tensor_type != GGMLQuantizationType.F32:
+                    raise _bad(path, f"tensor {t.name} is {t.tensor_type.name}, not F32")
+                into[t.name.removesuffix(suffix)] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    if not sums and not counts:
+        raise _bad(path, "it holds no .in_sum2/.counts tensors")
+    if unpaired := sorted(set(sums) ^ set(counts)):
+        raise _bad(path, f"sums and counts do not pair up for {unpaired[0]}")
+    entries = {}
+    for name, s in sums.items():
+        c = np.rint(counts[name]).astype(np.float32)
+        if len(c) == 0 or len(s) % len(c):
+            raise _bad(path, f"{name} has {len(s)} sums for {len(c)} counts")
+        per = s.reshape(len(c), -1)
+        entries[name] = np.where(c[:, None] > 0, per / np.where(c > 0, c, 1)[:, None], 1).astype(np.float32).reshape(-1)
+    datasets = [str(bytes(keys[KV_DATASETS].parts[i]), "utf-8") for i in keys[KV_DATASETS].data]
+    chunk_count = int(keys[KV_CHUNK_COUNT].parts[keys[KV_CHUNK_COUNT].data[0]][0])
+    return Imatrix(path, entries, datasets, chunk_count)
+
+
+def _load_legacy(path: Path) -> Imatrix:
+    buf = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if pos + size > len(buf):
+            raise _bad(path, f"it ends at byte {len(buf)} inside an entry")
+        out = struct.unpack_from(fmt, buf, pos)
+        pos += size
+        return out
+
+    (n_entries,) = take("<i")
+    if n_entries < 1:
+        raise _bad(path, "it is neither GGUF nor a legacy .dat with entries")
+    entries = {}
+    for _ in range(n_entries):
+        (length,) = take("<i")
+        if not 0 < length <= 4096:
+            raise _bad(path, f"an entry name of {length} bytes")
+        name = take(f"<{length}s")[0].decode("utf-8", errors="replace")
+        ncall, nval = take("<ii")
+        if nval < 1:
+            raise _bad(path, f"entry {name} has {nval} values")
+        values = np.array(take(f"<{nval}f"), dtype=np.float32)
+        entries[name] = values / ncall if ncall > 0 else values
+    datasets, chunk_count = [], 0
+    if pos < len(buf):  # optional: chunk count and dataset name
+        (chunk_count,) = take("<i")
+        if pos + 4 <= len(buf):
+            (length,) = take("<i")
+            if length > 0:
+                datasets.append(take(f"<{length}s")[0].decode("utf-8", errors="replace"))
+    return Imatrix(path, entries, datasets, chunk_count)
+
+
+class QuantizeImatrixArgs:
+    """The ctypes arrays for ``llama_model_quantize_params``: imatrix entries and the ``quantize.imatrix.*`` keys.
+
+    Holds every buffer the C side points into, so they live as long as this object."""
+
+    def __init__(self, lib, im: Imatrix) -> None:
+        self._arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in im.entries.values()]
+        self._names = [n.encode() for n in im.entries]
+        data = (lib.llama_model_imatrix_data * (len(self._arrays) + 1))()  # the last one, all zero, ends the list
+        for i, (name, arr) in enumerate(zip(self._names, self._arrays)):
+            data[i].name = name
+            data[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            data[i].size = arr.size
+        self.imatrix = ctypes.cast(data, ctypes.POINTER(lib.llama_model_imatrix_data))
+        self._data = data
+        kvs: list[tuple[str, object]] = [("quantize.imatrix.file", str(im.path))]
+        if im.datasets:
+            kvs.append(("quantize.imatrix.dataset", im.datasets[0]))
+        kvs.append(("quantize.imatrix.entries_count", len(im.entries)))
+        if im.chunk_count > 0:
+            kvs.append(("quantize.imatrix.chunks_count", im.chunk_count))
+        over = (lib.llama_model_kv_override * (len(kvs) + 1))()  # an empty key ends the list
+        for o, (key, value) in zip(over, kvs):
+            o.key = key.encode()
+            if isinstance(value, str):
+                o.tag = lib.LLAMA_KV_OVERRIDE_TYPE_STR
+                o.value.val_str = value.encode()[:127]
+            else:
+                o.tag = lib.LLAMA_KV_OVERRIDE_TYPE_INT
+                o.value.val_i64 = int(value)
+        self.kv_overrides = ctypes.cast(over, ctypes.POINTER(lib.llama_model_kv_override))
+        self._over = over

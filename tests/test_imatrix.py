@@ -1,0 +1,144 @@
+"""`tiblocal quantize --imatrix`: llama-imatrix files (GGUF and legacy .dat) passed to llama.cpp's quantizer."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.gguf_file import read_gguf
+from tiblocal.quantize.gguf_quant import quantize_gguf
+from tiblocal.quantize.imatrix import load_imatrix
+
+
+def _weights(model: Path) -> dict[str, int]:
+    """Each matrix llama.cpp may quantize with an imatrix, with its input width (GGUF's first dimension)."""
+    return {t.name: t.shape[0] for t in read_gguf(model).tensors if len(t.shape) == 2}
+
+
+def _sums(model: Path, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.gamma(0.5, 2.0, size=width).astype(np.float32) for name, width in _weights(model).items()}
+
+
+def write_gguf_imatrix(path: Path, sums: dict[str, np.ndarray], count: int, *, metadata: bool = True) -> Path:
+    """What llama-imatrix writes: NAME.in_sum2 (summed squares) and NAME.counts, and the imatrix.* keys."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_string("general.type", "imatrix")
+    if metadata:
+        w.add_array("imatrix.datasets", ["tibetan_sample.txt"])
+        w.add_uint32("imatrix.chunk_count", 4)
+        w.add_uint32("imatrix.chunk_size", 512)
+    for name, s in sums.items():
+        w.add_tensor(f"{name}.in_sum2", (s * count).reshape(1, -1))
+        w.add_tensor(f"{name}.counts", np.array([[count]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_legacy_imatrix(path: Path, sums: dict[str, np.ndarray], ncall: int) -> Path:
+    """llama-imatrix's older .dat: entries of (name, ncall, values summed over the calls), then chunks and dataset."""
+    out = [struct.pack("<i", len(sums))]
+    for name, s in sums.items():
+        raw = name.encode()
+        out += [struct.pack("<i", len(raw)), raw, struct.pack("<ii", ncall, len(s)), (s * ncall).astype("<f4").tobytes()]
+    out += [struct.pack("<i", 4), struct.pack("<i", 18), b"tibetan_sample.txt"]
+    path.write_bytes(b"".join(out))
+    return path
+
+
+def _tensor_bytes(path: Path) -> dict[str, bytes]:
+    import gguf
+
+    return {t.name: bytes(t.data) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def model(tiny256) -> Path:
+    return tiny256[1]
+
+
+def test_types_that_need_an_importance_matrix_say_so(tmp_path: Path, model) -> None:
+    out = tmp_path / "q.gguf"
+    p = run_cli("quantize", str(model), "--type", "IQ2_XXS", "--out", str(out))
+    err = p.stderr.decode()
+    assert p.returncode == 1
+    assert "could not quantize" in err and "requires an importance matrix" in err and "offending tensor: blk." in err
+    assert "Pass --imatrix FILE" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_iq2_xxs_with_an_imatrix_and_its_keys_in_the_output(tmp_path: Path, model) -> None:
+    im = write_gguf_imatrix(tmp_path / "im.gguf", _sums(model, 1), 2048)
+    out = tmp_path / "q.gguf"
+    p = run_cli("quantize", str(model), "--type", "IQ2_XXS", "--imatrix", str(im), "--out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    info = read_gguf(out)
+    assert info.file_type == "IQ2_XXS"
+    assert info.metadata["quantize.imatrix.file"] == str(im)
+    assert info.metadata["quantize.imatrix.dataset"] == "tibetan_sample.txt"
+    assert info.metadata["quantize.imatrix.entries_count"] == len(_weights(model))
+    assert info.metadata["quantize.imatrix.chunks_count"] == 4
+
+
+def test_the_importance_matrix_steers_the_rounding_and_both_formats_read_the_same(tmp_path: Path, model) -> None:
+    a = write_gguf_imatrix(tmp_path / "a.gguf", _sums(model, 1), 2048)
+    b = write_gguf_imatrix(tmp_path / "b.gguf", _sums(model, 2), 2048)
+    # the same means in the other format, over another count (powers of two, so that sums / count is exact in float32)
+    a_dat = write_legacy_imatrix(tmp_path / "a.dat", _sums(model, 1), 8)
+    outs = {}
+    for name, im in (("none", None), ("a", a), ("b", b), ("a_dat", a_dat)):
+        outs[name] = _tensor_bytes(quantize_gguf(model, tmp_path / f"q-{name}.gguf", ["Q4_K_M"], imatrix=im)[0].path)
+    layer = "blk.0.attn_q.weight"
+    assert outs["a"][layer] != outs["none"][layer] and outs["a"][layer] != outs["b"][layer]
+    assert outs["a"] == outs["a_dat"]
+    assert load_imatrix(a_dat).chunk_count == 4 and load_imatrix(a_dat).datasets == ["tibetan_sample.txt"]
+
+
+def test_bad_importance_matrices(tmp_path: Path, model) -> None:
+    with pytest.raises(InputFileError, match="no such importance matrix file: .*llama-imatrix"):
+        quantize_gguf(model, tmp_path / "q.gguf", ["IQ2_XXS"], imatrix=tmp_path / "none.gguf")
+    with pytest.raises(InputFileError, match=r"is not a usable importance matrix: it lacks the keys imatrix.datasets"):
+        load_imatrix(write_gguf_imatrix(tmp_path / "nometa.gguf", _sums(model, 1), 8, metadata=False))
+    with pytest.raises(InputFileError, match="it holds no .in_sum2/.counts tensors"):
+        load_imatrix(write_gguf_imatrix(tmp_path / "empty.gguf", {}, 8))
+    dat = write_legacy_imatrix(tmp_path / "cut.dat", _sums(model, 1), 3)
+    dat.write_bytes(dat.read_bytes()[:200])
+    with pytest.raises(InputFileError, match="cut.dat is not a usable importance matrix: it ends at byte 200"):
+        load_imatrix(dat)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an imatrix\n")
+    with pytest.raises(InputFileError, match="notes.txt is not a usable importance matrix"):
+        load_imatrix(text)
+    # an imatrix that misses a tensor the type needs: llama.cpp names it, tiblocal says what to do
+    partial = {k: v for k, v in _sums(model, 1).items() if k != "blk.0.attn_k.weight"}
+    im = write_gguf_imatrix(tmp_path / "partial.gguf", partial, 64)
+    with pytest.raises(TiblocalError, match="partial.gguf does not cover that tensor"):
+        quantize_gguf(model, tmp_path / "q.gguf", ["IQ2_XXS"], imatrix=im)
+    assert not (tmp_path / "q.gguf").exists()
+
+
+@pytest.mark.parametrize("qtype", ["IQ2_XXS", "IQ3_XXS", "Q2_K_S", "Q4_K_M"])
+def test_same_file_as_llama_quantize_with_the_same_imatrix(tmp_path: Path, model, qtype) -> None:
+    import os
+    import subprocess
+
+    binary = os.environ.get("TIBLOCAL_LLAMA_QUANTIZE")
+    if not binary:
+        pytest.skip("set TIBLOCAL_LLAMA_QUANTIZE to a llama-quantize binary (built from the bindings' llama.cpp) to compare")
+    im = write_gguf_imatrix(tmp_path / "im.gguf", _sums(model, 3), 1024)
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    subprocess.run([binary, "--imatrix", str(im), str(model), str(ref), qtype, "2"], check=True, capture_output=True)
+    quantize_gguf(model, ours, [qtype], threads=2, imatrix=im)
+    assert _tensor_bytes(ours) == _tensor_bytes(ref)
+    keys = [{k: v for k, v in read_gguf(p).metadata.items() if k.startswith("quantize.")} for p in (ours, ref)]
+    assert keys[0] == keys[1] and len(keys[0]) == 4
