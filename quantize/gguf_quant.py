@@ -107,6 +107,11 @@ def quantize_gguf(
     valid = quant_types()
     out_tt = tensor_type(output_tensor_type, "--output-tensor-type")
     emb_tt = tensor_type(token_embedding_type, "--token-embedding-type")
+    im = None
+    if imatrix is not None:  # read before anything is written
+        from .imatrix import QuantizeImatrixArgs, load_imatrix
+
+        im = load_imatrix(imatrix)
     paths = output_paths(inp, out, types)
     if len(paths) > 1 and "{type}" not in str(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -114,14 +119,12 @@ def quantize_gguf(
         check_output_path(p, force=force)
     lib = _bindings(verbose)
     im_args = None
-    if imatrix is not None:
-        from .imatrix import QuantizeImatrixArgs, load_imatrix
-
+    if im is not None:
         if not hasattr(lib, "llama_model_imatrix_data"):
             raise TiblocalError(
                 "this llama-cpp-python is too old to pass an importance matrix (--imatrix); pip install -U llama-cpp-python"
             )
-        im_args = QuantizeImatrixArgs(lib, load_imatrix(imatrix))
+        im_args = QuantizeImatrixArgs(lib, im)
     results = []
     for qtype, path in paths.items():
         params = lib.llama_model_quantize_default_params()
@@ -150,11 +153,12 @@ def quantize_gguf(
 
 def _failure(inp: Path, qtype: str, rc: int, why: str, imatrix: Path | None) -> str:
     why = why.rstrip(".! ")
-    msg = f"llama.cpp could not quantize {inp} to {qtype}: {why}" if why else f"llama.cpp could not quantize {inp} to {qtype} (code {rc})"
+    msg = f"llama.cpp could not quantize {inp} to {qtype}" + (f": {why}" if why else f" (code {rc})")
     if "importance matrix" in why or "imatrix" in why:
         if imatrix is None:
-            return f"{msg}. Pass --imatrix FILE (made by llama.cpp's llama-imatrix), or choose a type that needs none (Q2_K, Q3_K_S, IQ3_S, IQ4_XS, ...)"
-        return f"{msg}. {imatrix} does not cover that tensor: make it with llama-imatrix from this model"
+            return (f"{msg}. Pass --imatrix FILE (made by llama.cpp's llama-imatrix), or choose a type that needs "
+                    "none (Q2_K, Q3_K_S, IQ3_S, IQ4_XS, ...)")
+        return f"{msg}. {imatrix} does not fit this model there: make one with llama-imatrix from this model"
     return f"{msg}; `tiblocal quantize {inp} --type {qtype} --out OUT --verbose` shows llama.cpp's whole log"
 
 

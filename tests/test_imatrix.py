@@ -106,7 +106,8 @@ def test_the_importance_matrix_steers_the_rounding_and_both_formats_read_the_sam
 
 def test_bad_importance_matrices(tmp_path: Path, model) -> None:
     with pytest.raises(InputFileError, match="no such importance matrix file: .*llama-imatrix"):
-        quantize_gguf(model, tmp_path / "q.gguf", ["IQ2_XXS"], imatrix=tmp_path / "none.gguf")
+        quantize_gguf(model, tmp_path / "out", ["IQ2_XXS", "IQ3_XXS"], imatrix=tmp_path / "none.gguf")
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
     with pytest.raises(InputFileError, match=r"is not a usable importance matrix: it lacks the keys imatrix.datasets"):
         load_imatrix(write_gguf_imatrix(tmp_path / "nometa.gguf", _sums(model, 1), 8, metadata=False))
     with pytest.raises(InputFileError, match="it holds no .in_sum2/.counts tensors"):
@@ -122,7 +123,7 @@ def test_bad_importance_matrices(tmp_path: Path, model) -> None:
     # an imatrix that misses a tensor the type needs: llama.cpp names it, tiblocal says what to do
     partial = {k: v for k, v in _sums(model, 1).items() if k != "blk.0.attn_k.weight"}
     im = write_gguf_imatrix(tmp_path / "partial.gguf", partial, 64)
-    with pytest.raises(TiblocalError, match="partial.gguf does not cover that tensor"):
+    with pytest.raises(TiblocalError, match="partial.gguf does not fit this model there"):
         quantize_gguf(model, tmp_path / "q.gguf", ["IQ2_XXS"], imatrix=im)
     assert not (tmp_path / "q.gguf").exists()
 
