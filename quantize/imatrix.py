@@ -150,3 +150,112 @@ class QuantizeImatrixArgs:
                 o.value.val_i64 = int(value)
         self.kv_overrides = ctypes.cast(over, ctypes.POINTER(lib.llama_model_kv_override))
         self._over = over
+
+
+def write_imatrix(path: Path, im: Imatrix, counts: dict[str, int], chunk_size: int) -> None:
+    """The GGUF format ``llama-imatrix`` writes: per matrix the summed squares (``NAME.in_sum2``, ``entries`` times
+    the count) and the count of rows (``NAME.counts``), and the ``imatrix.*`` keys; atomically."""
+    import gguf
+
+    from tiblocal.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_string("general.type", "imatrix")
+        w.add_array(KV_DATASETS, im.datasets)
+        w.add_uint32(KV_CHUNK_COUNT, im.chunk_count)
+        w.add_uint32(KV_CHUNK_SIZE, chunk_size)
+        for name, values in im.entries.items():
+            w.add_tensor(f"{name}.in_sum2", (values * counts[name]).astype(np.float32).reshape(1, -1))
+            w.add_tensor(f"{name}.counts", np.array([[counts[name]]], dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def compute_imatrix(
+    hf_dir: Path, texts: list[Path], *, chunks: int, ctx: int, device: str = "cpu", progress=None,
+) -> tuple[Imatrix, dict[str, int]]:
+    """What ``llama-imatrix`` measures, from a Hugging Face model run by transformers: for each matrix the mean
+    square of each input column over ``chunks`` windows of ``ctx`` SentencePiece ids (BOS first) of the text.
+
+    Returns the importance matrix (the means) and each matrix's row count. Names are the GGUF tensor names; the
+    lm_head of a model with tied embeddings is ``token_embd.weight``, as llama.cpp multiplies by that tensor."""
+    import torch
+    import transformers
+
+    from tiblocal.checkpoint import HFCheckpoint
+    from tiblocal.convert.hf_to_gguf import ModelConverter
+
+    from .gptq import calibration_windows
+
+    hf_dir = Path(hf_dir)
+    conv = ModelConverter.for_checkpoint(HFCheckpoint.open(hf_dir))
+    windows = calibration_windows(hf_dir, texts, chunks, ctx, ("--text", "--chunks", "--ctx"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
+    tied = bool(model.config.tie_word_embeddings)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def collect(name: str):
+        def hook(module, inputs) -> None:
+            x = inputs[0].detach().reshape(-1, module.in_features).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = []
+    for hf_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            name = "token_embd.weight" if hf_name == "lm_head" and tied else conv.map_name(f"{hf_name}.weight")
+            handles.append(module.register_forward_pre_hook(collect(name)))
+    try:
+        with torch.inference_mode():
+            for i, w in enumerate(windows):
+                model(input_ids=torch.tensor([w["input_ids"]], device=device))
+                if progress:
+                    progress(i + 1, len(windows))
+    finally:
+        for h in handles:
+            h.remove()
+    entries = {name: (s / counts[name]).float().cpu().numpy() for name, s in sums.items()}
+    return Imatrix(Path(), entries, [t.name for t in texts], len(windows)), counts
+
+
+def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx: int, device: str | None,
+                force: bool, as_json: bool) -> int:
+    import json
+    import sys
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tiblocal.fsutil import check_output_path
+
+    from .gptq import default_calibration
+
+    check_output_path(Path(out), force=force)
+    texts = [Path(t) for t in texts] or [default_calibration()]
+    for t in texts:
+        if not t.is_file():
+            raise InputFileError(f"{t}: no such text file; give plain or .xz text with --text")
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    err = Console(stderr=True, highlight=False)
+    columns = (TextColumn("imatrix"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("imatrix", total=chunks)
+        im, counts = compute_imatrix(hf_dir, texts, chunks=chunks, ctx=ctx, device=device,
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    write_imatrix(Path(out), im, counts, ctx)
+    summary = {"out": str(out), "entries": len(im.entries), "chunks": im.chunk_count, "ctx": ctx,
+               "tokens": max(counts.values()), "datasets": im.datasets}
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        err.print(f"wrote {out}: {len(im.entries)} matrices, {im.chunk_count} chunks of {ctx} tokens")
+    return 0

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import DATA, run_cli
 from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.gguf_quant import quantize_gguf
-from tiblocal.quantize.imatrix import load_imatrix
+from tiblocal.quantize.imatrix import compute_imatrix, load_imatrix
 
 
 def _weights(model: Path) -> dict[str, int]:
@@ -143,3 +144,62 @@ def test_same_file_as_llama_quantize_with_the_same_imatrix(tmp_path: Path, model
     assert _tensor_bytes(ours) == _tensor_bytes(ref)
     keys = [{k: v for k, v in read_gguf(p).metadata.items() if k.startswith("quantize.")} for p in (ours, ref)]
     assert keys[0] == keys[1] and len(keys[0]) == 4
+
+
+# --- tiblocal imatrix: the importance matrix from a Hugging Face model -----------------------------------------------
+
+
+def test_computed_imatrix_is_the_mean_square_of_each_matrix_input(tiny256) -> None:
+    import torch
+    import transformers
+
+    from tiblocal.quantize.gptq import calibration_windows
+
+    hf, model = tiny256
+    text = [DATA / "tibetan_sample.txt"]
+    im, counts = compute_imatrix(hf, text, chunks=2, ctx=32)
+    assert set(im.entries) == set(_weights(model)) - {"token_embd.weight"}  # every matrix llama.cpp multiplies by
+    assert set(counts.values()) == {2 * 32} and im.chunk_count == 2 and im.datasets == ["tibetan_sample.txt"]
+    # by hand: the first layer's attention input is input_layernorm(embeddings), the output's is the final norm
+    m = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    ids = torch.tensor([w["input_ids"] for w in calibration_windows(hf, text, 2, 32)])
+    with torch.inference_mode():
+        x = m.model.layers[0].input_layernorm(m.model.embed_tokens(ids)).reshape(-1, m.config.hidden_size).double()
+        last = m(input_ids=ids, output_hidden_states=True).hidden_states[-1].reshape(-1, m.config.hidden_size).double()
+    np.testing.assert_allclose(im.entries["blk.0.attn_q.weight"], (x * x).mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(im.entries["blk.0.attn_v.weight"], im.entries["blk.0.attn_q.weight"])
+    np.testing.assert_allclose(im.entries["output.weight"], (last * last).mean(0).numpy(), rtol=1e-4)
+
+
+def test_imatrix_command_writes_what_quantize_reads(tmp_path: Path, tiny256) -> None:
+    hf, model = tiny256
+    out = tmp_path / "im.gguf"
+    p = run_cli("imatrix", str(hf), "--text", str(DATA / "tibetan_sample.txt"), "--chunks", "2", "--ctx", "32",
+                "--out", str(out), "--json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["entries"] == len(_weights(model)) - 1
+    im = load_imatrix(out)
+    assert im.chunk_count == 2 and im.datasets == ["tibetan_sample.txt"]
+    q = quantize_gguf(model, tmp_path / "q.gguf", ["IQ2_XXS"], imatrix=out)[0]
+    assert read_gguf(q.path).metadata["quantize.imatrix.entries_count"] == len(im.entries)
+    again = run_cli("imatrix", str(hf), "--text", str(DATA / "tibetan_sample.txt"), "--chunks", "2", "--ctx", "32",
+                    "--out", str(out))
+    assert again.returncode == 1 and "already exists; pass --force" in again.stderr.decode()
+    short = run_cli("imatrix", str(hf), "--text", str(DATA / "tibetan_sample.txt"), "--chunks", "100000",
+                    "--out", str(tmp_path / "x.gguf"), timeout=300)
+    err = short.stderr.decode()
+    assert short.returncode == 1 and "fewer than --chunks 100000; give more text with --text, or lower --chunks or --ctx" in err
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_tied_embeddings_give_the_output_product_the_embedding_name(tmp_path: Path, tiny_tokenizer) -> None:
+    import sentencepiece as spm
+
+    from tiblocal.synthetic import LlamaShape, write_llama_checkpoint
+
+    n = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer)).vocab_size()
+    shape = LlamaShape(vocab_size=n, hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    hf = write_llama_checkpoint(tmp_path / "hf", shape, tiny_tokenizer, seed=3)
+    im, _ = compute_imatrix(hf, [DATA / "tibetan_sample.txt"], chunks=1, ctx=32)
+    # llama.cpp multiplies the last hidden state by token_embd.weight when there is no output.weight
+    assert "token_embd.weight" in im.entries and "output.weight" not in im.entries

@@ -189,6 +189,25 @@ def _quantize(a: argparse.Namespace) -> int:
     )
 
 
+def _imatrix_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("hf_dir", type=Path, help="the merged Hugging Face model folder the GGUF was converted from")
+    p.add_argument("--out", type=Path, required=True, help="the importance matrix to write (GGUF, as llama-imatrix)")
+    p.add_argument("--text", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="text, plain or .xz (default: the Tibetan calibration excerpt bundled in the package)")
+    p.add_argument("--chunks", type=int, default=100, help="windows of text to run (default 100)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens a window (default 512, as llama-imatrix)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when torch sees a GPU)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--json", dest="as_json", action="store_true")
+
+
+def _imatrix(a: argparse.Namespace) -> int:
+    from .quantize.imatrix import run_imatrix
+
+    return run_imatrix(a.hf_dir, a.out, texts=a.text, chunks=a.chunks, ctx=a.ctx, device=a.device, force=a.force,
+                       as_json=a.as_json)
+
+
 def _gptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("hf_dir", type=Path, help="a merged Hugging Face model folder")
     p.add_argument("--bits", type=int, choices=[4, 8], required=True)
@@ -382,6 +401,8 @@ VERBS = (
     Verb("verify", "check a folder's files against its SHA256SUMS", _verify_args, _verify),
     Verb("convert", "convert a Hugging Face Llama model to GGUF", _convert_args, _convert),
     Verb("quantize", "quantize a GGUF with llama.cpp's own quantizer (Q4_K_M, Q8_0, ...)", _quantize_args, _quantize),
+    Verb("imatrix", "importance matrix for quantize --imatrix, from a Hugging Face model on Tibetan text", _imatrix_args,
+         _imatrix),
     Verb("gptq", "GPTQ 4/8-bit through gptqmodel, calibrated on Tibetan text (loads in transformers)", _gptq_args, _gptq),
     Verb("eval", "perplexity, and what quantization cost (ΔPPL, KL, top-1) on a text", _eval_args, _eval),
 )
