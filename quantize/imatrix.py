@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiblocal.errors import InputFileError
+from tiblocal.errors import InputFileError, TiblocalError
 
 KV_DATASETS, KV_CHUNK_COUNT, KV_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 
@@ -106,7 +106,10 @@ def _load_legacy(path: Path) -> Imatrix:
         ncall, nval = take("<ii")
         if nval < 1:
             raise _bad(path, f"entry {name} has {nval} values")
-        values = np.array(take(f"<{nval}f"), dtype=np.float32)
+        if pos + 4 * nval > len(buf):
+            raise _bad(path, f"it ends at byte {len(buf)} inside an entry")
+        values = np.frombuffer(buf, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        pos += 4 * nval
         entries[name] = values / ncall if ncall > 0 else values
     datasets, chunk_count = [], 0
     if pos < len(buf):  # optional: chunk count and dataset name
@@ -236,6 +239,8 @@ def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx:
 
     from .gptq import default_calibration
 
+    if chunks < 1 or ctx < 2:
+        raise TiblocalError(f"--chunks {chunks} --ctx {ctx}: expected at least 1 window of at least 2 tokens")
     check_output_path(Path(out), force=force)
     texts = [Path(t) for t in texts] or [default_calibration()]
     for t in texts:

@@ -190,6 +190,8 @@ def test_imatrix_command_writes_what_quantize_reads(tmp_path: Path, tiny256) -> 
     err = short.stderr.decode()
     assert short.returncode == 1 and "fewer than --chunks 100000; give more text with --text, or lower --chunks or --ctx" in err
     assert not (tmp_path / "x.gguf").exists()
+    zero = run_cli("imatrix", str(hf), "--chunks", "0", "--out", str(tmp_path / "x.gguf"))
+    assert zero.returncode == 1 and "--chunks 0 --ctx 512: expected at least 1 window" in zero.stderr.decode()
 
 
 def test_tied_embeddings_give_the_output_product_the_embedding_name(tmp_path: Path, tiny_tokenizer) -> None:
