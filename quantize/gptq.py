@@ -64,7 +64,8 @@ def _model_params(hf_dir: Path) -> tuple[int, int]:
 
 
 def calibration_windows(
-    hf_dir: Path, texts: list[Path], samples: int, seq_len: int, options: tuple[str, str, str] = ("--calib", "--samples", "--seq-len"),
+    hf_dir: Path, texts: list[Path], samples: int, seq_len: int,
+    options: tuple[str, str, str] = ("--calib", "--samples", "--seq-len"),
 ) -> list[dict]:
     """``samples`` windows of ``seq_len`` SentencePiece ids (BOS first), spread evenly through the text.
 

@@ -3,11 +3,12 @@
 tiblocal calls the C API directly (``llama_cpp.llama_cpp``: model loading, decode, samplers, the quantizer).
 ``import llama_cpp`` also imports the package's high-level half (``llama_cpp.llama``: the chat formats, jinja2,
 the disk cache), about 0.11 s of the start of each command that runs llama.cpp, on 2 cores (the two imports timed
-after numpy, gguf and rich, medians of 15), for code tiblocal never calls. The package's ``__init__`` only re-exports the two halves, so the ctypes layer is imported here
-under its own name with that ``__init__`` left out. It stays registered as ``llama_cpp.llama_cpp``: a later
-``import llama_cpp`` in the same process (a test, a user's script) runs the real ``__init__``, which reuses this
-module, so the process has one set of ctypes types and one loaded library. Should a later llama-cpp-python's ctypes
-layer need its package's ``__init__``, the package is imported as usual instead.
+after numpy, gguf and rich, medians of 15), for code tiblocal never calls. The package's ``__init__`` only
+re-exports the two halves, so the ctypes layer is imported here under its own name with that ``__init__`` left
+out. It stays registered as ``llama_cpp.llama_cpp``: a later ``import llama_cpp`` in the same process (a test, a
+user's script) runs the real ``__init__``, which reuses this module, so the process has one set of ctypes types and
+one loaded library. Should a later llama-cpp-python's ctypes layer need its package's ``__init__``, the package is
+imported as usual instead.
 
 llama.cpp's log goes to stderr only when asked (``verbose``), as llama-cpp-python does with its own callback; its
 error lines are kept, so that a failed call can say why (``take_errors``).
