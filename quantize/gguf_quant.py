@@ -23,13 +23,9 @@ from tiblocal.gguf_file import check_supported_architecture, read_gguf
 UNQUANTIZED = ("ALL_F32", "F16", "BF16")
 
 
-def _bindings(verbose: bool = False):
-    return bindings.load(verbose)
-
-
 def quant_types() -> dict[str, int]:
     """Every file type the installed bindings expose, by llama-quantize's name (Q4_K_M, Q8_0, ...)."""
-    lib = _bindings()
+    lib = bindings.load()
     out = {}
     for attr in dir(lib):
         if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
@@ -117,7 +113,7 @@ def quantize_gguf(
         out.mkdir(parents=True, exist_ok=True)
     for p in paths.values():
         check_output_path(p, force=force)
-    lib = _bindings(verbose)
+    lib = bindings.load(verbose)
     im_args = None
     if im is not None:
         if not hasattr(lib, "llama_model_imatrix_data"):

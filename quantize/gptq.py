@@ -47,6 +47,15 @@ class GPTQResult:
     size: int
 
 
+def calibration_texts(paths: list[Path], option: str = "--calib") -> list[Path]:
+    """The text files given with ``option``, or the bundled Tibetan excerpt when none are; each must exist."""
+    texts = [Path(p) for p in paths] or [default_calibration()]
+    for t in texts:
+        if not t.is_file():
+            raise InputFileError(f"{t}: no such calibration text file; give plain or .xz text with {option}")
+    return texts
+
+
 def _model_params(hf_dir: Path) -> tuple[int, int]:
     """(all parameters, parameters of the decoder layers) from the checkpoint headers."""
     from tiblocal.checkpoint import HFCheckpoint
@@ -132,10 +141,7 @@ def preflight(hf_dir: Path, *, bits: int, group_size: int = 128, calib: list[Pat
         raise InputFileError(f"{hf_dir}: no config.json; give a Hugging Face model folder (tiblocal merge's output)")
     if not list(hf_dir.glob("*.safetensors")) and not list(hf_dir.glob("*.bin")):
         raise InputFileError(f"{hf_dir}: no weights (*.safetensors or *.bin); give the merged model folder")
-    texts = [Path(p) for p in calib] or [default_calibration()]
-    for t in texts:
-        if not t.is_file():
-            raise InputFileError(f"{t}: no such calibration text file")
+    texts = calibration_texts(calib)
     try:
         import torch
     except ImportError:

@@ -237,15 +237,12 @@ def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx:
 
     from tiblocal.fsutil import check_output_path
 
-    from .gptq import default_calibration
+    from .gptq import calibration_texts
 
     if chunks < 1 or ctx < 2:
         raise TiblocalError(f"--chunks {chunks} --ctx {ctx}: expected at least 1 window of at least 2 tokens")
     check_output_path(Path(out), force=force)
-    texts = [Path(t) for t in texts] or [default_calibration()]
-    for t in texts:
-        if not t.is_file():
-            raise InputFileError(f"{t}: no such text file; give plain or .xz text with --text")
+    texts = calibration_texts(texts, "--text")
     if device is None:
         import torch
 

@@ -13,7 +13,7 @@ from conftest import DATA, run_cli
 from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.gguf_quant import quantize_gguf
-from tiblocal.quantize.imatrix import compute_imatrix, load_imatrix
+from tiblocal.quantize.imatrix import Imatrix, compute_imatrix, load_imatrix, write_imatrix
 
 
 def _weights(model: Path) -> dict[str, int]:
@@ -27,15 +27,15 @@ def _sums(model: Path, seed: int) -> dict[str, np.ndarray]:
 
 
 def write_gguf_imatrix(path: Path, sums: dict[str, np.ndarray], count: int, *, metadata: bool = True) -> Path:
-    """What llama-imatrix writes: NAME.in_sum2 (summed squares) and NAME.counts, and the imatrix.* keys."""
+    """What llama-imatrix writes (NAME.in_sum2 and NAME.counts, the imatrix.* keys), by tiblocal's writer; with
+    ``metadata=False`` the same tensors and no imatrix.* keys."""
     import gguf
 
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_string("general.type", "imatrix")
+    im = Imatrix(Path(), sums, ["tibetan_sample.txt"], 4)
     if metadata:
-        w.add_array("imatrix.datasets", ["tibetan_sample.txt"])
-        w.add_uint32("imatrix.chunk_count", 4)
-        w.add_uint32("imatrix.chunk_size", 512)
+        write_imatrix(path, im, {name: count for name in sums}, 512)
+        return path
+    w = gguf.GGUFWriter(path, "llama")
     for name, s in sums.items():
         w.add_tensor(f"{name}.in_sum2", (s * count).reshape(1, -1))
         w.add_tensor(f"{name}.counts", np.array([[count]], dtype=np.float32))

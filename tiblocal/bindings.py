@@ -78,7 +78,7 @@ def _import_ctypes_layer() -> ModuleType:
 
 
 def take_errors() -> str:
-    """llama.cpp's error log since the last call (or the last ``load``), on one line; empty when it logged none."""
+    """llama.cpp's error log since the last call, on one line; empty when it logged none."""
     text = "".join(_errors)
     _errors.clear()
     lines = (line.strip(" -").removeprefix("ERROR: ") for line in text.splitlines())
