@@ -10,6 +10,7 @@ libraries (``LD_LIBRARY_PATH``) and, with ``--bare``, the bare call run against 
 (``LLAMA_CPP_LIB_PATH``), which splits the bindings' share into their build of llama.cpp and the Python process.
 The JSON is rewritten after every run, so a run cut short still leaves what it measured; ``--budget SECONDS`` ends
 the runs before a round that would not fit (judged by the slowest round so far) and still writes the summary.
+``--imatrix FILE`` gives both the same importance matrix (``llama-quantize --imatrix``; not with ``--bare``).
 ``--pool JSON...`` summarises runs from several such files (each file's runs paired within it), cut short or not:
 
     python benchmarks/bench_quantize.py --pool q1.json q2.json q3.json
@@ -114,6 +115,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: beside the model)")
     ap.add_argument("--budget", type=float,
                     help="seconds: start no round that would end after this (each type runs at least one)")
+    ap.add_argument("--imatrix", type=Path, help="an importance matrix both tools quantize with")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.pool:
@@ -121,10 +123,14 @@ def main() -> int:
         return 0
     if args.model is None or args.llama_quantize is None or args.threads is None:
         ap.error("MODEL, --llama-quantize and --threads are needed (or --pool JSON...)")
+    if args.imatrix and (args.bare or args.lib_dir):
+        ap.error("--imatrix times the binary and tiblocal only; leave out --bare and --lib-dir")
+    im_bin = ["--imatrix", str(args.imatrix.resolve())] if args.imatrix else []
     started = time.monotonic()
     args.model = args.model.resolve()
     work = Path(tempfile.mkdtemp(dir=args.work or args.model.parent))
-    result: dict = {"model": str(args.model), "model_bytes": args.model.stat().st_size, "threads": args.threads}
+    result: dict = {"model": str(args.model), "model_bytes": args.model.stat().st_size, "threads": args.threads,
+                    "imatrix": str(args.imatrix) if args.imatrix else None}
     lib_env = {"LD_LIBRARY_PATH": str(args.lib_dir.resolve())} if args.lib_dir else None
     if lib_env:  # which libraries the binary loads each way, so the comparison is known to be the one intended
         for key, env in (("ldd_own", None), ("ldd_lib_dir", lib_env)):
@@ -142,9 +148,10 @@ def main() -> int:
         outs = {"llama_quantize": ref, "tiblocal": ours, "bare_python": bare, "llama_quantize_lib_dir": libs,
                 "bare_python_binary_libs": bare_bin}
         cmds = {
-            "llama_quantize": lambda out: [str(args.llama_quantize), str(args.model), str(out), qtype, str(args.threads)],
+            "llama_quantize": lambda out: [str(args.llama_quantize), *im_bin, str(args.model), str(out), qtype,
+                                           str(args.threads)],
             "tiblocal": lambda out: [sys.executable, "-m", "tiblocal", "quantize", str(args.model), "--type", qtype,
-                                     "--out", str(out), "--threads", str(args.threads), "--force"],
+                                     "--out", str(out), "--threads", str(args.threads), "--force", *im_bin],
             "bare_python": lambda out: [sys.executable, "-c", BARE, str(args.model), str(out), qtype, str(args.threads)],
         }
         # the crossed contenders run the same commands against the other side's libraries

@@ -20,6 +20,8 @@ from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import check_supported_architecture, read_gguf
 
+from .imatrix import Imatrix, QuantizeImatrixArgs, load_imatrix
+
 UNQUANTIZED = ("ALL_F32", "F16", "BF16")
 
 
@@ -88,10 +90,13 @@ def quantize_gguf(
     allow_requantize: bool = False,
     force: bool = False,
     verbose: bool = False,
-    imatrix: Path | None = None,
+    imatrix: Path | Imatrix | None = None,
     on_start: Callable[[str, Path], None] | None = None,
 ) -> list[QuantResult]:
-    """Quantize ``inp`` to each type; ``on_start(type, path)`` runs while llama.cpp works on that type."""
+    """Quantize ``inp`` to each type; ``on_start(type, path)`` runs while llama.cpp works on that type.
+
+    ``imatrix``: a file llama-imatrix or ``tiblocal imatrix`` wrote, or one already loaded (its ``path`` is what
+    the output's ``quantize.imatrix.file`` key names)."""
     inp, out = Path(inp), Path(out)
     info = read_gguf(inp, with_tokens=False)
     check_supported_architecture(info)
@@ -103,11 +108,7 @@ def quantize_gguf(
     valid = quant_types()
     out_tt = tensor_type(output_tensor_type, "--output-tensor-type")
     emb_tt = tensor_type(token_embedding_type, "--token-embedding-type")
-    im = None
-    if imatrix is not None:  # read before anything is written
-        from .imatrix import QuantizeImatrixArgs, load_imatrix
-
-        im = load_imatrix(imatrix)
+    im = imatrix if isinstance(imatrix, Imatrix) or imatrix is None else load_imatrix(imatrix)  # before any write
     paths = output_paths(inp, out, types)
     if len(paths) > 1 and "{type}" not in str(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def quantize_gguf(
                 meanwhile=(lambda: on_start(qtype, path)) if on_start else None,
             )
             if rc != 0:
-                raise TiblocalError(_failure(inp, qtype, rc, bindings.take_errors(), imatrix))
+                raise TiblocalError(_failure(inp, qtype, rc, bindings.take_errors(), im and im.path))
         results.append(QuantResult(qtype, path, path.stat().st_size, time.perf_counter() - t0))
     return results
 
@@ -152,9 +153,9 @@ def _failure(inp: Path, qtype: str, rc: int, why: str, imatrix: Path | None) -> 
     msg = f"llama.cpp could not quantize {inp} to {qtype}" + (f": {why}" if why else f" (code {rc})")
     if "importance matrix" in why or "imatrix" in why:
         if imatrix is None:
-            return (f"{msg}. Pass --imatrix FILE (made by llama.cpp's llama-imatrix), or choose a type that needs "
-                    "none (Q2_K, Q3_K_S, IQ3_S, IQ4_XS, ...)")
-        return f"{msg}. {imatrix} does not fit this model there: make one with llama-imatrix from this model"
+            return (f"{msg}. Pass --imatrix FILE (made by `tiblocal imatrix HF_DIR --out FILE` or llama.cpp's "
+                    "llama-imatrix), or choose a type that needs none (Q2_K, Q3_K_S, IQ3_S, IQ4_XS, ...)")
+        return f"{msg}. {imatrix} does not fit this model there: make one from this model with `tiblocal imatrix`"
     return f"{msg}; `tiblocal quantize {inp} --type {qtype} --out OUT --verbose` shows llama.cpp's whole log"
 
 

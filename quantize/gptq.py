@@ -74,11 +74,12 @@ def _model_params(hf_dir: Path) -> tuple[int, int]:
 
 def calibration_windows(
     hf_dir: Path, texts: list[Path], samples: int, seq_len: int,
-    options: tuple[str, str, str] = ("--calib", "--samples", "--seq-len"),
+    options: tuple[str, str, str | None] = ("--calib", "--samples", "--seq-len"),
 ) -> list[dict]:
     """``samples`` windows of ``seq_len`` SentencePiece ids (BOS first), spread evenly through the text.
 
-    ``options``: the command's names for the text, the window count and the window length, for the error."""
+    ``options``: the command's names for the text, the window count and the window length (None where it has
+    none), for the error."""
     from tiblocal.gguf_vocab import load_sentencepiece
     from tiblocal.vocab import read_lines
 
@@ -96,8 +97,8 @@ def calibration_windows(
     if available < samples:
         raise TiblocalError(
             f"the calibration text ({', '.join(str(t) for t in texts)}) has {len(ids)} tokens: {available} windows of "
-            f"{seq_len}, fewer than {options[1]} {samples}; give more text with {options[0]}, or lower {options[1]} or "
-            f"{options[2]}"
+            f"{seq_len}, fewer than {options[1]} {samples}; give more text with {options[0]}, or lower {options[1]}"
+            + (f" or {options[2]}" if options[2] else "")
         )
     step = available // samples
     out = []

@@ -133,3 +133,49 @@ def test_startup_bench_times_every_contender_and_cleans_up(tmp_path):
     assert all(r[k]["median_ms"] > 0 for k in ("python -c pass", "tiblocal --help", "tiblocal verify --help",
                                               "tiblocal chat --help", "bare bindings quantize"))
     assert list(scratch.iterdir()) == []  # its scratch folder (model and outputs) is gone
+
+
+STAND_IN_WITH_IMATRIX = """
+import sys
+from tiblocal.quantize.gguf_quant import quantize_gguf
+args = sys.argv[1:]
+imatrix = None
+if args[0] == "--imatrix":
+    imatrix, args = args[1], args[2:]
+inp, out, qtype, threads = args
+quantize_gguf(inp, out, [qtype], threads=int(threads), imatrix=imatrix)
+"""
+
+
+def test_imatrix_reaches_both_tools(tiny256, tmp_path):
+    """--imatrix goes to the binary as llama-quantize takes it and to tiblocal; IQ2_XXS runs only with one."""
+    from tiblocal.quantize.imatrix import compute_imatrix, write_imatrix
+
+    hf, model = tiny256
+    im, counts = compute_imatrix(hf, [Path(__file__).parent / "data" / "tibetan_sample.txt"], chunks=1, ctx=32)
+    write_imatrix(tmp_path / "im.gguf", im, counts, 32)
+    fake = tmp_path / "llama-quantize"  # llama-quantize's command line, [--imatrix FILE] IN OUT TYPE THREADS
+    fake.write_text(f"#!{sys.executable}\n" + STAND_IN_WITH_IMATRIX)
+    fake.chmod(0o755)
+    res = tmp_path / "q.json"
+    cmd = [sys.executable, str(BENCH / "bench_quantize.py"), str(model), "--llama-quantize", str(fake), "--threads", "2",
+           "--types", "IQ2_XXS", "--imatrix", str(tmp_path / "im.gguf"), "--work", str(tmp_path), "--json", str(res)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=BENCH)
+    r = json.loads(res.read_text())
+    assert r["imatrix"] == str(tmp_path / "im.gguf") and r["IQ2_XXS"]["identical_tensors"] and r["IQ2_XXS"]["pairs"] == 2
+    bad = subprocess.run([*cmd, "--bare"], capture_output=True, text=True, cwd=BENCH)
+    assert bad.returncode == 2 and "--imatrix times the binary and tiblocal only" in bad.stderr
+
+
+def test_imatrix_bench_times_both_and_cleans_up(tiny256, tmp_path):
+    hf, _ = tiny256
+    out, scratch = tmp_path / "i.json", tmp_path / "scratch"
+    scratch.mkdir()
+    subprocess.run([sys.executable, str(BENCH / "bench_imatrix.py"), str(hf), "--device", "cpu", "--chunks", "2",
+                    "--ctx", "32", "--text", str(Path(__file__).parent / "data" / "tibetan_sample.txt"), "--work",
+                    str(scratch), "--json", str(out)], check=True, capture_output=True, cwd=BENCH)
+    r = json.loads(out.read_text())
+    assert len(r["runs"]["tiblocal"]) == len(r["runs"]["bare_forward"]) == 2 and r["pairs"] == 2
+    assert all(x["forward_s"] > 0 and x["load_s"] > 0 for x in r["runs"]["bare_forward"])
+    assert r["entries"] == 15  # 2 layers × 7 matrices, and the output
+    assert list(scratch.iterdir()) == []

@@ -178,6 +178,11 @@ def test_imatrix_command_writes_what_quantize_reads(tmp_path: Path, tiny256) -> 
                 "--out", str(out), "--json", timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["entries"] == len(_weights(model)) - 1
+    # --no-output: only the layers' matrices, as llama-imatrix without --process-output
+    p = run_cli("imatrix", str(hf), "--text", str(DATA / "tibetan_sample.txt"), "--chunks", "2", "--ctx", "32",
+                "--out", str(tmp_path / "layers.gguf"), "--no-output", timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert set(load_imatrix(tmp_path / "layers.gguf").entries) == {n for n in _weights(model) if n.startswith("blk.")}
     im = load_imatrix(out)
     assert im.chunk_count == 2 and im.datasets == ["tibetan_sample.txt"]
     q = quantize_gguf(model, tmp_path / "q.gguf", ["IQ2_XXS"], imatrix=out)[0]
@@ -205,3 +210,74 @@ def test_tied_embeddings_give_the_output_product_the_embedding_name(tmp_path: Pa
     im, _ = compute_imatrix(hf, [DATA / "tibetan_sample.txt"], chunks=1, ctx=32)
     # llama.cpp multiplies the last hidden state by token_embd.weight when there is no output.weight
     assert "token_embd.weight" in im.entries and "output.weight" not in im.entries
+    no_output, _ = compute_imatrix(hf, [DATA / "tibetan_sample.txt"], chunks=1, ctx=32, output=False)
+    assert set(no_output.entries) == set(im.entries) - {"token_embd.weight"}
+
+
+def test_release_makes_the_imatrix_ships_it_and_quantizes_with_it(tmp_path: Path, tiny256) -> None:
+    hf, _ = tiny256
+    text = str(DATA / "tibetan_sample.txt")
+    out = tmp_path / "rel"
+    p = run_cli("release", str(hf), "--out", str(out), "--name", "t", "--types", "IQ2_XXS,Q4_K_M", "--imatrix-text", text,
+                "--imatrix-chunks", "3", "--device", "cpu", "--json", timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    files = sorted(x.name for x in out.iterdir())
+    assert "t.imatrix.gguf" in files and "t-IQ2_XXS.gguf" in files  # IQ2_XXS is refused without an imatrix
+    im = load_imatrix(out / "t.imatrix.gguf")
+    assert im.chunk_count == 3 and im.datasets == ["tibetan_sample.txt"]
+    # the same matrix as `tiblocal imatrix` makes on the same text, and the same file as quantize makes with it
+    alone = tmp_path / "alone.gguf"
+    assert run_cli("imatrix", str(hf), "--text", text, "--chunks", "3", "--out", str(alone), "--device", "cpu",
+                   timeout=300).returncode == 0
+    ref = load_imatrix(alone)
+    assert set(ref.entries) == set(im.entries)
+    for name, values in ref.entries.items():
+        np.testing.assert_allclose(im.entries[name], values, rtol=1e-6)
+    # made with the matrix as the shipped file holds it (3 × 512 rows: the stored sums do not round-trip exactly)
+    for t in ("IQ2_XXS", "Q4_K_M"):
+        q = quantize_gguf(out / "t-f16.gguf", tmp_path / f"q-{t}.gguf", [t], imatrix=out / "t.imatrix.gguf")[0]
+        assert _tensor_bytes(q.path) == _tensor_bytes(out / f"t-{t}.gguf"), t
+    plain = quantize_gguf(out / "t-f16.gguf", tmp_path / "plain.gguf", ["Q4_K_M"])[0]
+    assert _tensor_bytes(plain.path) != _tensor_bytes(out / "t-Q4_K_M.gguf")
+    meta = read_gguf(out / "t-Q4_K_M.gguf", with_tokens=False).metadata
+    assert meta["quantize.imatrix.file"] == "t.imatrix.gguf"  # not the temporary folder it was made in
+    info = json.loads((out / "quantization.json").read_text())["imatrix"]
+    assert info == {"file": "t.imatrix.gguf", "made": True, "datasets": ["tibetan_sample.txt"], "chunks": 3, "ctx": 512}
+    card = (out / "README.md").read_text()
+    assert "importance matrix `t.imatrix.gguf` (made by `tiblocal imatrix` from this model on tibetan_sample.txt, 3 " \
+           "windows of 512 tokens)" in card
+    assert "tiblocal chat t-IQ2_XXS.gguf" in card and "  t.imatrix.gguf\n" in (out / "SHA256SUMS").read_text()
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_release_with_a_given_imatrix(tmp_path: Path, tiny256, model) -> None:
+    hf, _ = tiny256
+    dat = write_legacy_imatrix(tmp_path / "mine.dat", _sums(model, 5), 3)
+    out = tmp_path / "rel"
+    p = run_cli("release", str(hf), "--out", str(out), "--name", "t", "--types", "Q2_K_S", "--imatrix", str(dat), timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert (out / "t.imatrix.dat").read_bytes() == dat.read_bytes()
+    q = quantize_gguf(out / "t-f16.gguf", tmp_path / "q.gguf", ["Q2_K_S"], imatrix=dat)[0]
+    assert _tensor_bytes(q.path) == _tensor_bytes(out / "t-Q2_K_S.gguf")
+    assert read_gguf(out / "t-Q2_K_S.gguf", with_tokens=False).metadata["quantize.imatrix.file"] == "t.imatrix.dat"
+    assert "importance matrix `t.imatrix.dat` (given, computed on tibetan_sample.txt, 4 windows)" in (out / "README.md").read_text()
+
+
+def test_release_imatrix_errors_leave_nothing(tmp_path: Path, tiny256) -> None:
+    hf, _ = tiny256
+    text = str(DATA / "tibetan_sample.txt")
+    cases = [
+        (["--imatrix", str(tmp_path / "none.gguf")], "no such importance matrix file: "),
+        (["--imatrix", text], "tibetan_sample.txt is not a usable importance matrix"),
+        (["--imatrix", text, "--make-imatrix"], "--make-imatrix/--imatrix-text both given; give one of them"),
+        (["--imatrix-text", str(tmp_path / "none.txt")], "none.txt: no such calibration text file; give plain or .xz "
+                                                          "text with --imatrix-text"),
+        (["--imatrix-text", text, "--imatrix-chunks", "100000"],
+         "fewer than --imatrix-chunks 100000; give more text with --imatrix-text, or lower --imatrix-chunks\n"),
+        (["--make-imatrix", "--imatrix-chunks", "0"], "--imatrix-chunks 0: expected at least 1 window"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"rel{i}"
+        p = run_cli("release", str(hf), "--out", str(out), "--types", "Q4_K_M", *args, timeout=300)
+        assert p.returncode == 1 and message in p.stderr.decode(), (args, p.stderr.decode())
+        assert not out.exists() and not list(tmp_path.glob(f".rel{i}.*"))

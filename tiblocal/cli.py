@@ -197,6 +197,9 @@ def _imatrix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=int, default=100, help="windows of text to run (default 100)")
     p.add_argument("--ctx", type=int, default=512, help="tokens a window (default 512, as llama-imatrix)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when torch sees a GPU)")
+    p.add_argument("--no-output", dest="output", action="store_false",
+                   help="leave out the output product (lm_head, or the tied embedding), as llama-imatrix does without "
+                        "--process-output")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", dest="as_json", action="store_true")
 
@@ -205,7 +208,7 @@ def _imatrix(a: argparse.Namespace) -> int:
     from .quantize.imatrix import run_imatrix
 
     return run_imatrix(a.hf_dir, a.out, texts=a.text, chunks=a.chunks, ctx=a.ctx, device=a.device, force=a.force,
-                       as_json=a.as_json)
+                       as_json=a.as_json, output=a.output)
 
 
 def _gptq_args(p: argparse.ArgumentParser) -> None:
@@ -337,6 +340,16 @@ def _release_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gptq", type=int, choices=[4, 8], default=None, metavar="BITS",
                    help="also a GPTQ model folder at 4 or 8 bits (tiblocal gptq, bundled Tibetan calibration)")
     p.add_argument("--gptq-group-size", type=int, default=128, help="GPTQ group size (default 128)")
+    p.add_argument("--imatrix", type=Path, default=None, metavar="FILE",
+                   help="quantize the GGUFs with this importance matrix (tiblocal imatrix or llama-imatrix); it is shipped "
+                        "in the release")
+    p.add_argument("--make-imatrix", action="store_true",
+                   help="make the importance matrix from the model on Tibetan text first (as tiblocal imatrix), ship it "
+                        "and quantize with it")
+    p.add_argument("--imatrix-text", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="text for --make-imatrix, plain or .xz (implies it; default: the bundled Tibetan calibration excerpt)")
+    p.add_argument("--imatrix-chunks", type=int, default=100, help="windows of 512 tokens for --make-imatrix (default 100)")
+    p.add_argument("--device", default=None, help="where --make-imatrix runs: cpu or cuda (default: cuda when torch sees a GPU)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", dest="as_json", action="store_true")
 
@@ -347,7 +360,8 @@ def _release(a: argparse.Namespace) -> int:
     return run_release(
         a.hf_dir, a.out, as_json=a.as_json, types=a.types.split(","), name=a.name, template=a.template,
         eval_text=a.eval_text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads, notes=a.notes,
-        gptq_bits=a.gptq, gptq_group_size=a.gptq_group_size, force=a.force,
+        gptq_bits=a.gptq, gptq_group_size=a.gptq_group_size, force=a.force, imatrix=a.imatrix,
+        make_imatrix=a.make_imatrix, imatrix_text=a.imatrix_text, imatrix_chunks=a.imatrix_chunks, device=a.device,
     )
 
 

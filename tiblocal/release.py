@@ -3,6 +3,8 @@
 From a merged Hugging Face folder it writes, into one new folder (atomically: all of it or nothing):
 - ``NAME-f16.gguf`` and ``NAME-TYPE.gguf`` for each chosen llama.cpp quant type; with ``gptq_bits``, the GPTQ
   model folder ``NAME-GPTQ-{bits}bit/`` (tiblocal gptq) for GPU servers;
+- with an importance matrix (given, or made from the model on Tibetan text as ``tiblocal imatrix`` makes it),
+  ``NAME.imatrix.gguf`` (or ``.dat``, as given): every GGUF quant is made with it, as ``llama-quantize --imatrix``;
 - ``quantization.json`` / ``.md``: size, bits per weight, ΔPPL, mean KL, top-1 agreement and tokens/s of
   each file against the f16 one, on the given text (`tiblocal eval compare`'s measures);
 - an Ollama ``Modelfile`` for the first quant type, with the chat template in Ollama's syntax, its stop
@@ -13,6 +15,7 @@ From a merged Hugging Face folder it writes, into one new folder (atomically: al
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +71,16 @@ def _model_summary(hf_dir: Path) -> dict:
     return {k: cfg.get(k) for k in keys}
 
 
+def _imatrix_line(info: dict) -> str:
+    made = (f"made by `tiblocal imatrix` from this model on {', '.join(info['datasets'])}" if info["made"]
+            else "given" + (f", computed on {', '.join(info['datasets'])}" if info["datasets"] else ""))
+    chunks = f", {info['chunks']} windows of {info['ctx']} tokens" if info.get("chunks") and info.get("ctx") else (
+        f", {info['chunks']} windows" if info.get("chunks") else "")
+    return f"The quantized GGUFs were made with the importance matrix `{info['file']}` ({made}{chunks})."
+
+
 def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict], text_names: list[str], ctx: int,
-               template_name: str, meta: dict, notes: str | None) -> str:
+               template_name: str, meta: dict, notes: str | None, imatrix: dict | None = None) -> str:
     from .templates import get_template
 
     from tiblocal.quantize.evaluate import report_markdown
@@ -82,6 +93,8 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
     out += ["", "## Files", "", "| file | size (MiB) |", "|---|---|"]
     out += [f"| {f} | {size / 2**20:.1f} |" for f, size in files.items()]
     out += [""]
+    if imatrix:
+        out += [_imatrix_line(imatrix), ""]
     if rows:
         out += [report_markdown(rows, f"What quantization cost on {', '.join(text_names)} (ctx {ctx}, against f16)")]
     else:
@@ -99,7 +112,7 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
     if sampling:
         out += ["Suggested sampling (in the GGUF as general.sampling.*, used by tiblocal and llama.cpp): "
                 + ", ".join(f"{k} {v if isinstance(v, int) else round(float(v), 6)}" for k, v in sampling.items()) + ".", ""]
-    quant = next((f for f in files if f.endswith(".gguf") and "-f16" not in f), next(iter(files)))
+    quant = next((f for f in files if f.endswith(".gguf") and "-f16" not in f and ".imatrix." not in f), next(iter(files)))
     run = [f"tiblocal chat {quant}", "ollama create " + name.lower() + " -f Modelfile", "tiblocal verify .   # checks SHA256SUMS"]
     gptq = next((f for f in files if f.endswith("/")), None)
     if gptq:
@@ -114,11 +127,16 @@ def release(
     hf_dir: Path, out: Path, *, types: list[str], name: str | None = None, template: str = "alpaca",
     eval_text: list[Path] = (), ctx: int = 512, max_windows: int | None = None, threads: int | None = None,
     notes: Path | None = None, gptq_bits: int | None = None, gptq_group_size: int = 128, force: bool = False,
-    progress: Callable[[str], None] | None = None,
+    imatrix: Path | None = None, make_imatrix: bool = False, imatrix_text: list[Path] = (), imatrix_chunks: int = 100,
+    device: str | None = None, progress: Callable[[str], None] | None = None,
 ) -> ReleaseResult:
+    """``imatrix``: an importance matrix file to quantize with; ``make_imatrix`` (implied by ``imatrix_text``): make
+    one from the model on ``imatrix_text`` (default: the bundled Tibetan calibration excerpt), ``imatrix_chunks``
+    windows of 512 tokens, on ``device`` (default: cuda when torch sees a GPU)."""
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
+    from tiblocal.quantize.imatrix import load_imatrix
 
     from .fsutil import atomic_dir, check_output_path
     from .gguf_file import read_gguf
@@ -142,6 +160,20 @@ def release(
             raise InputFileError(f"{notes}: no such notes file (Markdown for the model card's 'How it was made')")
         notes_text = Path(notes).read_text(encoding="utf-8")
     text = read_text(list(eval_text)) if eval_text else None
+    make_imatrix = make_imatrix or bool(imatrix_text)
+    if imatrix is not None and make_imatrix:
+        raise TiblocalError(f"--imatrix {imatrix} and --make-imatrix/--imatrix-text both given; give one of them")
+    given_im = load_imatrix(imatrix) if imatrix is not None else None  # a bad file stops here, before any work
+    im_windows = None
+    if make_imatrix:  # the text is cut into windows now, so a short text stops here, before the long work
+        from tiblocal.quantize.gptq import calibration_texts, calibration_windows
+        from tiblocal.quantize.imatrix import IMATRIX_CTX
+
+        if imatrix_chunks < 1:
+            raise TiblocalError(f"--imatrix-chunks {imatrix_chunks}: expected at least 1 window")
+        imatrix_text = calibration_texts(list(imatrix_text), "--imatrix-text")
+        im_windows = calibration_windows(hf_dir, imatrix_text, imatrix_chunks, IMATRIX_CTX,
+                                         ("--imatrix-text", "--imatrix-chunks", None))
     if gptq_bits:  # its checks (group size, calibration, gptqmodel installed) before the long work
         from tiblocal.quantize.gptq import preflight
 
@@ -152,11 +184,37 @@ def release(
         f16 = tmp / f"{name}-f16.gguf"
         say(f"converting {hf_dir} to {f16.name}")
         hf_to_gguf(hf_dir, f16, outtype="f16", template=template)
+        im, im_info = None, None
+        if make_imatrix:
+            from tiblocal.quantize.imatrix import compute_imatrix, write_imatrix
+
+            if device is None:
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            say(f"importance matrix: {imatrix_chunks} windows on {device}")
+            im, counts = compute_imatrix(hf_dir, imatrix_text, chunks=imatrix_chunks, ctx=IMATRIX_CTX, device=device,
+                                         progress=lambda done, total: say(f"importance matrix: window {done}/{total}"),
+                                         windows=im_windows)
+            write_imatrix(tmp / f"{name}.imatrix.gguf", im, counts, IMATRIX_CTX)
+            # quantize with the matrix as read back from the shipped file (the sums it stores round differently from
+            # the means in memory), so `tiblocal quantize --imatrix` with that file makes the same GGUFs
+            im = load_imatrix(tmp / f"{name}.imatrix.gguf")
+            im.path = Path(im.path.name)
+            im_info = {"file": im.path.name, "made": True, "datasets": im.datasets, "chunks": im.chunk_count,
+                       "ctx": IMATRIX_CTX}
+        elif given_im is not None:
+            im = given_im
+            with open(imatrix, "rb") as f:  # the name says the format, as load_imatrix reads it
+                im.path = Path(f"{name}.imatrix{'.gguf' if f.read(4) == b'GGUF' else '.dat'}")
+            shutil.copyfile(imatrix, tmp / im.path)
+            im_info = {"file": im.path.name, "made": False, "datasets": im.datasets, "chunks": im.chunk_count,
+                       "source": str(imatrix)}
         quants = []
         for t in names:
             path = tmp / f"{name}-{t}.gguf"
             say(f"quantizing to {t}")
-            quantize_gguf(f16, path, [t], threads=threads, output_tensor_type=output_types[t])
+            quantize_gguf(f16, path, [t], threads=threads, output_tensor_type=output_types[t], imatrix=im)
             quants.append(path)
         gptq_dir = None
         if gptq_bits:
@@ -176,12 +234,16 @@ def release(
         meta = read_gguf(quants[0], with_tokens=False).metadata
         (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
         (tmp / "quantization.json").write_text(json.dumps({
-            "text": [str(p) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "rows": rows,
+            "text": [str(p) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "imatrix": im_info,
+            "rows": rows,
         }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         files = {p.name: p.stat().st_size for p in [f16, *quants]}
+        if im is not None:
+            files[im.path.name] = (tmp / im.path).stat().st_size
         if gptq_dir is not None:
             files[gptq_dir.name + "/"] = sum(p.stat().st_size for p in gptq_dir.iterdir() if p.is_file())
-        card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text)
+        card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text,
+                          im_info)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)
         listing = sorted(p.name for p in tmp.iterdir())

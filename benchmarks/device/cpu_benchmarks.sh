@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The 7B-scale CPU benchmarks of convert, merge and quantize, as run on the 16-core H100 host.
-# Usage: [SKIP=merge] [QTYPES=Q8_0] [QARGS="--rounds 2 --bare"] [STAGE=prepare|quantize] cpu_benchmarks.sh SDIST TOKENIZER OUTDIR [convert-reference]
+# Usage: [SKIP=merge] [QTYPES=Q8_0] [QARGS="--rounds 2 --bare"] [STAGE=prepare|quantize] [KEEP_BASE=1] cpu_benchmarks.sh SDIST TOKENIZER OUTDIR [convert-reference]
 #   STAGE splits the work into two calls on the same machine (each under the GPU tool's 10 minutes): prepare (builds,
 #   random checkpoint, convert and merge benchmarks), then quantize (the quantize benchmark on what prepare left in /tmp).
 #   SDIST: llama-cpp-python sdist (its vendor/llama.cpp gives llama-quantize and convert_hf_to_gguf.py)
@@ -43,6 +43,7 @@ mkdir -p /tmp/lc && cp -r $lc/vendor/llama.cpp/{convert_hf_to_gguf.py,conversion
 skip="--skip reference ${SKIP:-}"; [ "$mode" = convert-reference ] && skip="--skip ${SKIP:-}"
 python3 $here/bench_convert_merge.py --llama-cpp /tmp/lc --tokenizer "$tok" --work $work --keep $skip \
   --json $out/convert_merge.json
-[ "$stage" = prepare ] && { rm -rf $work/base; exit; }  # the f16 GGUF stays for STAGE=quantize
+# the f16 GGUF stays for STAGE=quantize; KEEP_BASE=1 keeps the HF folder too (imatrix_benchmarks.sh runs it)
+[ "$stage" = prepare ] && { [ -n "${KEEP_BASE:-}" ] || rm -rf $work/base; exit; }
 python3 $here/bench_quantize.py $work/ours.gguf --llama-quantize $lc/vendor/llama.cpp/build/bin/llama-quantize \
   --threads "$(nproc)" --types "${QTYPES:-Q4_K_M,Q8_0}" ${QARGS:-} --json $out/quantize.json
