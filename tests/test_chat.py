@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -111,7 +112,10 @@ def test_chat_in_a_terminal(tiny_gguf, tmp_path: Path) -> None:
     os.write(child.child_fd, b"bad \xff\xfe bytes\r")  # raw bytes that are not UTF-8
     child.expect("not valid UTF-8 \\(bytes ff fe\\)")
     child.expect(">>> ")
-    child.sendintr()  # Ctrl-C at the prompt keeps the chat open
+    # Ctrl-C at the prompt keeps the chat open. Wait until input() waits: ">>> " is printed just before it, and a
+    # SIGINT that lands between the two is only seen by Python's readline once a key comes (a CI run hung there)
+    time.sleep(0.5)
+    child.sendintr()
     child.expect("Ctrl-D or /exit to leave")
     child.expect(">>> ")
     child.sendline("/set temp 0.5")
