@@ -4,7 +4,7 @@
 
 Both run as child processes, alternating (A B B A, ``--rounds`` times): ``tiblocal imatrix HF_DIR --chunks N``
 (load, the hooks on every matrix product, the GGUF written) and a bare script that loads the model the same way
-(transformers, fp32, moved to the device) and runs the same windows (cut by tiblocal's ``calibration_windows``, as
+(transformers, ``--dtype``, straight onto the device) and runs the same windows (cut by tiblocal's ``calibration_windows``, as
 the command cuts them) with no hooks. The ratio is what collecting the importance matrix adds to the forward
 passes it needs; the bare run also reports its own load and forward seconds.
 """
@@ -26,11 +26,13 @@ import json, sys, time
 from pathlib import Path
 import torch, transformers
 from tiblocal.quantize.gptq import calibration_texts, calibration_windows
+from tiblocal.quantize.imatrix import DTYPES
 hf, chunks, ctx, device, split = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
-texts = calibration_texts([Path(p) for p in sys.argv[6:]], "--text")
+dtype = getattr(torch, DTYPES[sys.argv[6]])
+texts = calibration_texts([Path(p) for p in sys.argv[7:]], "--text")
 t0 = time.perf_counter()
 windows = calibration_windows(hf, texts, chunks, ctx)
-model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).to(device).eval()
+model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=dtype, device_map=device).eval()
 if device == "cuda":
     torch.cuda.synchronize()
 t1 = time.perf_counter()
@@ -50,6 +52,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--text", nargs="+", type=Path, default=[], help="default: the bundled calibration excerpt")
     ap.add_argument("--rounds", type=int, default=1, help="ABBA rounds")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -61,12 +64,14 @@ def main() -> int:
     out, split = work / "imatrix.gguf", work / "split.json"
     cmds = {
         "tiblocal": [sys.executable, "-m", "tiblocal", "imatrix", str(hf), "--out", str(out), "--chunks", str(args.chunks),
-                     "--ctx", str(args.ctx), "--device", args.device, "--force", *(["--text", *texts] if texts else [])],
+                     "--ctx", str(args.ctx), "--device", args.device, "--dtype", args.dtype, "--force",
+                     *(["--text", *texts] if texts else [])],
         "bare_forward": [sys.executable, "-c", BARE, str(hf), str(args.chunks), str(args.ctx), args.device, str(split),
-                         *texts],
+                         args.dtype, *texts],
     }
     runs: dict[str, list[dict]] = {who: [] for who in cmds}
-    result: dict = {"model": str(hf), "device": args.device, "chunks": args.chunks, "ctx": args.ctx, "runs": runs}
+    result: dict = {"model": str(hf), "device": args.device, "dtype": args.dtype, "chunks": args.chunks, "ctx": args.ctx,
+                    "runs": runs}
     order = list(cmds) + list(cmds)[::-1]
     for _ in range(args.rounds):
         for who in order:

@@ -21,6 +21,7 @@ from tiblocal.errors import InputFileError, TiblocalError
 
 KV_DATASETS, KV_CHUNK_COUNT, KV_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 IMATRIX_CTX = 512  # llama-imatrix's default window
+DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}  # --dtype: what the model runs in
 
 
 @dataclass
@@ -183,7 +184,7 @@ def write_imatrix(path: Path, im: Imatrix, counts: dict[str, int], chunk_size: i
 
 def compute_imatrix(
     hf_dir: Path, texts: list[Path], *, chunks: int, ctx: int, device: str = "cpu", progress=None,
-    windows: list[dict] | None = None, output: bool = True,
+    windows: list[dict] | None = None, output: bool = True, dtype: str = "f32",
 ) -> tuple[Imatrix, dict[str, int]]:
     """What ``llama-imatrix`` measures, from a Hugging Face model run by transformers: for each matrix the mean
     square of each input column over ``chunks`` windows of ``ctx`` SentencePiece ids (BOS first) of the text.
@@ -193,7 +194,8 @@ def compute_imatrix(
     ``windows``: the windows already cut from ``texts`` (``calibration_windows``), when the caller checked them.
     ``output=False`` leaves out the output product (lm_head), as ``llama-imatrix`` does without ``--process-output``;
     tiblocal keeps it by default: on the demo model, whose output is its tied embedding, that lowered Q4_K_M's mean
-    KL (0.00794 without it, 0.00773 with it)."""
+    KL (0.00794 without it, 0.00773 with it). ``dtype`` (f32, bf16, f16): what the model is loaded and run in,
+    straight onto ``device``; the squares are summed in float64 either way."""
     import torch
     import transformers
 
@@ -206,7 +208,12 @@ def compute_imatrix(
     conv = ModelConverter.for_checkpoint(HFCheckpoint.open(hf_dir))
     if windows is None:
         windows = calibration_windows(hf_dir, texts, chunks, ctx, ("--text", "--chunks", "--ctx"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
+    if dtype not in DTYPES:
+        raise TiblocalError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    # loaded onto the device directly: a 7B model in fp32 built on the host first took 42 GB of host memory
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=getattr(torch, DTYPES[dtype]), device_map=device
+    ).eval()
     tied = bool(model.config.tie_word_embeddings)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -238,7 +245,7 @@ def compute_imatrix(
 
 
 def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx: int, device: str | None,
-                force: bool, as_json: bool, output: bool = True) -> int:
+                force: bool, as_json: bool, output: bool = True, dtype: str = "f32") -> int:
     import json
     import sys
 
@@ -261,7 +268,7 @@ def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx:
     columns = (TextColumn("imatrix"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("imatrix", total=chunks)
-        im, counts = compute_imatrix(hf_dir, texts, chunks=chunks, ctx=ctx, device=device, output=output,
+        im, counts = compute_imatrix(hf_dir, texts, chunks=chunks, ctx=ctx, device=device, output=output, dtype=dtype,
                                      progress=lambda done, total: bar.update(task, completed=done, total=total))
     write_imatrix(Path(out), im, counts, ctx)
     summary = {"out": str(out), "entries": len(im.entries), "chunks": im.chunk_count, "ctx": ctx,

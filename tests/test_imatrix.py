@@ -169,6 +169,14 @@ def test_computed_imatrix_is_the_mean_square_of_each_matrix_input(tiny256) -> No
     np.testing.assert_allclose(im.entries["blk.0.attn_q.weight"], (x * x).mean(0).numpy(), rtol=1e-5)
     np.testing.assert_allclose(im.entries["blk.0.attn_v.weight"], im.entries["blk.0.attn_q.weight"])
     np.testing.assert_allclose(im.entries["output.weight"], (last * last).mean(0).numpy(), rtol=1e-4)
+    # in bf16 the same matrices, to bf16's precision (the squares still summed in float64)
+    half, _ = compute_imatrix(hf, text, chunks=2, ctx=32, dtype="bf16")
+    assert set(half.entries) == set(im.entries)
+    for name, values in im.entries.items():
+        np.testing.assert_allclose(half.entries[name], values, rtol=0.1, atol=1e-3 * float(values.max()))
+    assert any(not np.array_equal(half.entries[n], im.entries[n]) for n in im.entries)
+    with pytest.raises(TiblocalError, match="--dtype f8: expected one of f32, bf16, f16"):
+        compute_imatrix(hf, text, chunks=2, ctx=32, dtype="f8")
 
 
 def test_imatrix_command_writes_what_quantize_reads(tmp_path: Path, tiny256) -> None:
