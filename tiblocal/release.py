@@ -72,11 +72,13 @@ def _model_summary(hf_dir: Path) -> dict:
 
 
 def _imatrix_line(info: dict) -> str:
-    made = (f"made by `tiblocal imatrix` from this model on {', '.join(info['datasets'])}" if info["made"]
-            else "given" + (f", computed on {', '.join(info['datasets'])}" if info["datasets"] else ""))
-    chunks = f", {info['chunks']} windows of {info['ctx']} tokens" if info.get("chunks") and info.get("ctx") else (
-        f", {info['chunks']} windows" if info.get("chunks") else "")
-    return f"The quantized GGUFs were made with the importance matrix `{info['file']}` ({made}{chunks})."
+    texts = ", ".join(info["datasets"])
+    source = f"made by `tiblocal imatrix` from this model on {texts}" if info["made"] else (
+        "given" + (f", computed on {texts}" if texts else ""))
+    windows = ""
+    if info.get("chunks"):
+        windows = f", {info['chunks']} windows" + (f" of {info['ctx']} tokens" if info.get("ctx") else "")
+    return f"The quantized GGUFs were made with the importance matrix `{info['file']}` ({source}{windows})."
 
 
 def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict], text_names: list[str], ctx: int,
