@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gguf import GGMLQuantizationType
 
@@ -20,7 +21,8 @@ from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import check_supported_architecture, read_gguf
 
-from .imatrix import Imatrix, QuantizeImatrixArgs, load_imatrix
+if TYPE_CHECKING:
+    from .imatrix import Imatrix
 
 UNQUANTIZED = ("ALL_F32", "F16", "BF16")
 
@@ -108,7 +110,11 @@ def quantize_gguf(
     valid = quant_types()
     out_tt = tensor_type(output_tensor_type, "--output-tensor-type")
     emb_tt = tensor_type(token_embedding_type, "--token-embedding-type")
-    im = imatrix if isinstance(imatrix, Imatrix) or imatrix is None else load_imatrix(imatrix)  # before any write
+    im = None
+    if imatrix is not None:  # read before anything is written; the module only where a matrix is given
+        from .imatrix import Imatrix, QuantizeImatrixArgs, load_imatrix
+
+        im = imatrix if isinstance(imatrix, Imatrix) else load_imatrix(imatrix)
     paths = output_paths(inp, out, types)
     if len(paths) > 1 and "{type}" not in str(out):
         out.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,12 @@ def _bad(path: Path, what: str) -> InputFileError:
     )
 
 
+def is_gguf(path: Path) -> bool:
+    """Whether the file is in the GGUF format (else llama-imatrix's legacy .dat)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def load_imatrix(path: Path) -> Imatrix:
     path = Path(path)
     if not path.is_file():
@@ -46,9 +52,7 @@ def load_imatrix(path: Path) -> Imatrix:
             f"no such importance matrix file: {path}; make one with `tiblocal imatrix HF_DIR --out FILE` or llama.cpp's "
             "llama-imatrix"
         )
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    return _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
+    return _load_gguf(path) if is_gguf(path) else _load_legacy(path)
 
 
 def _load_gguf(path: Path) -> Imatrix:
@@ -183,7 +187,7 @@ def write_imatrix(path: Path, im: Imatrix, counts: dict[str, int], chunk_size: i
 
 
 def compute_imatrix(
-    hf_dir: Path, texts: list[Path], *, chunks: int, ctx: int, device: str = "cpu", progress=None,
+    hf_dir: Path, texts: list[Path], *, chunks: int, ctx: int, device: str | None = None, progress=None,
     windows: list[dict] | None = None, output: bool = True, dtype: str = "f32",
 ) -> tuple[Imatrix, dict[str, int]]:
     """What ``llama-imatrix`` measures, from a Hugging Face model run by transformers: for each matrix the mean
@@ -195,7 +199,7 @@ def compute_imatrix(
     ``output=False`` leaves out the output product (lm_head), as ``llama-imatrix`` does without ``--process-output``;
     tiblocal keeps it by default: on the demo model, whose output is its tied embedding, that lowered Q4_K_M's mean
     KL (0.00794 without it, 0.00773 with it). ``dtype`` (f32, bf16, f16): what the model is loaded and run in,
-    straight onto ``device``; the squares are summed in float64 either way."""
+    straight onto ``device`` (default: cuda when torch sees a GPU); the squares are summed in float64 either way."""
     import torch
     import transformers
 
@@ -204,12 +208,13 @@ def compute_imatrix(
 
     from .gptq import calibration_windows
 
+    if dtype not in DTYPES:
+        raise TiblocalError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     hf_dir = Path(hf_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     conv = ModelConverter.for_checkpoint(HFCheckpoint.open(hf_dir))
     if windows is None:
         windows = calibration_windows(hf_dir, texts, chunks, ctx, ("--text", "--chunks", "--ctx"))
-    if dtype not in DTYPES:
-        raise TiblocalError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     # loaded onto the device directly: a 7B model in fp32 built on the host first took 42 GB of host memory
     model = transformers.AutoModelForCausalLM.from_pretrained(
         hf_dir, dtype=getattr(torch, DTYPES[dtype]), device_map=device
@@ -260,10 +265,6 @@ def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx:
         raise TiblocalError(f"--chunks {chunks} --ctx {ctx}: expected at least 1 window of at least 2 tokens")
     check_output_path(Path(out), force=force)
     texts = calibration_texts(texts, "--text")
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     err = Console(stderr=True, highlight=False)
     columns = (TextColumn("imatrix"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:

@@ -171,7 +171,8 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-embedding-type", default=None, metavar="T", help="type of token_embd.weight")
     p.add_argument(
         "--imatrix", type=Path, default=None, metavar="FILE",
-        help="importance matrix from llama.cpp's llama-imatrix (GGUF or .dat); IQ1/IQ2/IQ3_XXS types and Q2_K_S need one",
+        help="importance matrix from tiblocal imatrix or llama.cpp's llama-imatrix (GGUF or .dat); IQ1/IQ2/IQ3_XXS types "
+             "and Q2_K_S need one",
     )
     p.add_argument("--allow-requantize", action="store_true", help="accept an input that is already quantized")
     p.add_argument("--force", action="store_true", help="overwrite outputs that exist")

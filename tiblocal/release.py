@@ -138,7 +138,7 @@ def release(
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
-    from tiblocal.quantize.imatrix import load_imatrix
+    from tiblocal.quantize.imatrix import is_gguf, load_imatrix
 
     from .fsutil import atomic_dir, check_output_path
     from .gguf_file import read_gguf
@@ -190,11 +190,7 @@ def release(
         if make_imatrix:
             from tiblocal.quantize.imatrix import compute_imatrix, write_imatrix
 
-            if device is None:
-                import torch
-
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            say(f"importance matrix: {imatrix_chunks} windows on {device}")
+            say(f"importance matrix: {imatrix_chunks} windows")
             im, counts = compute_imatrix(hf_dir, imatrix_text, chunks=imatrix_chunks, ctx=IMATRIX_CTX, device=device,
                                          progress=lambda done, total: say(f"importance matrix: window {done}/{total}"),
                                          windows=im_windows)
@@ -207,8 +203,7 @@ def release(
                        "ctx": IMATRIX_CTX}
         elif given_im is not None:
             im = given_im
-            with open(imatrix, "rb") as f:  # the name says the format, as load_imatrix reads it
-                im.path = Path(f"{name}.imatrix{'.gguf' if f.read(4) == b'GGUF' else '.dat'}")
+            im.path = Path(f"{name}.imatrix{'.gguf' if is_gguf(imatrix) else '.dat'}")  # the name says the format
             shutil.copyfile(imatrix, tmp / im.path)
             im_info = {"file": im.path.name, "made": False, "datasets": im.datasets, "chunks": im.chunk_count,
                        "source": str(imatrix)}
