@@ -27,6 +27,7 @@ from itertools import islice
 from pathlib import Path
 
 from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.fsutil import atomic_path
 
 from .config import TrainConfig, dump, to_dict
 
@@ -487,13 +488,14 @@ def _save_checkpoint(accel, model, opt, sched, step: int, out: Path) -> None:
         "py_rng": random.getstate(),
         "step": step,
     }
-    tmp = out / f".{CHECKPOINT}.partial"
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp / "state.pt")
-    final = out / CHECKPOINT
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)  # a kill during the save leaves the previous checkpoint or none, never half of one
+    folder = out / CHECKPOINT
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".state.pt.*.partial"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
+    # written beside, then renamed over the old one: a kill at any moment leaves the previous checkpoint or this one,
+    # whole (removing the old one first left none for an instant, and a kill then restarted the run from step 0)
+    with atomic_path(folder / "state.pt", option="output_dir=") as tmp:
+        torch.save(state, tmp)
 
 
 def _full_state(accel, model) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -189,6 +190,89 @@ def test_a_killed_run_resumes_to_the_same_loss(tmp_path: Path) -> None:
     assert 2 <= res["resumed_from"] < 8
     assert res["train_loss"] == pytest.approx(_metrics(ref)[-1]["loss"], abs=1e-4)
     assert res["eval_loss"] == pytest.approx([r for r in _metrics(ref) if "eval_loss" in r][-1]["eval_loss"], abs=1e-4)
+
+
+def test_a_kill_at_any_line_of_a_save_leaves_a_whole_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A save interrupted after any line of tiblocal's code (a kill between removing the old checkpoint and
+    putting the new one in place once made the resumed run start again from step 0) leaves the previous checkpoint
+    or the new one, whole."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    from tiblocal import fsutil
+    from tiblocal.finetune import train
+
+    class OneProcess:  # what _save_checkpoint asks of accelerate's Accelerator, on one process
+        is_main_process = True
+        distributed_type = DistributedType.NO
+
+        def wait_for_everyone(self) -> None:
+            pass
+
+        def get_state_dict(self, model):
+            return model.state_dict()
+
+        def unwrap_model(self, model):
+            return model
+
+    class Killed(BaseException):
+        pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.inner = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    model.inner(torch.ones(1, 8)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    accel, out = OneProcess(), tmp_path / "run"
+    out.mkdir()
+    ours = {train.__file__, fsutil.__file__}
+
+    def save_killed_at(line: int) -> bool:
+        """Save step 3 over step 2's checkpoint, killed (an exception no cleanup is written for) after ``line``
+        lines of our code; False when the save ran to its end first."""
+        seen = 0
+
+        def trace(frame, event, arg):
+            nonlocal seen
+            if frame.f_code.co_filename not in ours:
+                return None
+            if event == "line":
+                seen += 1
+                if seen == line:
+                    raise Killed
+            return trace
+
+        train._save_checkpoint(accel, model, opt, sched, 2, out)
+        sys.settrace(trace)
+        try:
+            train._save_checkpoint(accel, model, opt, sched, 3, out)
+        except Killed:
+            return True
+        finally:
+            sys.settrace(None)
+        return False
+
+    line = 1
+    while save_killed_at(line):
+        state_file = out / train.CHECKPOINT / "state.pt"
+        assert state_file.is_file(), f"no checkpoint after a kill at line {line} of the save"
+        assert torch.load(state_file, weights_only=False)["step"] in (2, 3)
+        line += 1
+    assert line > 5  # the kill did land inside the save, at each of its lines
+    assert torch.load(out / train.CHECKPOINT / "state.pt", weights_only=False)["step"] == 3
+
+    # a full disk: a one-line error naming the setting to change, and the previous checkpoint kept
+    def full(obj, f):
+        Path(f).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(TiblocalError, match="the disk is full while writing .*state.pt.*another disk with output_dir="):
+        train._save_checkpoint(accel, model, opt, sched, 4, out)
+    assert torch.load(out / train.CHECKPOINT / "state.pt", weights_only=False)["step"] == 3
+    assert [p.name for p in (out / train.CHECKPOINT).iterdir()] == ["state.pt"]
 
 
 def test_bad_input(tmp_path: Path, tiny_tokenizer, pretrained) -> None:

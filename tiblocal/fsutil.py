@@ -33,20 +33,21 @@ def _umask() -> int:
     return mask
 
 
-def _disk_full(path: Path, e: OSError) -> TiblocalError:
+def _disk_full(path: Path, e: OSError, option: str = "--out") -> TiblocalError:
     return TiblocalError(
         f"the disk is full while writing {path} ({e.strerror}); nothing was left behind. "
-        "Free some space or write to another disk with --out"
+        f"Free some space or write to another disk with {option}"
     )
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, option: str = "--out") -> Iterator[Path]:
     """Yield an unused temporary name beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The name is not created here: the writer creates the file. A file made empty beforehand and then opened with
     O_TRUNC by the writer (llama.cpp's quantizer does) is flushed to disk whole when it is closed on ext4
-    (auto_da_alloc's replace-via-truncate rule): 3.8 s (median of 10) on a 7.4 GB Q8_0 output.
+    (auto_da_alloc's replace-via-truncate rule): 3.8 s (median of 10) on a 7.4 GB Q8_0 output. ``option`` is the
+    setting a full disk's error names for choosing another place.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -61,7 +62,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise _disk_full(path, e) from None
+            raise _disk_full(path, e, option) from None
         raise
 
 
