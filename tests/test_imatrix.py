@@ -14,6 +14,7 @@ from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.gguf_quant import quantize_gguf
 from tiblocal.quantize.imatrix import Imatrix, compute_imatrix, load_imatrix, write_imatrix
+from tiblocal.release import release
 
 
 def _weights(model: Path) -> dict[str, int]:
@@ -227,16 +228,17 @@ def test_release_makes_the_imatrix_ships_it_and_quantizes_with_it(tmp_path: Path
     text = str(DATA / "tibetan_sample.txt")
     out = tmp_path / "rel"
     p = run_cli("release", str(hf), "--out", str(out), "--name", "t", "--types", "IQ2_XXS,Q4_K_M", "--imatrix-text", text,
-                "--imatrix-chunks", "3", "--device", "cpu", "--json", timeout=300)
+                "--imatrix-chunks", "3", "--imatrix-dtype", "bf16", "--device", "cpu", "--json", timeout=300)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     files = sorted(x.name for x in out.iterdir())
     assert "t.imatrix.gguf" in files and "t-IQ2_XXS.gguf" in files  # IQ2_XXS is refused without an imatrix
     im = load_imatrix(out / "t.imatrix.gguf")
     assert im.chunk_count == 3 and im.datasets == ["tibetan_sample.txt"]
-    # the same matrix as `tiblocal imatrix` makes on the same text, and the same file as quantize makes with it
+    # the same matrix as `tiblocal imatrix` makes on the same text in the same dtype (bf16 moves it by about 1e-2
+    # from f32), and the same file as quantize makes with it
     alone = tmp_path / "alone.gguf"
     assert run_cli("imatrix", str(hf), "--text", text, "--chunks", "3", "--out", str(alone), "--device", "cpu",
-                   timeout=300).returncode == 0
+                   "--dtype", "bf16", timeout=300).returncode == 0
     ref = load_imatrix(alone)
     assert set(ref.entries) == set(im.entries)
     for name, values in ref.entries.items():
@@ -250,10 +252,11 @@ def test_release_makes_the_imatrix_ships_it_and_quantizes_with_it(tmp_path: Path
     meta = read_gguf(out / "t-Q4_K_M.gguf", with_tokens=False).metadata
     assert meta["quantize.imatrix.file"] == "t.imatrix.gguf"  # not the temporary folder it was made in
     info = json.loads((out / "quantization.json").read_text())["imatrix"]
-    assert info == {"file": "t.imatrix.gguf", "made": True, "datasets": ["tibetan_sample.txt"], "chunks": 3, "ctx": 512}
+    assert info == {"file": "t.imatrix.gguf", "made": True, "datasets": ["tibetan_sample.txt"], "chunks": 3, "ctx": 512,
+                    "dtype": "bf16"}
     card = (out / "README.md").read_text()
     assert "importance matrix `t.imatrix.gguf` (made by `tiblocal imatrix` from this model on tibetan_sample.txt, 3 " \
-           "windows of 512 tokens)" in card
+           "windows of 512 tokens, the model run in bf16)" in card
     assert "tiblocal chat t-IQ2_XXS.gguf" in card and "  t.imatrix.gguf\n" in (out / "SHA256SUMS").read_text()
     assert run_cli("verify", str(out)).returncode == 0
 
@@ -289,3 +292,7 @@ def test_release_imatrix_errors_leave_nothing(tmp_path: Path, tiny256) -> None:
         p = run_cli("release", str(hf), "--out", str(out), "--types", "Q4_K_M", *args, timeout=300)
         assert p.returncode == 1 and message in p.stderr.decode(), (args, p.stderr.decode())
         assert not out.exists() and not list(tmp_path.glob(f".rel{i}.*"))
+    # a dtype the command line would not take, through the Python API
+    with pytest.raises(TiblocalError, match="--imatrix-dtype f8: expected one of f32, bf16, f16"):
+        release(hf, tmp_path / "api", types=["Q4_K_M"], make_imatrix=True, imatrix_dtype="f8")
+    assert not (tmp_path / "api").exists() and not list(tmp_path.glob(".api.*"))

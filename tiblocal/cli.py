@@ -352,6 +352,8 @@ def _release_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imatrix-text", nargs="+", type=Path, default=[], metavar="FILE",
                    help="text for --make-imatrix, plain or .xz (implies it; default: the bundled Tibetan calibration excerpt)")
     p.add_argument("--imatrix-chunks", type=int, default=100, help="windows of 512 tokens for --make-imatrix (default 100)")
+    p.add_argument("--imatrix-dtype", choices=["f32", "bf16", "f16"], default="f32",
+                   help="what the model runs in for --make-imatrix (default f32; bf16: 7B in 25 s instead of 42 s on an H100)")
     p.add_argument("--device", default=None, help="where --make-imatrix runs: cpu or cuda (default: cuda when torch sees a GPU)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", dest="as_json", action="store_true")
@@ -364,7 +366,8 @@ def _release(a: argparse.Namespace) -> int:
         a.hf_dir, a.out, as_json=a.as_json, types=a.types.split(","), name=a.name, template=a.template,
         eval_text=a.eval_text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads, notes=a.notes,
         gptq_bits=a.gptq, gptq_group_size=a.gptq_group_size, force=a.force, imatrix=a.imatrix,
-        make_imatrix=a.make_imatrix, imatrix_text=a.imatrix_text, imatrix_chunks=a.imatrix_chunks, device=a.device,
+        make_imatrix=a.make_imatrix, imatrix_text=a.imatrix_text, imatrix_chunks=a.imatrix_chunks,
+        imatrix_dtype=a.imatrix_dtype, device=a.device,
     )
 
 

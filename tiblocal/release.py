@@ -78,6 +78,8 @@ def _imatrix_line(info: dict) -> str:
     windows = ""
     if info.get("chunks"):
         windows = f", {info['chunks']} windows" + (f" of {info['ctx']} tokens" if info.get("ctx") else "")
+    if info.get("dtype", "f32") != "f32":
+        windows += f", the model run in {info['dtype']}"
     return f"The quantized GGUFs were made with the importance matrix `{info['file']}` ({source}{windows})."
 
 
@@ -130,15 +132,16 @@ def release(
     eval_text: list[Path] = (), ctx: int = 512, max_windows: int | None = None, threads: int | None = None,
     notes: Path | None = None, gptq_bits: int | None = None, gptq_group_size: int = 128, force: bool = False,
     imatrix: Path | None = None, make_imatrix: bool = False, imatrix_text: list[Path] = (), imatrix_chunks: int = 100,
-    device: str | None = None, progress: Callable[[str], None] | None = None,
+    imatrix_dtype: str = "f32", device: str | None = None, progress: Callable[[str], None] | None = None,
 ) -> ReleaseResult:
     """``imatrix``: an importance matrix file to quantize with; ``make_imatrix`` (implied by ``imatrix_text``): make
     one from the model on ``imatrix_text`` (default: the bundled Tibetan calibration excerpt), ``imatrix_chunks``
-    windows of 512 tokens, on ``device`` (default: cuda when torch sees a GPU)."""
+    windows of 512 tokens, the model run in ``imatrix_dtype`` (f32, bf16, f16) on ``device`` (default: cuda when
+    torch sees a GPU)."""
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
-    from tiblocal.quantize.imatrix import is_gguf, load_imatrix
+    from tiblocal.quantize.imatrix import DTYPES, is_gguf, load_imatrix
 
     from .fsutil import atomic_dir, check_output_path
     from .gguf_file import read_gguf
@@ -173,6 +176,8 @@ def release(
 
         if imatrix_chunks < 1:
             raise TiblocalError(f"--imatrix-chunks {imatrix_chunks}: expected at least 1 window")
+        if imatrix_dtype not in DTYPES:
+            raise TiblocalError(f"--imatrix-dtype {imatrix_dtype}: expected one of {', '.join(DTYPES)}")
         imatrix_text = calibration_texts(list(imatrix_text), "--imatrix-text")
         im_windows = calibration_windows(hf_dir, imatrix_text, imatrix_chunks, IMATRIX_CTX,
                                          ("--imatrix-text", "--imatrix-chunks", None))
@@ -192,6 +197,7 @@ def release(
 
             say(f"importance matrix: {imatrix_chunks} windows")
             im, counts = compute_imatrix(hf_dir, imatrix_text, chunks=imatrix_chunks, ctx=IMATRIX_CTX, device=device,
+                                         dtype=imatrix_dtype,
                                          progress=lambda done, total: say(f"importance matrix: window {done}/{total}"),
                                          windows=im_windows)
             write_imatrix(tmp / f"{name}.imatrix.gguf", im, counts, IMATRIX_CTX)
@@ -200,7 +206,7 @@ def release(
             im = load_imatrix(tmp / f"{name}.imatrix.gguf")
             im.path = Path(im.path.name)
             im_info = {"file": im.path.name, "made": True, "datasets": im.datasets, "chunks": im.chunk_count,
-                       "ctx": IMATRIX_CTX}
+                       "ctx": IMATRIX_CTX, "dtype": imatrix_dtype}
         elif given_im is not None:
             im = given_im
             im.path = Path(f"{name}.imatrix{'.gguf' if is_gguf(imatrix) else '.dat'}")  # the name says the format
