@@ -175,7 +175,8 @@ def test_a_killed_run_resumes_to_the_same_loss(tmp_path: Path) -> None:
     deadline = time.time() + 240
     while time.time() < deadline:
         mf = out / "metrics.jsonl"
-        if mf.is_file() and any(json.loads(l)["step"] >= 3 for l in mf.read_text().splitlines() if l.strip()):
+        # whole lines only (the last one may be caught half written)
+        if mf.is_file() and any(json.loads(l)["step"] >= 3 for l in mf.read_text().split("\n")[:-1] if l.strip()):
             break
         if proc.poll() is not None:
             break
