@@ -234,6 +234,7 @@ def release(
                                 progress=lambda m: say(f"measuring {Path(m).name}"))
             for r in rows:
                 r["model"] = Path(r["model"]).name + ("/" if Path(r["model"]).is_dir() else "")
+        say("writing the model card, Modelfile and SHA256SUMS")
         meta = read_gguf(quants[0], with_tokens=False).metadata
         (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
         (tmp / "quantization.json").write_text(json.dumps({
