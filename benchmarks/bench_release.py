@@ -103,7 +103,9 @@ def main() -> int:
         "gpu_peak_gib": round(child["gpu_peak_bytes"] / 2**30, 2) if child["gpu_peak_bytes"] else None,
         "files_gib": {k: round(v / 2**30, 3) for k, v in sorted(child["files"].items())},
     }
-    if not args.keep:
+    if args.keep:
+        result["kept"] = str(out)
+    else:
         shutil.rmtree(work)
     emit(result, args.json)
     return 0
