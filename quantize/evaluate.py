@@ -242,9 +242,12 @@ def _file_facts(path: Path) -> dict:
             "bits_per_weight": round(8 * sum(t.n_bytes for t in info.tensors) / info.n_params, 3)}
 
 
+SPEED_TOKENS = 64  # tokens decoded for a report's tokens/s
+
+
 def quant_report(
     ref: Path, quants: list[Path], text: str, ctx: int, *, max_windows: int | None = None, threads: int | None = None,
-    n_gpu_layers: int = 0, speed_tokens: int = 64, progress: Callable[[str], None] | None = None,
+    n_gpu_layers: int = 0, speed_tokens: int = SPEED_TOKENS, progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """One row per model (the reference GGUF first): size, bits per weight, file type, ΔPPL, KL, top-1, tokens/s.
     A quant may be a GGUF (llama.cpp) or a GPTQ folder (transformers; no bits per weight or tokens/s)."""

@@ -20,14 +20,16 @@ def test_release_writes_every_artifact_and_verifies(tiny_hf: Path, tmp_path: Pat
     notes.write_text("Trained by the tests.\n")
     out = tmp_path / "rel"
     p = run_cli("release", str(hf), "--out", str(out), "--types", "Q8_0,Q4_0:Q8_0", "--eval-text", str(DATA / "tibetan_sample.txt"),
-                "--ctx", "64", "--max-windows", "4", "--notes", str(notes), "--json", timeout=300)
+                "--ctx", "64", "--max-windows", "4", "--notes", str(notes), "--threads", "2", "--json", timeout=300)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     files = sorted(x.name for x in out.iterdir())
     assert files == ["Modelfile", "README.md", "SHA256SUMS", "quantization.json", "tiny-demo-Q4_0.gguf", "tiny-demo-Q8_0.gguf",
                      "tiny-demo-f16.gguf"]
     assert not list(tmp_path.glob(".rel.*"))  # no temporary folder left
-    rows = json.loads((out / "quantization.json").read_text())["rows"]
+    q = json.loads((out / "quantization.json").read_text())
+    rows = q["rows"]
     assert [r["file_type"] for r in rows] == ["F16", "Q8_0", "Q4_0"]
+    assert q["speed"] == {"tokens": 64, "threads": 2, "n_gpu_layers": 0} and all(r["tokens_per_s"] > 0 for r in rows)
     assert rows[0]["mean_kl"] == 0 and 0 < rows[1]["mean_kl"] < rows[2]["mean_kl"]
     modelfile = (out / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./tiny-demo-Q8_0.gguf\nTEMPLATE \"\"\"")
@@ -37,6 +39,7 @@ def test_release_writes_every_artifact_and_verifies(tiny_hf: Path, tmp_path: Pat
         assert line in modelfile, line
     card = (out / "README.md").read_text()
     assert "| tiny-demo-Q4_0.gguf | Q4_0 |" in card and "Trained by the tests." in card and "temp 0.7, top_k 30" in card
+    assert "tokens/s: llama.cpp decoding 64 tokens on the CPU, 2 threads." in card
     assert run_cli("verify", str(out)).returncode == 0
     (out / "tiny-demo-Q4_0.gguf").write_bytes(b"changed")
     v = run_cli("verify", str(out))
@@ -61,6 +64,29 @@ def test_release_bad_input(tiny_hf: Path, tmp_path: Path) -> None:
     p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "f"), "--types", "Q8_0", "--gptq", "4")
     assert p.returncode == 1 and "hidden_size 64 is not a multiple of --group-size 128" in p.stderr.decode()
     assert not (tmp_path / "f").exists() and not list(tmp_path.glob(".f.*"))
+
+
+def test_release_refuses_gpu_layers_without_a_gpu_build_before_any_work(tiny_hf: Path, tmp_path: Path, monkeypatch) -> None:
+    from tiblocal.convert import hf_to_gguf
+    from tiblocal.engine import EngineError, gpu_offload_supported
+    from tiblocal.release import release
+
+    if gpu_offload_supported():
+        pytest.skip("this llama-cpp-python build has a GPU backend")
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "g"), "--types", "Q8_0", "--eval-text",
+                str(DATA / "tibetan_sample.txt"), "--n-gpu-layers", "-1")
+    assert p.returncode == 1 and "--n-gpu-layers -1 asks for GPU offload" in p.stderr.decode()
+    assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g.*"))
+
+    def converted(*a, **k):
+        raise AssertionError("converted before the GPU check")
+
+    monkeypatch.setattr(hf_to_gguf, "hf_to_gguf", converted)
+    with pytest.raises(EngineError, match="no GPU backend"):
+        release(tiny_hf, tmp_path / "h", types=["Q8_0"], eval_text=[DATA / "tibetan_sample.txt"], n_gpu_layers=2)
+    # without --eval-text nothing runs through llama.cpp's evaluation, so there is nothing to refuse
+    with pytest.raises(AssertionError, match="converted before the GPU check"):
+        release(tiny_hf, tmp_path / "i", types=["Q8_0"], n_gpu_layers=2)
 
 
 def test_convert_writes_the_suggested_sampling_and_the_runtime_uses_it(tiny_hf: Path, tmp_path: Path) -> None:

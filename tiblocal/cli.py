@@ -339,6 +339,9 @@ def _release_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=512, help="evaluation window (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
+                   help="layers llama.cpp runs on the GPU for the --eval-text measurements (-1: all; needs a GPU build "
+                        "of llama-cpp-python)")
     p.add_argument("--notes", type=Path, default=None, help="Markdown for the model card's 'How it was made'")
     p.add_argument("--gptq", type=int, choices=[4, 8], default=None, metavar="BITS",
                    help="also a GPTQ model folder at 4 or 8 bits (tiblocal gptq, bundled Tibetan calibration)")
@@ -367,7 +370,7 @@ def _release(a: argparse.Namespace) -> int:
         eval_text=a.eval_text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads, notes=a.notes,
         gptq_bits=a.gptq, gptq_group_size=a.gptq_group_size, force=a.force, imatrix=a.imatrix,
         make_imatrix=a.make_imatrix, imatrix_text=a.imatrix_text, imatrix_chunks=a.imatrix_chunks,
-        imatrix_dtype=a.imatrix_dtype, device=a.device,
+        imatrix_dtype=a.imatrix_dtype, device=a.device, n_gpu_layers=a.n_gpu_layers,
     )
 
 

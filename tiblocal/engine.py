@@ -172,6 +172,16 @@ def gpu_offload_supported() -> bool:
     return bool(_bindings().llama_supports_gpu_offload())
 
 
+def check_gpu_offload(n_gpu_layers: int, lib=None) -> None:
+    """Refuse GPU layers where the bindings have no GPU backend (llama.cpp would run on the CPU without a word)."""
+    if n_gpu_layers != 0 and not (lib or _bindings()).llama_supports_gpu_offload():
+        raise EngineError(
+            f"--n-gpu-layers {n_gpu_layers} asks for GPU offload, but this llama-cpp-python build has no "
+            'GPU backend; reinstall it with CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall '
+            "--no-cache-dir llama-cpp-python, or drop --n-gpu-layers"
+        )
+
+
 def _tokenize(vocab, text: str, add_bos: bool, special: bool) -> list[int]:
     lib = _llama_cpp
     data = text.encode("utf-8")
@@ -216,12 +226,7 @@ class Engine:
         self.info: GGUFInfo = read_gguf(path, with_tokens=False)
         check_supported_architecture(self.info)
         lib = _bindings(config.verbose)
-        if config.n_gpu_layers != 0 and not lib.llama_supports_gpu_offload():
-            raise EngineError(
-                f"--n-gpu-layers {config.n_gpu_layers} asks for GPU offload, but this llama-cpp-python build has no "
-                'GPU backend; reinstall it with CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall '
-                "--no-cache-dir llama-cpp-python, or drop --n-gpu-layers"
-            )
+        check_gpu_offload(config.n_gpu_layers, lib)
         if config.ctx < 16:
             raise TiblocalError(f"--ctx {config.ctx} is too small; expected at least 16 tokens")
         self.threads = config.threads or default_threads()

@@ -84,7 +84,8 @@ def _imatrix_line(info: dict) -> str:
 
 
 def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict], text_names: list[str], ctx: int,
-               template_name: str, meta: dict, notes: str | None, imatrix: dict | None = None) -> str:
+               template_name: str, meta: dict, notes: str | None, imatrix: dict | None = None,
+               speed: dict | None = None) -> str:
     from .templates import get_template
 
     from tiblocal.quantize.evaluate import report_markdown
@@ -101,6 +102,10 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
         out += [_imatrix_line(imatrix), ""]
     if rows:
         out += [report_markdown(rows, f"What quantization cost on {', '.join(text_names)} (ctx {ctx}, against f16)")]
+        if speed:
+            where = (f"with {'all' if speed['n_gpu_layers'] < 0 else speed['n_gpu_layers']} layers on the GPU"
+                     if speed["n_gpu_layers"] else "on the CPU")
+            out += [f"tokens/s: llama.cpp decoding {speed['tokens']} tokens {where}, {speed['threads']} threads.", ""]
     else:
         out += ["Quantization quality was not measured (no --eval-text given).", ""]
     vocab = hf_dir / "tiblocal_vocab.json"
@@ -132,12 +137,14 @@ def release(
     eval_text: list[Path] = (), ctx: int = 512, max_windows: int | None = None, threads: int | None = None,
     notes: Path | None = None, gptq_bits: int | None = None, gptq_group_size: int = 128, force: bool = False,
     imatrix: Path | None = None, make_imatrix: bool = False, imatrix_text: list[Path] = (), imatrix_chunks: int = 100,
-    imatrix_dtype: str = "f32", device: str | None = None, progress: Callable[[str], None] | None = None,
+    imatrix_dtype: str = "f32", device: str | None = None, n_gpu_layers: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> ReleaseResult:
     """``imatrix``: an importance matrix file to quantize with; ``make_imatrix`` (implied by ``imatrix_text``): make
     one from the model on ``imatrix_text`` (default: the bundled Tibetan calibration excerpt), ``imatrix_chunks``
     windows of 512 tokens, the model run in ``imatrix_dtype`` (f32, bf16, f16) on ``device`` (default: cuda when
-    torch sees a GPU)."""
+    torch sees a GPU). ``n_gpu_layers``: the layers llama.cpp runs on the GPU for the ``eval_text`` measurements
+    (-1: all); it needs bindings built with a GPU backend, checked before any work."""
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
@@ -165,6 +172,10 @@ def release(
             raise InputFileError(f"{notes}: no such notes file (Markdown for the model card's 'How it was made')")
         notes_text = Path(notes).read_text(encoding="utf-8")
     text = read_text(list(eval_text)) if eval_text else None
+    if text is not None and n_gpu_layers:
+        from .engine import check_gpu_offload
+
+        check_gpu_offload(n_gpu_layers)
     make_imatrix = make_imatrix or bool(imatrix_text)
     if imatrix is not None and make_imatrix:
         raise TiblocalError(f"--imatrix {imatrix} and --make-imatrix/--imatrix-text both given; give one of them")
@@ -231,15 +242,22 @@ def release(
             # the GPTQ folder runs through transformers, against the same f16 GGUF on the same ids and windows
             measured = [*quants, gptq_dir] if gptq_dir is not None else quants
             rows = quant_report(f16, measured, text, ctx, max_windows=max_windows, threads=threads,
-                                progress=lambda m: say(f"measuring {Path(m).name}"))
+                                n_gpu_layers=n_gpu_layers, progress=lambda m: say(f"measuring {Path(m).name}"))
             for r in rows:
                 r["model"] = Path(r["model"]).name + ("/" if Path(r["model"]).is_dir() else "")
         say("writing the model card, Modelfile and SHA256SUMS")
+        speed = None
+        if rows:
+            from tiblocal.quantize.evaluate import SPEED_TOKENS
+
+            from .engine import default_threads
+
+            speed = {"tokens": SPEED_TOKENS, "threads": threads or default_threads(), "n_gpu_layers": n_gpu_layers}
         meta = read_gguf(quants[0], with_tokens=False).metadata
         (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
         (tmp / "quantization.json").write_text(json.dumps({
             "text": [str(p) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "imatrix": im_info,
-            "rows": rows,
+            "speed": speed, "rows": rows,
         }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         files = {p.name: p.stat().st_size for p in [f16, *quants]}
         if im is not None:
@@ -247,7 +265,7 @@ def release(
         if gptq_dir is not None:
             files[gptq_dir.name + "/"] = sum(p.stat().st_size for p in gptq_dir.iterdir() if p.is_file())
         card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text,
-                          im_info)
+                          im_info, speed)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)
         listing = sorted(p.name for p in tmp.iterdir())
