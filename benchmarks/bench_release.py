@@ -40,7 +40,7 @@ if "torch" in sys.modules:
     if torch.cuda.is_available():
         gpu = torch.cuda.max_memory_allocated()
 files = {p.name: p.stat().st_size for p in r.out.iterdir() if p.is_file()}
-print(json.dumps({"stamps": stamps, "release_s": round(total, 3), "files": files, "gpu_peak_bytes": gpu,
+print(json.dumps({"stamps": stamps, "release_s": round(total, 3), "files": files, "gpu_peak_bytes": gpu, "rows": r.rows,
                   "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
@@ -79,6 +79,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--eval-text", nargs="*", type=Path, default=[])
     ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="for the --eval-text measurements")
     ap.add_argument("--work", type=Path, default=None, help="where the release folder is written (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the release folder")
     ap.add_argument("--json", type=Path)
@@ -87,7 +88,8 @@ def main() -> int:
     out = work / "release"
     kw = {"types": args.types.split(","), "make_imatrix": args.make_imatrix, "imatrix_dtype": args.imatrix_dtype,
           "imatrix_chunks": args.imatrix_chunks, "device": args.device, "threads": args.threads,
-          "eval_text": [str(p.resolve()) for p in args.eval_text], "max_windows": args.max_windows}
+          "eval_text": [str(p.resolve()) for p in args.eval_text], "max_windows": args.max_windows,
+          "n_gpu_layers": args.n_gpu_layers}
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", CHILD, str(args.hf_dir.resolve()), str(out), json.dumps(kw)],
                        capture_output=True, text=True)
@@ -102,6 +104,7 @@ def main() -> int:
         "peak_rss_gib": round(child["peak_rss_kib"] / 2**20, 2),
         "gpu_peak_gib": round(child["gpu_peak_bytes"] / 2**30, 2) if child["gpu_peak_bytes"] else None,
         "files_gib": {k: round(v / 2**30, 3) for k, v in sorted(child["files"].items())},
+        "rows": child["rows"],
     }
     if args.keep:
         result["kept"] = str(out)
