@@ -9,9 +9,9 @@
 # Usage: [TYPES=Q4_K_M,Q8_0] [DTYPE=bf16] [SHA_ROUNDS=2] [EVAL=FILE [MAXW=50]] release_7b.sh OUTDIR
 set -euo pipefail
 out=$(realpath "$1"); here=$(cd "$(dirname "$0")/.." && pwd)
-cd "$here"
 evalargs=()
 [ -n "${EVAL:-}" ] && evalargs=(--eval-text "$(realpath "$EVAL")" --max-windows "${MAXW:-50}" --n-gpu-layers -1)
+cd "$here"
 python3 bench_release.py /tmp/bench/base --types "${TYPES:-Q4_K_M,Q8_0}" --make-imatrix --imatrix-dtype "${DTYPE:-bf16}" \
   --device cuda --threads "$(nproc)" --work /tmp/bench --keep "${evalargs[@]}" --json "$out/release.json"
 rel=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['kept'])" "$out/release.json")
