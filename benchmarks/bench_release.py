@@ -31,8 +31,14 @@ from tiblocal.release import release
 kw = json.loads(sys.argv[3])
 stamps = []
 t0 = time.perf_counter()
-r = release(Path(sys.argv[1]), Path(sys.argv[2]), progress=lambda m: stamps.append((round(time.perf_counter() - t0, 3), m)),
-            **kw)
+
+
+def stamp(message):
+    stamps.append((round(time.perf_counter() - t0, 3), message))
+    print(f"[{stamps[-1][0]:8.1f} s] {message}", file=sys.stderr, flush=True)  # where a crash stopped it
+
+
+r = release(Path(sys.argv[1]), Path(sys.argv[2]), progress=stamp, **kw)
 total = time.perf_counter() - t0
 gpu = None
 if "torch" in sys.modules:
@@ -95,7 +101,10 @@ def main() -> int:
                        capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        sys.stderr.write(p.stderr[-4000:])
+        lines = [line for line in p.stderr.replace("\r", "\n").splitlines() if "Loading weights" not in line]
+        sys.stderr.write("\n".join(lines[-40:]) + f"\nthe release exited with code {p.returncode}"
+                         + (" (killed by a signal)" if p.returncode < 0 else "") + "\n")
+        shutil.rmtree(work, ignore_errors=True)  # with what a killed release left half-written
         return 1
     child = json.loads(p.stdout.strip().splitlines()[-1])
     result = {
