@@ -8,10 +8,8 @@ re-exports the two halves, so the ctypes layer is imported here under its own na
 out. It stays registered as ``llama_cpp.llama_cpp``: a later ``import llama_cpp`` in the same process (a test, a
 user's script) runs the real ``__init__``, which reuses this module, so the process has one set of ctypes types and
 one loaded library. Should a later llama-cpp-python's ctypes layer need its package's ``__init__``, the package is
-imported as usual instead. So is a build with a GPU backend (a ``libggml-cuda.so`` or the like beside
-``libllama.so``): through the shortcut, loading any model segfaulted with llama-cpp-python 0.3.36 built for CUDA on
-an H100, even with the whole package imported afterwards, while importing the package first works (the start-up
-saved was measured on CPU builds only).
+imported as usual instead. A build with a GPU backend imports the whole package too: without it, loading a model
+crashed the process with a CUDA build (the start-up saved is measured on CPU builds only).
 
 llama.cpp's log goes to stderr only when asked (``verbose``), as llama-cpp-python does with its own callback; its
 error lines are kept, so that a failed call can say why (``take_errors``).
@@ -22,10 +20,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 from collections import deque
-from pathlib import Path
 from types import ModuleType
 
 from .errors import EngineError
@@ -50,6 +46,10 @@ def load(verbose: bool = False) -> ModuleType:
             raise EngineError(
                 f"llama-cpp-python is not installed or does not load ({e}); pip install llama-cpp-python"
             ) from None
+        if lib.llama_supports_gpu_offload():
+            # a GPU build: loading a model crashed (SIGSEGV, CUDA build of 0.3.36 on an H100) unless the package's
+            # own __init__ had run; it reuses this module, so there is still one set of ctypes types and one library
+            importlib.import_module("llama_cpp")
         _install_log_callback(lib)  # before the backend starts: a GPU backend logs its devices
         lib.llama_backend_init()
         _lib = lib
@@ -66,9 +66,6 @@ def _import_ctypes_layer() -> ModuleType:
         spec = importlib.util.find_spec("llama_cpp")
         if spec is None or spec.submodule_search_locations is None:
             raise ImportError("No module named 'llama_cpp'")
-        if _has_gpu_backend(Path(list(spec.submodule_search_locations)[0])):
-            importlib.import_module("llama_cpp")  # the whole package, as a GPU build needs (module docstring)
-            return importlib.import_module(name)
         before = set(sys.modules)
         shell = importlib.util.module_from_spec(spec)  # the package object, its __init__ not run
         sys.modules["llama_cpp"] = shell
@@ -83,17 +80,6 @@ def _import_ctypes_layer() -> ModuleType:
                 del sys.modules["llama_cpp"]
     importlib.import_module("llama_cpp")
     return importlib.import_module(name)
-
-
-GPU_BACKENDS = ("cuda", "hip", "vulkan", "metal", "sycl", "musa", "opencl", "cann")
-
-
-def _has_gpu_backend(package: Path) -> bool:
-    """Whether llama-cpp-python's library folder (or LLAMA_CPP_LIB_PATH) holds a GPU backend of ggml."""
-    lib = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or package / "lib")
-    return any(
-        p.name.lower().removeprefix("lib").startswith(f"ggml-{b}") for p in lib.glob("*ggml-*") for b in GPU_BACKENDS
-    )
 
 
 def take_errors() -> str:
