@@ -8,8 +8,7 @@ re-exports the two halves, so the ctypes layer is imported here under its own na
 out. It stays registered as ``llama_cpp.llama_cpp``: a later ``import llama_cpp`` in the same process (a test, a
 user's script) runs the real ``__init__``, which reuses this module, so the process has one set of ctypes types and
 one loaded library. Should a later llama-cpp-python's ctypes layer need its package's ``__init__``, the package is
-imported as usual instead. A build with a GPU backend imports the whole package too: without it, loading a model
-crashed the process with a CUDA build (the start-up saved is measured on CPU builds only).
+imported as usual instead.
 
 llama.cpp's log goes to stderr only when asked (``verbose``), as llama-cpp-python does with its own callback; its
 error lines are kept, so that a failed call can say why (``take_errors``).
@@ -46,10 +45,6 @@ def load(verbose: bool = False) -> ModuleType:
             raise EngineError(
                 f"llama-cpp-python is not installed or does not load ({e}); pip install llama-cpp-python"
             ) from None
-        if lib.llama_supports_gpu_offload():
-            # a GPU build: loading a model crashed (SIGSEGV, CUDA build of 0.3.36 on an H100) unless the package's
-            # own __init__ had run; it reuses this module, so there is still one set of ctypes types and one library
-            importlib.import_module("llama_cpp")
         _install_log_callback(lib)  # before the backend starts: a GPU backend logs its devices
         lib.llama_backend_init()
         _lib = lib
