@@ -84,8 +84,9 @@ def _imatrix_line(info: dict) -> str:
 
 
 def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict], text_names: list[str], ctx: int,
-               template_name: str, meta: dict, notes: str | None, imatrix: dict | None = None,
+               template_name: str, meta: dict, notes: str | None, *, chat_file: str, imatrix: dict | None = None,
                speed: dict | None = None) -> str:
+    """``chat_file``: the GGUF the card's "Run it" commands name (the Modelfile's)."""
     from .templates import get_template
 
     from tiblocal.quantize.evaluate import report_markdown
@@ -121,8 +122,7 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
     if sampling:
         out += ["Suggested sampling (in the GGUF as general.sampling.*, used by tiblocal and llama.cpp): "
                 + ", ".join(f"{k} {v if isinstance(v, int) else round(float(v), 6)}" for k, v in sampling.items()) + ".", ""]
-    quant = next((f for f in files if f.endswith(".gguf") and "-f16" not in f and ".imatrix." not in f), next(iter(files)))
-    run = [f"tiblocal chat {quant}", "ollama create " + name.lower() + " -f Modelfile", "tiblocal verify .   # checks SHA256SUMS"]
+    run = [f"tiblocal chat {chat_file}", "ollama create " + name.lower() + " -f Modelfile", "tiblocal verify .   # checks SHA256SUMS"]
     gptq = next((f for f in files if f.endswith("/")), None)
     if gptq:
         run.append(f"python -c \"import transformers; transformers.AutoModelForCausalLM.from_pretrained('{gptq}')\"  # GPTQ: needs gptqmodel and optimum")
@@ -265,7 +265,7 @@ def release(
         if gptq_dir is not None:
             files[gptq_dir.name + "/"] = sum(p.stat().st_size for p in gptq_dir.iterdir() if p.is_file())
         card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text,
-                          im_info, speed)
+                          chat_file=quants[0].name, imatrix=im_info, speed=speed)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)
         listing = sorted(p.name for p in tmp.iterdir())
