@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
+
 from tiblocal.gguf_file import read_gguf
 
 
@@ -111,3 +114,67 @@ except Exception as e:
     assert p.returncode == 0, p.stderr
     assert "requires an importance matrix" in p.stdout and "Pass --imatrix FILE" in p.stdout
     assert "llama_model_loader" not in p.stderr  # and llama.cpp's log stays quiet
+
+
+# A library that carries and exports its own copy of libstdc++'s internals (as libggml-cuda.so of llama-cpp-python's
+# CUDA build did on the H100 host, whose g++ linked libstdc++.a into it), and one that links to it and formats with a
+# std::stringstream, as libllama does.
+_RUNTIME_COPY = """#include <sstream>
+#include <string>
+extern "C" int copy_fmt(int v, char *buf, int cap) {
+    std::stringstream ss; ss << v; std::string s = ss.str();
+    int n = (int)s.size() < cap - 1 ? (int)s.size() : cap - 1; s.copy(buf, n); buf[n] = 0; return n;
+}
+"""
+_RUNTIME_USER = """#include <sstream>
+#include <string>
+extern "C" int copy_fmt(int v, char *buf, int cap);
+extern "C" int user_fmt(int v, char *buf, int cap) {
+    std::stringstream ss; ss << "[" << v << "]"; std::string s = ss.str();
+    int n = (int)s.size() < cap - 1 ? (int)s.size() : cap - 1; s.copy(buf, n); buf[n] = 0;
+    return n + copy_fmt(v, buf + n, 1);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def runtime_copy_libs(tmp_path_factory) -> Path:
+    gxx = shutil.which("g++")
+    if not sys.platform.startswith("linux") or gxx is None:
+        pytest.skip("needs Linux and g++ to build the two test libraries")
+    static = subprocess.run([gxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True, check=False).stdout.strip()
+    if not Path(static).is_absolute():
+        pytest.skip("needs libstdc++.a (the static C++ runtime) to build a library that carries its own copy")
+    d = tmp_path_factory.mktemp("cxx")
+    (d / "copy.cpp").write_text(_RUNTIME_COPY)
+    (d / "user.cpp").write_text(_RUNTIME_USER)
+    for cmd in ([gxx, "-shared", "-fPIC", "-O1", "-o", "libcopy.so", "copy.cpp", "-static-libstdc++"],
+                [gxx, "-shared", "-fPIC", "-O1", "-o", "libuser.so", "user.cpp", "-L.", "-lcopy", "-Wl,-rpath,$ORIGIN"]):
+        subprocess.run(cmd, cwd=d, check=True, capture_output=True, timeout=120)
+    return d / "libuser.so"
+
+
+def _format_after_sentencepiece(lib: Path, before: str) -> str:
+    code = f"""
+import ctypes
+import sentencepiece  # loads the process's libstdc++ first, as gguf (sentencepiece) and torch do in tiblocal
+{before}
+lib = ctypes.CDLL({str(lib)!r})
+buf = ctypes.create_string_buffer(64)
+lib.user_fmt(42, buf, 64)
+print(buf.value.decode())
+"""
+    p = _python(code)
+    return f"rc={p.returncode} {p.stdout.strip()}"
+
+
+def test_a_library_exporting_its_own_cxx_runtime_formats_right_once_the_bindings_load(runtime_copy_libs: Path) -> None:
+    # The hazard, shown first: loaded after sentencepiece, the library's stringstream binds to the private copy and
+    # prints "[" alone (on the H100 host llama.cpp crashed at the same insert of an integer).
+    broken = _format_after_sentencepiece(runtime_copy_libs, "")
+    if broken == "rc=0 [42]":
+        pytest.skip("this system's C++ runtime does not show the hazard, so the fix cannot be told apart here")
+    assert broken != "rc=0 [42]"
+    # bindings.load() shares libstdc++ before llama.cpp's libraries load: the same library now formats right.
+    fixed = _format_after_sentencepiece(runtime_copy_libs, "from tiblocal import bindings; bindings.load()")
+    assert fixed == "rc=0 [42]"

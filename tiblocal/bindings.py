@@ -12,13 +12,23 @@ imported as usual instead.
 
 llama.cpp's log goes to stderr only when asked (``verbose``), as llama-cpp-python does with its own callback; its
 error lines are kept, so that a failed call can say why (``take_errors``).
+
+On Linux the process's C++ runtime (libstdc++) is put in the global symbol scope before llama.cpp's libraries load
+(``share_cxx_runtime``). A CUDA build of llama-cpp-python can ship a ``libggml-cuda.so`` that carries and exports its
+own copy of libstdc++'s internals (std::locale, the stream inserters): on the H100 host the toolchain linked
+``libstdc++.a`` into it. libllama then binds its C++ calls to that copy, while the locale data they use were set up
+by the libstdc++ that sentencepiece (through gguf) or torch loaded first: llama.cpp's first ``std::stringstream``
+(printing the model's hyperparameters) crashed every model load there, and torch imported after such a build
+aborted in its own stringstream. With libstdc++ global, every library binds to one runtime whatever came first.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections import deque
 from types import ModuleType
@@ -39,6 +49,7 @@ def load(verbose: bool = False) -> ModuleType:
     # llama-cpp-python's own callback, should it be installed again later, reads this logger's level.
     logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     if _lib is None:
+        share_cxx_runtime()
         try:
             lib = _import_ctypes_layer()
         except (ImportError, OSError) as e:
@@ -51,6 +62,19 @@ def load(verbose: bool = False) -> ModuleType:
     else:  # again: importing llama_cpp's high-level half (a test, a user's script) installs its own callback
         _install_log_callback(_lib)
     return _lib
+
+
+def share_cxx_runtime() -> None:
+    """Put libstdc++ in the process's global symbol scope (Linux): loaded now, or promoted if a module loaded it.
+
+    Libraries loaded afterwards (llama.cpp's, torch's) then bind their C++ runtime calls to it before any private
+    copy a library of theirs exports. Not an error where there is no libstdc++ (musl, libc++ systems)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL)
+    except OSError:
+        pass
 
 
 def _import_ctypes_layer() -> ModuleType:

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Diagnosis of an open problem: with llama-cpp-python 0.3.36 built for CUDA (build_llama_cpp_cuda.sh) on the H100
-# host, every tiblocal command that loads a model segfaulted in llama_model_load_from_file (CPU or GPU layers), while
-# a process that imported llama_cpp before anything else loaded the same file through tiblocal's Engine. This builds
-# the CUDA bindings, writes a tiny model and loads it in fresh processes with the imports in different orders; each
-# line says whether that order loads (rc 0, OK) or crashes (rc 139).
-# Usage: gpu_import_order.sh SDIST TOKENIZER   (needs tiblocal, gguf and diskcache importable, e.g. PYTHONPATH=/tmp/site)
+# Which import orders load a model through a CUDA build of llama-cpp-python (build_llama_cpp_cuda.sh). On the H100
+# host that build's libggml-cuda.so carries and exports a copy of libstdc++ (the host g++ links libstdc++.a into it),
+# and before tiblocal.bindings shared the process's libstdc++ (share_cxx_runtime) every load after sentencepiece or
+# torch segfaulted in llama_model_load_from_file, and torch aborted when imported after llama.cpp. This builds the
+# bindings (unless WHEEL_DIR already holds the wheel), writes a tiny model and loads it in fresh processes after
+# different imports (load_probe.py); each line gives the exit status (0 loads, 139 a segfault, 134 an abort) and the
+# runtimes mapped before the load. The last order (llama-cpp-python's own `import llama_cpp`, then torch) bypasses
+# tiblocal and still aborts.
+# Usage: [WHEEL_DIR=DIR] gpu_import_order.sh SDIST TOKENIZER   (needs tiblocal, gguf and diskcache importable,
+#        e.g. PYTHONPATH=/tmp/site; the wheel is left in WHEEL_DIR, default /tmp/import-order/whl)
 set -uo pipefail
 sdist=$(realpath "$1"); tok=$(realpath "$2"); here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONFAULTHANDLER=1
-w=/tmp/import-order; mkdir -p $w && cd $w
+w=/tmp/import-order; whl=${WHEEL_DIR:-$w/whl}; mkdir -p $w && cd $w
 python3 - "$tok" <<'PY'
 import sys
 from pathlib import Path
@@ -18,15 +22,25 @@ write_llama_checkpoint(Path("tiny"), LlamaShape(vocab_size=55296, hidden_size=25
     Path(sys.argv[1]), dtype="float16")
 PY
 python3 -m tiblocal convert tiny --out tiny.gguf --outtype f16 --force --json | tail -1
-bash "$here/build_llama_cpp_cuda.sh" "$sdist" $w/whl > $w/build.log 2>&1 || { tail -20 $w/build.log; exit 1; }
-python3 -m pip install -q --no-deps --no-compile --target $w/site $w/whl/*.whl
+if ! ls $whl/*.whl > /dev/null 2>&1; then
+  t=$(date +%s)
+  bash "$here/build_llama_cpp_cuda.sh" "$sdist" $whl > $w/build.log 2>&1 || { tail -20 $w/build.log; exit 1; }
+  echo "CUDA build: $(( $(date +%s) - t )) s, $(du -h $whl/*.whl | cut -f1)"
+fi
+python3 -m pip install -q --no-deps --no-compile --target $w/site $whl/*.whl
 export PYTHONPATH=$w/site:${PYTHONPATH:-}
-lib=$w/site/llama_cpp/lib/libllama.so
-run() { timeout 60 python3 -c "$2" > $w/v.out 2>&1; echo "$1: rc=$? $(grep -m1 -o 'OK.*' $w/v.out)"; }
-E="from tiblocal.engine import Engine, EngineConfig; print('OK', Engine('tiny.gguf', EngineConfig(ctx=64)).n_vocab)"
-run "tiblocal's Engine alone" "$E"
-run "llama_cpp, numpy, then Engine" "import llama_cpp, numpy; $E"
-run "numpy, llama_cpp, then Engine" "import numpy, llama_cpp; $E"
-run "numpy, then llama_cpp.Llama" "import numpy, llama_cpp; m = llama_cpp.Llama('tiny.gguf', verbose=False); print('OK')"
-run "libllama loaded (ctypes.CDLL), numpy, then Engine" "import ctypes; ctypes.CDLL('$lib'); import numpy; $E"
-run "numpy, libllama loaded, then Engine" "import numpy, ctypes; ctypes.CDLL('$lib'); $E"
+echo "nvcc: $(nvcc --version | grep -o 'release [0-9.]*'); torch: $(python3 -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+echo "libggml-cuda.so links: $(ldd $w/site/llama_cpp/lib/libggml-cuda.so | grep -o 'lib\(cudart\|cublas\|cublasLt\|cuda\)\.so[^ ]* => [^ ]*' | tr '\n' ';')"
+probe() {  # LABEL ARGS...
+  local label=$1; shift
+  timeout 120 python3 "$here/load_probe.py" tiny.gguf "$@" > $w/p.out 2>&1; local rc=$?
+  echo "$label: rc=$rc $(grep -m1 -o '^OK.*' $w/p.out)"
+  echo "    $(grep -m1 '^mapped before' $w/p.out)"
+  [ $rc = 0 ] || grep -m3 'File "\|error\|Error' $w/p.out | sed 's/^/    /'
+}
+probe "Engine, llama.cpp loaded first" --n-gpu-layers -1
+probe "Engine after sentencepiece" --pre sentencepiece
+probe "Engine, 0 layers, after torch with its CUDA context" --pre torch --torch-cuda
+probe "Engine, all layers, after torch with its CUDA context" --pre torch --torch-cuda --n-gpu-layers -1
+probe "llama.cpp loaded first, then torch with its CUDA context, then Engine on all layers" --load-first --pre torch --torch-cuda --n-gpu-layers -1
+probe "llama_cpp imported first (llama-cpp-python's own load), then torch" --pre llama_cpp,torch
