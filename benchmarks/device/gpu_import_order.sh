@@ -6,7 +6,8 @@
 # bindings (unless WHEEL_DIR already holds the wheel), writes a tiny model and loads it in fresh processes after
 # different imports (load_probe.py); each line gives the exit status (0 loads, 139 a segfault, 134 an abort) and the
 # runtimes mapped before the load. The last order (llama-cpp-python's own `import llama_cpp`, then torch) bypasses
-# tiblocal and still aborts.
+# tiblocal: it aborts with the plain build (EXTRA_CMAKE_ARGS=-DCMAKE_SHARED_LINKER_FLAGS=) and loads with the build
+# script's default link (--exclude-libs,ALL), with which libggml-cuda.so exports no libstdc++ symbols.
 # Usage: [WHEEL_DIR=DIR] gpu_import_order.sh SDIST TOKENIZER   (needs tiblocal, gguf and diskcache importable,
 #        e.g. PYTHONPATH=/tmp/site; the wheel is left in WHEEL_DIR, default /tmp/import-order/whl)
 set -uo pipefail
