@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Which import orders load a model through a CUDA build of llama-cpp-python (build_llama_cpp_cuda.sh). On the H100
-# host that build's libggml-cuda.so carries and exports a copy of libstdc++ (the host g++ links libstdc++.a into it),
-# and before tiblocal.bindings shared the process's libstdc++ (share_cxx_runtime) every load after sentencepiece or
-# torch segfaulted in llama_model_load_from_file, and torch aborted when imported after llama.cpp. This builds the
-# bindings (unless WHEEL_DIR already holds the wheel), writes a tiny model and loads it in fresh processes after
-# different imports (load_probe.py); each line gives the exit status (0 loads, 139 a segfault, 134 an abort) and the
-# runtimes mapped before the load. The last order (llama-cpp-python's own `import llama_cpp`, then torch) bypasses
-# tiblocal: it aborts with the plain build (EXTRA_CMAKE_ARGS=-DCMAKE_SHARED_LINKER_FLAGS=) and loads with the build
+# Which import orders load a model through a CUDA build of llama-cpp-python (build_llama_cpp_cuda.sh). Built without
+# --exclude-libs (EXTRA_CMAKE_ARGS=-DCMAKE_SHARED_LINKER_FLAGS=), the H100 host's libggml-cuda.so carries and exports
+# a copy of libstdc++ (its g++ links libstdc++.a into it); before tiblocal.bindings shared the process's libstdc++
+# (share_cxx_runtime), every load after sentencepiece or torch segfaulted in llama_model_load_from_file, and torch
+# aborted when imported after llama.cpp. This builds the bindings (unless WHEEL_DIR already holds the wheel), writes a
+# tiny model and loads it in fresh processes after different imports (load_probe.py); each line gives the exit status
+# (0 loads, 139 a segfault, 134 an abort) and the runtimes mapped before the load. The last order (llama-cpp-python's
+# own `import llama_cpp`, then torch) bypasses tiblocal: it aborts with the build above and loads with the build
 # script's default link (--exclude-libs,ALL), with which libggml-cuda.so exports no libstdc++ symbols.
 # Usage: [WHEEL_DIR=DIR] gpu_import_order.sh SDIST TOKENIZER   (needs tiblocal, gguf and diskcache importable,
 #        e.g. PYTHONPATH=/tmp/site; the wheel is left in WHEEL_DIR, default /tmp/import-order/whl)

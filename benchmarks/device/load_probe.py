@@ -2,8 +2,8 @@
 
 Usage: load_probe.py MODEL.gguf [--load-first] [--pre MOD,MOD...] [--torch-cuda] [--n-gpu-layers N] [--verbose]
 Before the load it prints which copies of the CUDA, C++ and OpenMP runtimes the process has mapped (so that a crash
-can be tied to the copy a module imported first brought in); after it, "OK" and the vocabulary size. A crash is
-the process's exit status (-11 for a segfault), read by the caller.
+can be tied to the copy a module imported first brought in); after it, "OK" and the vocabulary size. A crash shows
+as the exit status the caller reads (139 in the shell for a segfault, 134 for an abort).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def main() -> int:
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args()
-    if a.load_first:
-        from tiblocal import bindings
+    from tiblocal import bindings  # imports nothing of llama.cpp's until load()
 
+    if a.load_first:
         bindings.load(a.verbose)
     for name in filter(None, a.pre.split(",")):
         importlib.import_module(name)
@@ -46,8 +46,6 @@ def main() -> int:
         import torch
 
         torch.zeros(1, device="cuda")
-    from tiblocal import bindings
-
     bindings.load(a.verbose)
     print("mapped before the load:", " ".join(mapped_runtimes()) or "none", flush=True)
     from tiblocal.engine import Engine, EngineConfig
