@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench_convert_merge import emit, measure
 from bench_quantize import median_ci
+from tiblocal.quantize.imatrix import DTYPES
 
 BARE = """
 import json, sys, time
@@ -52,7 +53,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--chunks", type=int, default=100)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--dtype", default="f32", choices=list(DTYPES))
     ap.add_argument("--text", nargs="+", type=Path, default=[], help="default: the bundled calibration excerpt")
     ap.add_argument("--rounds", type=int, default=1, help="ABBA rounds")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench_convert_merge import emit
+from tiblocal.quantize.imatrix import DTYPES
 
 CHILD = """
 import json, resource, sys, time
@@ -79,7 +80,7 @@ def main() -> int:
     ap.add_argument("hf_dir", type=Path, help="a merged Hugging Face Llama folder with tokenizer.model")
     ap.add_argument("--types", default="Q4_K_M,Q8_0")
     ap.add_argument("--make-imatrix", action="store_true")
-    ap.add_argument("--imatrix-dtype", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--imatrix-dtype", default="f32", choices=list(DTYPES))
     ap.add_argument("--imatrix-chunks", type=int, default=100)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)

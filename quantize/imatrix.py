@@ -24,6 +24,11 @@ IMATRIX_CTX = 512  # llama-imatrix's default window
 DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}  # --dtype: what the model runs in
 
 
+def check_dtype(dtype: str, option: str = "--dtype") -> None:
+    if dtype not in DTYPES:
+        raise TiblocalError(f"{option} {dtype}: expected one of {', '.join(DTYPES)}")
+
+
 @dataclass
 class Imatrix:
     path: Path
@@ -208,8 +213,7 @@ def compute_imatrix(
 
     from .gptq import calibration_windows
 
-    if dtype not in DTYPES:
-        raise TiblocalError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
     hf_dir = Path(hf_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     conv = ModelConverter.for_checkpoint(HFCheckpoint.open(hf_dir))

@@ -13,7 +13,7 @@ from conftest import DATA, run_cli
 from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.gguf_quant import quantize_gguf
-from tiblocal.quantize.imatrix import Imatrix, compute_imatrix, load_imatrix, write_imatrix
+from tiblocal.quantize.imatrix import DTYPES, Imatrix, compute_imatrix, load_imatrix, write_imatrix
 from tiblocal.release import release
 
 
@@ -178,6 +178,12 @@ def test_computed_imatrix_is_the_mean_square_of_each_matrix_input(tiny256) -> No
     assert any(not np.array_equal(half.entries[n], im.entries[n]) for n in im.entries)
     with pytest.raises(TiblocalError, match="--dtype f8: expected one of f32, bf16, f16"):
         compute_imatrix(hf, text, chunks=2, ctx=32, dtype="f8")
+
+
+def test_the_cli_offers_the_dtypes_imatrix_runs_in() -> None:
+    from tiblocal.cli import IMATRIX_DTYPES
+
+    assert IMATRIX_DTYPES == tuple(DTYPES)
 
 
 def test_imatrix_command_writes_what_quantize_reads(tmp_path: Path, tiny256) -> None:

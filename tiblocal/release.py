@@ -148,7 +148,7 @@ def release(
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
-    from tiblocal.quantize.imatrix import DTYPES, is_gguf, load_imatrix
+    from tiblocal.quantize.imatrix import check_dtype, is_gguf, load_imatrix
 
     from .fsutil import atomic_dir, check_output_path
     from .gguf_file import read_gguf
@@ -187,8 +187,7 @@ def release(
 
         if imatrix_chunks < 1:
             raise TiblocalError(f"--imatrix-chunks {imatrix_chunks}: expected at least 1 window")
-        if imatrix_dtype not in DTYPES:
-            raise TiblocalError(f"--imatrix-dtype {imatrix_dtype}: expected one of {', '.join(DTYPES)}")
+        check_dtype(imatrix_dtype, "--imatrix-dtype")
         imatrix_text = calibration_texts(list(imatrix_text), "--imatrix-text")
         im_windows = calibration_windows(hf_dir, imatrix_text, imatrix_chunks, IMATRIX_CTX,
                                          ("--imatrix-text", "--imatrix-chunks", None))
