@@ -27,7 +27,7 @@ from itertools import islice
 from pathlib import Path
 
 from tiblocal.errors import InputFileError, TiblocalError
-from tiblocal.fsutil import atomic_path
+from tiblocal.fsutil import atomic_path, remove_partials
 
 from .config import TrainConfig, dump, to_dict
 
@@ -490,8 +490,7 @@ def _save_checkpoint(accel, model, opt, sched, step: int, out: Path) -> None:
     }
     folder = out / CHECKPOINT
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".state.pt.*.partial"):  # left by a save that was killed
-        stale.unlink(missing_ok=True)
+    remove_partials(folder / "state.pt")  # left by a save that was killed
     # written beside, then renamed over the old one: a kill at any moment leaves the previous checkpoint or this one,
     # whole (removing the old one first left none for an instant, and a kill then restarted the run from step 0)
     with atomic_path(folder / "state.pt", option="output_dir=") as tmp:

@@ -263,6 +263,14 @@ def test_a_kill_at_any_line_of_a_save_leaves_a_whole_checkpoint(tmp_path: Path, 
         line += 1
     assert line > 5  # the kill did land inside the save, at each of its lines
     assert torch.load(out / train.CHECKPOINT / "state.pt", weights_only=False)["step"] == 3
+    # a SIGKILL skips the cleanup and leaves the temporary file; the next save removes it, and nothing else
+    stale = out / train.CHECKPOINT / ".state.pt.0123456789ab.partial"
+    stale.write_bytes(b"half")
+    kept = out / train.CHECKPOINT / ".other.0123456789ab.partial"
+    kept.write_bytes(b"not ours")
+    train._save_checkpoint(accel, model, opt, sched, 3, out)
+    assert not stale.exists() and kept.exists()
+    kept.unlink()
 
     # a full disk: a one-line error naming the setting to change, and the previous checkpoint kept
     def full(obj, f):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import secrets
 import shutil
@@ -40,6 +41,17 @@ def _disk_full(path: Path, e: OSError, option: str = "--out") -> TiblocalError:
     )
 
 
+_PARTIAL = ".{name}.{tag}.partial"  # atomic_path's temporary name beside the target
+
+
+def remove_partials(path: Path) -> None:
+    """Delete what ``atomic_path(path)`` left beside ``path`` when the writing process was killed."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    for stale in parent.glob(_PARTIAL.format(name=glob.escape(path.name), tag="*")):
+        stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, *, option: str = "--out") -> Iterator[Path]:
     """Yield an unused temporary name beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -52,7 +64,7 @@ def atomic_path(path: Path, *, option: str = "--out") -> Iterator[Path]:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     while True:
-        tmp_path = parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+        tmp_path = parent / _PARTIAL.format(name=path.name, tag=secrets.token_hex(6))
         if not tmp_path.exists():
             break
     try:
