@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from .gguf_quant import parse_types, quantize_gguf
@@ -17,6 +18,9 @@ class _Display:
         self.tasks: list = []
 
     def started(self, qtype: str, path: Path) -> None:
+        self.stage(f"quantizing to {qtype} -> {path.name}")
+
+    def stage(self, description: str) -> None:
         if self.progress is None:
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -25,7 +29,7 @@ class _Display:
             self.progress.start()
         if self.tasks:
             self.progress.update(self.tasks[-1], completed=1, total=1)
-        self.tasks.append(self.progress.add_task(f"quantizing to {qtype} -> {path.name}", total=None))
+        self.tasks.append(self.progress.add_task(description, total=None))
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -41,25 +45,54 @@ def _stderr():
 def run_quantize(
     inp: Path, out: Path, *, types: str, threads: int | None, output_tensor_type: str | None,
     token_embedding_type: str | None, imatrix: Path | None, allow_requantize: bool, force: bool, verbose: bool,
-    as_json: bool,
+    as_json: bool, rotate: int | None = None, rotate_trials: int = 1, calib: list[Path] | None = None,
+    calib_windows: int = 32, n_gpu_layers: int = 0,
 ) -> int:
+    if rotate is None and (rotate_trials != 1 or calib or calib_windows != 32 or n_gpu_layers):
+        from tiblocal.errors import TiblocalError
+
+        raise TiblocalError("--rotate-trials, --calib, --calib-windows and --n-gpu-layers belong to --rotate; add "
+                            "--rotate or leave them out")
     names = parse_types(types)
     display = _Display()
+    options = dict(output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+                   allow_requantize=allow_requantize, verbose=verbose, imatrix=imatrix)
+    seeds: dict[str, int] = {}
+    trials = []
+    t0 = time.perf_counter()
     try:
-        results = quantize_gguf(
-            inp, out, names, threads=threads, output_tensor_type=output_tensor_type,
-            token_embedding_type=token_embedding_type, allow_requantize=allow_requantize, force=force, verbose=verbose,
-            imatrix=imatrix, on_start=display.started,
-        )
+        if rotate is None:
+            results = quantize_gguf(inp, out, names, threads=threads, force=force, on_start=display.started, **options)
+        else:
+            from .rotate import quantize_rotated
+
+            results, seeds, trials = quantize_rotated(
+                inp, out, names, seed=rotate, trials=rotate_trials, calib=calib, calib_windows=calib_windows,
+                threads=threads, n_gpu_layers=n_gpu_layers, force=force, on_stage=display.stage, **options,
+            )
     finally:
         display.stop()
-    rows = [{"type": r.type, "path": str(r.path), "size_bytes": r.size, "seconds": round(r.seconds, 2)} for r in results]
+    seconds = time.perf_counter() - t0
+    rows = []
+    for r in results:
+        row = {"type": r.type, "path": str(r.path), "size_bytes": r.size, "seconds": round(r.seconds, 2)}
+        if rotate is not None:
+            row["rotation_seed"] = seeds[r.type]
+            row["trials"] = [{"seed": t.seed, "calib_ppl": t.calib_ppl} for t in trials if t.type == r.type]
+        rows.append(row)
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
-    else:
-        err = _stderr()
-        for r in results:
+        return 0
+    err = _stderr()
+    for r, row in zip(results, rows):
+        if rotate is None:
             err.print(f"wrote {r.path} ({r.type}, {r.size / 2**20:.1f} MiB, {r.seconds:.1f} s)")
+            continue
+        scored = [t for t in row["trials"] if t["calib_ppl"] is not None]
+        how = ("; calibration perplexity " + ", ".join(f"seed {t['seed']} {t['calib_ppl']:.5g}" for t in scored)) if scored else ""
+        err.print(f"wrote {r.path} ({r.type}, {r.size / 2**20:.1f} MiB, rotation seed {row['rotation_seed']}{how})")
+    if rotate is not None:
+        err.print(f"{seconds:.1f} s in all")
     return 0
 
 

@@ -64,6 +64,34 @@ def test_release_bad_input(tiny_hf: Path, tmp_path: Path) -> None:
     p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "f"), "--types", "Q8_0", "--gptq", "4")
     assert p.returncode == 1 and "hidden_size 64 is not a multiple of --group-size 128" in p.stderr.decode()
     assert not (tmp_path / "f").exists() and not list(tmp_path.glob(".f.*"))
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "g"), "--types", "Q8_0", "--rotate", "Q4_0")
+    assert p.returncode == 1 and "--rotate Q4_0: Q4_0 is not among --types Q8_0" in p.stderr.decode()
+    assert not (tmp_path / "g").exists()
+
+
+def test_release_rotates_the_types_it_is_told_to(tiny_hf: Path, tmp_path: Path) -> None:
+    import gguf
+
+    from tiblocal.quantize.rotate import ROTATION_KEY
+
+    out = tmp_path / "rel"
+    p = run_cli("release", str(tiny_hf), "--out", str(out), "--name", "t", "--types", "Q4_K_M,Q8_0", "--make-imatrix",
+                "--imatrix-text", str(DATA / "tibetan_sample.txt"), "--imatrix-chunks", "2", "--rotate", "q8_0",
+                "--rotate-seed", "4", "--eval-text", str(DATA / "tibetan_sample.txt"), "--ctx", "64",
+                "--max-windows", "4", "--threads", "2", "--json", timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    fields = {f: gguf.GGUFReader(out / f"t-{f}.gguf").fields for f in ("f16", "Q4_K_M", "Q8_0")}
+    assert list(fields["Q8_0"][ROTATION_KEY].contents()) == [4]
+    assert ROTATION_KEY not in fields["Q4_K_M"] and ROTATION_KEY not in fields["f16"]
+    assert "quantize.imatrix.file" in fields["Q4_K_M"] and "quantize.imatrix.file" not in fields["Q8_0"]
+    q = json.loads((out / "quantization.json").read_text())
+    assert q["rotated"] == {"Q8_0": 4}
+    kl = {r["file_type"]: r["mean_kl"] for r in q["rows"]}
+    assert 0 < kl["Q8_0"] < kl["Q4_K_M"]  # measured against the unrotated f16: the same model
+    card = (out / "README.md").read_text()
+    assert "`t-Q8_0.gguf`: quantized in a rotated basis (`tiblocal quantize --rotate 4`)" in card
+    assert "The rotated files below were made without it." in card
+    assert run_cli("verify", str(out)).returncode == 0
 
 
 def test_release_refuses_gpu_layers_without_a_gpu_build_before_any_work(tiny_hf: Path, tmp_path: Path, monkeypatch) -> None:

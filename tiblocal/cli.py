@@ -177,6 +177,21 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
              "and Q2_K_S need one",
     )
     p.add_argument("--allow-requantize", action="store_true", help="accept an input that is already quantized")
+    p.add_argument(
+        "--rotate", type=int, nargs="?", const=0, default=None, metavar="SEED",
+        help="turn the model's hidden basis by a random orthogonal matrix (seed SEED, default 0) before quantizing: the "
+             "same model, with outlier channels spread so 8-bit activations and weights lose less (a tied output "
+             "matrix is written as its own tensor)",
+    )
+    p.add_argument("--rotate-trials", type=int, default=1, metavar="K",
+                   help="with --rotate: try K rotations (seeds SEED..SEED+K-1) and keep, per type, the one with the "
+                        "lowest perplexity on the calibration text (default 1)")
+    p.add_argument("--calib", nargs="+", type=Path, default=[], metavar="FILE",
+                   help="with --rotate-trials: calibration text, plain or .xz (default: the bundled Tibetan excerpt)")
+    p.add_argument("--calib-windows", type=int, default=32, metavar="N",
+                   help="with --rotate-trials: windows of 512 tokens scored per trial (default 32)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
+                   help="with --rotate-trials: layers on the GPU while scoring (-1: all)")
     p.add_argument("--force", action="store_true", help="overwrite outputs that exist")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log (one line per tensor)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print the results as JSON")
@@ -188,7 +203,8 @@ def _quantize(a: argparse.Namespace) -> int:
     return run_quantize(
         a.input, a.out, types=a.types, threads=a.threads, output_tensor_type=a.output_tensor_type,
         token_embedding_type=a.token_embedding_type, imatrix=a.imatrix, allow_requantize=a.allow_requantize,
-        force=a.force, verbose=a.verbose, as_json=a.as_json,
+        force=a.force, verbose=a.verbose, as_json=a.as_json, rotate=a.rotate, rotate_trials=a.rotate_trials,
+        calib=a.calib, calib_windows=a.calib_windows, n_gpu_layers=a.n_gpu_layers,
     )
 
 
@@ -360,6 +376,10 @@ def _release_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imatrix-dtype", choices=IMATRIX_DTYPES, default="f32",
                    help="what the model runs in for --make-imatrix (default f32; bf16: 7B in 25 s instead of 42 s on an H100)")
     p.add_argument("--device", default=None, help="where --make-imatrix runs: cpu or cuda (default: cuda when torch sees a GPU)")
+    p.add_argument("--rotate", default="", metavar="TYPES",
+                   help="quantize these types (e.g. Q8_0) in a rotated basis, as `tiblocal quantize --rotate` (without "
+                        "the importance matrix)")
+    p.add_argument("--rotate-seed", type=int, default=0, metavar="SEED", help="the rotation's seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", dest="as_json", action="store_true")
 
@@ -373,6 +393,7 @@ def _release(a: argparse.Namespace) -> int:
         gptq_bits=a.gptq, gptq_group_size=a.gptq_group_size, force=a.force, imatrix=a.imatrix,
         make_imatrix=a.make_imatrix, imatrix_text=a.imatrix_text, imatrix_chunks=a.imatrix_chunks,
         imatrix_dtype=a.imatrix_dtype, device=a.device, n_gpu_layers=a.n_gpu_layers,
+        rotate=[t for t in a.rotate.split(",") if t.strip()], rotate_seed=a.rotate_seed,
     )
 
 

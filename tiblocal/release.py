@@ -85,7 +85,7 @@ def _imatrix_line(info: dict) -> str:
 
 def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict], text_names: list[str], ctx: int,
                template_name: str, meta: dict, notes: str | None, *, chat_file: str, imatrix: dict | None = None,
-               speed: dict | None = None) -> str:
+               speed: dict | None = None, rotated: list[str] = (), rotate_seed: int = 0) -> str:
     """``chat_file``: the GGUF the card's "Run it" commands name (the Modelfile's)."""
     from .templates import get_template
 
@@ -100,7 +100,12 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
     out += [f"| {f} | {size / 2**20:.1f} |" for f, size in files.items()]
     out += [""]
     if imatrix:
-        out += [_imatrix_line(imatrix), ""]
+        out += [_imatrix_line(imatrix)
+                + (" The rotated files below were made without it." if rotated else ""), ""]
+    if rotated:
+        out += [f"{', '.join(f'`{f}`' for f in rotated)}: quantized in a rotated basis (`tiblocal quantize --rotate "
+                f"{rotate_seed}`): the same model, its hidden basis turned by a random orthogonal matrix so the 8-bit "
+                "activations and weights lose less; a tied embedding is written a second time as the output matrix.", ""]
     if rows:
         out += [report_markdown(rows, f"What quantization cost on {', '.join(text_names)} (ctx {ctx}, against f16)")]
         if speed:
@@ -137,14 +142,16 @@ def release(
     eval_text: list[Path] = (), ctx: int = 512, max_windows: int | None = None, threads: int | None = None,
     notes: Path | None = None, gptq_bits: int | None = None, gptq_group_size: int = 128, force: bool = False,
     imatrix: Path | None = None, make_imatrix: bool = False, imatrix_text: list[Path] = (), imatrix_chunks: int = 100,
-    imatrix_dtype: str = "f32", device: str | None = None, n_gpu_layers: int = 0,
-    progress: Callable[[str], None] | None = None,
+    imatrix_dtype: str = "f32", device: str | None = None, n_gpu_layers: int = 0, rotate: list[str] = (),
+    rotate_seed: int = 0, progress: Callable[[str], None] | None = None,
 ) -> ReleaseResult:
     """``imatrix``: an importance matrix file to quantize with; ``make_imatrix`` (implied by ``imatrix_text``): make
     one from the model on ``imatrix_text`` (default: the bundled Tibetan calibration excerpt), ``imatrix_chunks``
     windows of 512 tokens, the model run in ``imatrix_dtype`` (f32, bf16, f16) on ``device`` (default: cuda when
     torch sees a GPU). ``n_gpu_layers``: the layers llama.cpp runs on the GPU for the ``eval_text`` measurements
-    (-1: all); it needs bindings built with a GPU backend, checked before any work."""
+    (-1: all); it needs bindings built with a GPU backend, checked before any work. ``rotate``: the types quantized
+    in a rotated basis (``tiblocal quantize --rotate``, seed ``rotate_seed``), made without the importance matrix;
+    the shipped f16 GGUF stays as converted, and the measurements compare against it."""
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
@@ -165,6 +172,10 @@ def release(
     specs = [t.strip().partition(":") for t in types if t.strip()]
     names = parse_types(",".join(t for t, _, _ in specs))
     output_types = {n: (o.strip() or None) for n, (_, _, o) in zip(names, specs)}
+    rotated = parse_types(",".join(rotate)) if rotate else []
+    if set(rotated) - set(names):
+        raise TiblocalError(f"--rotate {','.join(rotated)}: {', '.join(sorted(set(rotated) - set(names)))} is not among "
+                            f"--types {','.join(names)}; name types the release makes")
     check_output_path(out, force=force)
     notes_text = None
     if notes is not None:
@@ -226,8 +237,14 @@ def release(
         quants = []
         for t in names:
             path = tmp / f"{name}-{t}.gguf"
-            say(f"quantizing to {t}")
-            quantize_gguf(f16, path, [t], threads=threads, output_tensor_type=output_types[t], imatrix=im)
+            if t in rotated:
+                from tiblocal.quantize.rotate import quantize_rotated
+
+                say(f"rotating and quantizing to {t}")
+                quantize_rotated(f16, path, [t], seed=rotate_seed, threads=threads, output_tensor_type=output_types[t])
+            else:
+                say(f"quantizing to {t}")
+                quantize_gguf(f16, path, [t], threads=threads, output_tensor_type=output_types[t], imatrix=im)
             quants.append(path)
         gptq_dir = None
         if gptq_bits:
@@ -256,7 +273,7 @@ def release(
         (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
         (tmp / "quantization.json").write_text(json.dumps({
             "text": [str(p) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "imatrix": im_info,
-            "speed": speed, "rows": rows,
+            "rotated": {t: rotate_seed for t in rotated}, "speed": speed, "rows": rows,
         }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         files = {p.name: p.stat().st_size for p in [f16, *quants]}
         if im is not None:
@@ -264,7 +281,8 @@ def release(
         if gptq_dir is not None:
             files[gptq_dir.name + "/"] = sum(p.stat().st_size for p in gptq_dir.iterdir() if p.is_file())
         card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text,
-                          chat_file=quants[0].name, imatrix=im_info, speed=speed)
+                          chat_file=quants[0].name, imatrix=im_info, speed=speed,
+                          rotated=[f"{name}-{t}.gguf" for t in rotated], rotate_seed=rotate_seed)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)
         listing = sorted(p.name for p in tmp.iterdir())
