@@ -278,6 +278,8 @@ def test_release_with_a_given_imatrix(tmp_path: Path, tiny256, model) -> None:
     assert _tensor_bytes(q.path) == _tensor_bytes(out / "t-Q2_K_S.gguf")
     assert read_gguf(out / "t-Q2_K_S.gguf", with_tokens=False).metadata["quantize.imatrix.file"] == "t.imatrix.dat"
     assert "importance matrix `t.imatrix.dat` (given, computed on tibetan_sample.txt, 4 windows)" in (out / "README.md").read_text()
+    info = json.loads((out / "quantization.json").read_text())["imatrix"]
+    assert info["source"] == "mine.dat"  # its name, not its path on the machine that made the release
 
 
 def test_release_imatrix_errors_leave_nothing(tmp_path: Path, tiny256) -> None:

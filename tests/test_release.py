@@ -27,6 +27,11 @@ def test_release_writes_every_artifact_and_verifies(tiny_hf: Path, tmp_path: Pat
                      "tiny-demo-f16.gguf"]
     assert not list(tmp_path.glob(".rel.*"))  # no temporary folder left
     q = json.loads((out / "quantization.json").read_text())
+    import hashlib
+
+    sample = (DATA / "tibetan_sample.txt").read_bytes()
+    assert q["text"] == [{"file": "tibetan_sample.txt", "bytes": len(sample), "sha256": hashlib.sha256(sample).hexdigest()}]
+    assert str(tmp_path) not in (out / "quantization.json").read_text()  # no path of the machine that made it
     rows = q["rows"]
     assert [r["file_type"] for r in rows] == ["F16", "Q8_0", "Q4_0"]
     assert q["speed"] == {"tokens": 64, "threads": 2, "n_gpu_layers": 0} and all(r["tokens_per_s"] > 0 for r in rows)

@@ -71,6 +71,13 @@ def _model_summary(hf_dir: Path) -> dict:
     return {k: cfg.get(k) for k in keys}
 
 
+def _file_record(path: Path) -> dict:
+    """A text the release was measured on, by name, size and digest: not by its path on the machine that made it."""
+    from .verify import sha256_file
+
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
 def _imatrix_line(info: dict) -> str:
     texts = ", ".join(info["datasets"])
     source = f"made by `tiblocal imatrix` from this model on {texts}" if info["made"] else (
@@ -233,7 +240,7 @@ def release(
             im.path = Path(f"{name}.imatrix{'.gguf' if is_gguf(imatrix) else '.dat'}")  # the name says the format
             shutil.copyfile(imatrix, tmp / im.path)
             im_info = {"file": im.path.name, "made": False, "datasets": im.datasets, "chunks": im.chunk_count,
-                       "source": str(imatrix)}
+                       "source": Path(imatrix).name}
         quants = []
         for t in names:
             path = tmp / f"{name}-{t}.gguf"
@@ -272,7 +279,7 @@ def release(
         meta = read_gguf(quants[0], with_tokens=False).metadata
         (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
         (tmp / "quantization.json").write_text(json.dumps({
-            "text": [str(p) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "imatrix": im_info,
+            "text": [_file_record(Path(p)) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "imatrix": im_info,
             "rotated": {t: rotate_seed for t in rotated}, "speed": speed, "rows": rows,
         }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         files = {p.name: p.stat().st_size for p in [f16, *quants]}
