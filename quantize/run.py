@@ -78,6 +78,7 @@ def run_quantize(
         row = {"type": r.type, "path": str(r.path), "size_bytes": r.size, "seconds": round(r.seconds, 2)}
         if rotate is not None:
             row["rotation_seed"] = seeds[r.type]
+            row["seconds_in_all"] = round(seconds, 2)  # the rotations and trials too, for every type together
             row["trials"] = [{"seed": t.seed, "calib_ppl": t.calib_ppl} for t in trials if t.type == r.type]
         rows.append(row)
     if as_json:

@@ -138,6 +138,7 @@ def test_trials_keep_the_rotation_with_the_lowest_calibration_perplexity(tmp_pat
         assert [t["seed"] for t in r["trials"]] == [3, 4, 5]
         best = min(r["trials"], key=lambda t: t["calib_ppl"])
         assert r["rotation_seed"] == best["seed"]
+        assert r["seconds_in_all"] >= r["seconds"] and r["seconds_in_all"] > 0
         assert list(gguf.GGUFReader(r["path"]).fields[ROTATION_KEY].contents()) == [best["seed"]]
         assert read_gguf(Path(r["path"])).file_type == r["type"]
     assert sorted(p.name for p in out.iterdir()) == ["model-Q4_0.gguf", "model-Q8_0.gguf"]  # no work files left
