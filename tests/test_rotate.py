@@ -123,7 +123,7 @@ def test_rotation_spreads_outlier_channels_so_q8_0_loses_less(tmp_path, tiny_tok
         kl[name] = compare(ref, q, text, 128, max_windows=6).mean_kl
         q.close()
     ref.close()
-    assert kl["rotated"] < 0.8 * kl["plain"], kl  # measured: 0.67 of it (0.90 without the large channels)
+    assert kl["rotated"] < 0.8 * kl["plain"], kl  # measured: 0.68 of it (0.84 without the large channels)
 
 
 def test_trials_keep_the_rotation_with_the_lowest_calibration_perplexity(tmp_path, tiny_tokenizer) -> None:
