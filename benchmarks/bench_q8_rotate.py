@@ -31,8 +31,8 @@ def dequantized_copy(src: Path, dst: Path) -> None:
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, "llama")
     for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
+        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name.startswith("quantize.imatrix."):
+            continue  # the matrix the quantized file was made with does not describe the f16 copy
         vtype = GGUFValueType(f.types[0])
         val = int(LlamaFileType.MOSTLY_F16) if f.name == "general.file_type" else f.contents()
         w.add_key_value(f.name, val, vtype, sub_type=GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None)

@@ -31,8 +31,8 @@ from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
+from tiblocal.gguf_file import ROTATION_KEY
 
-ROTATION_KEY = "tiblocal.rotation.seed"  # a seed per rotation applied, in order; runtimes ignore unknown keys
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
 # per-block tensors and what the rotation does to them: "in" (columns · diag(norm) · Q), "out" (Qᵀ · rows),
@@ -211,8 +211,8 @@ def rotate_gguf(
             w.data_alignment = int(meta["general.alignment"].contents())
         seeds = list(meta[ROTATION_KEY].contents()) if ROTATION_KEY in meta else []
         for key, f in meta.items():
-            if key in ("general.architecture", ROTATION_KEY):
-                continue
+            if key in ("general.architecture", ROTATION_KEY) or key.startswith("quantize.imatrix."):
+                continue  # (a matrix named in an f16 file, e.g. a dequantized copy, says nothing of the rotated one)
             val, vtype, sub = _field_value(f)
             if key == "general.file_type":
                 val = int(LlamaFileType.MOSTLY_F16 if all_f16 else LlamaFileType.ALL_F32)

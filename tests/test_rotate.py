@@ -42,6 +42,29 @@ def _model(root: Path, tokenizer: Path, *, outtype: str = "f32", outliers: float
     return out
 
 
+def _copy(src: Path, dst: Path, *, tensors: dict | None = None, strings: dict | None = None) -> Path:
+    """``src`` rewritten with gguf-py, plus the given tensors and string keys."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, "llama")
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        vt = gguf.GGUFValueType(f.types[0])
+        w.add_key_value(f.name, f.contents(), vt,
+                        sub_type=gguf.GGUFValueType(f.types[-1]) if vt == gguf.GGUFValueType.ARRAY else None)
+    for k, v in (strings or {}).items():
+        w.add_string(k, v)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)]))
+    for name, a in (tensors or {}).items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
 def _logits(path: Path, ids: list[int]) -> np.ndarray:
     src = GGUFSource(path, ctx=64, threads=2, n_gpu_layers=0)
     try:
@@ -142,6 +165,9 @@ def test_trials_keep_the_rotation_with_the_lowest_calibration_perplexity(tmp_pat
         assert list(gguf.GGUFReader(r["path"]).fields[ROTATION_KEY].contents()) == [best["seed"]]
         assert read_gguf(Path(r["path"])).file_type == r["type"]
     assert sorted(p.name for p in out.iterdir()) == ["model-Q4_0.gguf", "model-Q8_0.gguf"]  # no work files left
+    shown = run_cli("inspect", rows[0]["path"])
+    assert shown.returncode == 0 and f"seed {rows[0]['rotation_seed']} (tiblocal quantize --rotate)" in shown.stdout.decode()
+    assert json.loads(run_cli("inspect", str(src), "--json").stdout)["rotation_seeds"] is None
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -151,20 +177,13 @@ def test_rotate_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer) -> None:
     with pytest.raises(TiblocalError, match=r"q8\.gguf holds quantized tensors \(Q8_0\).*f16 or f32 GGUF"):
         rotate_gguf(q8, tmp_path / "x.gguf")
     # a tensor it does not know (here an extra per-head norm, as other architectures have)
-    extra = tmp_path / "extra.gguf"
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(extra, "llama")
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        vt = gguf.GGUFValueType(f.types[0])
-        w.add_key_value(f.name, f.contents(), vt, sub_type=gguf.GGUFValueType(f.types[-1]) if vt == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)]))
-    w.add_tensor("blk.0.attn_q_norm.weight", np.ones(16, dtype=np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    extra = _copy(src, tmp_path / "extra.gguf", tensors={"blk.0.attn_q_norm.weight": np.ones(16, dtype=np.float32)})
     with pytest.raises(TiblocalError, match="tensor blk.0.attn_q_norm.weight is not one --rotate knows"):
         rotate_gguf(extra, tmp_path / "x.gguf")
+    # an f16 file that names an importance matrix (a dequantized copy of a quantized file): the key is not carried
+    stale = _copy(src, tmp_path / "stale.gguf", strings={"quantize.imatrix.file": "old.imatrix.gguf"})
+    fields = gguf.GGUFReader(rotate_gguf(stale, tmp_path / "fresh.gguf").path).fields
+    assert "quantize.imatrix.file" not in fields and "general.name" in fields
     assert not (tmp_path / "x.gguf").exists()
     # an output that exists is kept unless --force
     keep = tmp_path / "keep.gguf"

@@ -24,6 +24,8 @@ GGUF_MAGIC = b"GGUF"
 # Architectures the tiblocal runtime is built and tested for (Llama-family models with a
 # SentencePiece vocabulary). Other architectures may load in llama.cpp but are not supported here.
 SUPPORTED_ARCHITECTURES = ("llama",)
+# Seeds of the rotations `tiblocal quantize --rotate` applied, in order (runtimes ignore keys they do not know).
+ROTATION_KEY = "tiblocal.rotation.seed"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .checkpoint import HFCheckpoint
 from .errors import InputFileError
-from .gguf_file import read_gguf
+from .gguf_file import ROTATION_KEY, read_gguf
 from .templates import template_name_of
 
 
@@ -44,6 +44,7 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         "chat_template_name": template_name_of(template) or ("custom" if template else None),
         "chat_template": template,
         "tensor_types": info.tensor_type_counts(),
+        "rotation_seeds": info.metadata.get(ROTATION_KEY),
         "n_tensors": len(info.tensors),
         "bits_per_weight": round(8 * sum(t.n_bytes for t in info.tensors) / info.n_params, 3) if info.n_params else None,
     }
@@ -135,6 +136,8 @@ def run_inspect(path: Path, *, as_json: bool) -> int:
             ("special ids", ", ".join(f"{k} {v}" for k, v in d["special_ids"].items())),
             ("add bos/eos", f"{d['add_bos']} / {d['add_eos']}"),
             ("chat template", d["chat_template_name"] or "none"),
+            *([("rotation", f"seed {', '.join(map(str, d['rotation_seeds']))} (tiblocal quantize --rotate)")]
+              if d["rotation_seeds"] else []),
             ("tensors", f"{d['n_tensors']}: " + ", ".join(f"{k} {v}" for k, v in d["tensor_types"].items())),
         ]
     else:
