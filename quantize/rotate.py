@@ -135,6 +135,10 @@ def rotate_gguf(
         if (m is None and name not in _GLOBAL) or (m is not None and m.group(2) not in _BLOCK_ROLES):
             raise TiblocalError(f"{inp}: tensor {name} is not one --rotate knows how to turn (llama's attention, "
                                 "feed-forward, norms and embeddings); quantize this model without --rotate")
+    missing = [k for k in ("llama.block_count", "llama.attention.head_count") if k not in meta]
+    missing += [t for t in ("token_embd.weight", "output_norm.weight") if t not in tensors]
+    if missing:
+        raise TiblocalError(f"{inp}: {', '.join(missing)} missing; --rotate needs a complete llama GGUF (tiblocal convert)")
     n_layer = int(meta["llama.block_count"].contents())
     n_head = int(meta["llama.attention.head_count"].contents())
     n_kv = int(meta["llama.attention.head_count_kv"].contents()) if "llama.attention.head_count_kv" in meta else n_head
@@ -146,8 +150,6 @@ def rotate_gguf(
         for need in ("attn_norm.weight", "ffn_norm.weight"):
             if f"blk.{i}.{need}" not in tensors:
                 raise TiblocalError(f"{inp}: blk.{i}.{need} is missing; --rotate needs every RMSNorm weight")
-    if "output_norm.weight" not in tensors:
-        raise TiblocalError(f"{inp}: output_norm.weight is missing; --rotate needs every RMSNorm weight")
     all_f16 = all(t.tensor_type == GGMLQuantizationType.F16 for t in reader.tensors if len(t.shape) == 2)
     mtype = GGMLQuantizationType.F16 if all_f16 else GGMLQuantizationType.F32
 

@@ -184,6 +184,15 @@ def test_rotate_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer) -> None:
     stale = _copy(src, tmp_path / "stale.gguf", strings={"quantize.imatrix.file": "old.imatrix.gguf"})
     fields = gguf.GGUFReader(rotate_gguf(stale, tmp_path / "fresh.gguf").path).fields
     assert "quantize.imatrix.file" not in fields and "general.name" in fields
+    # a file without the model's block count (not a whole llama GGUF)
+    r = gguf.GGUFReader(src)
+    bare = tmp_path / "bare.gguf"
+    w = gguf.GGUFWriter(bare, "llama")
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)]))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(TiblocalError, match=r"bare\.gguf: llama\.block_count, llama\.attention\.head_count missing"):
+        rotate_gguf(bare, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
     # an output that exists is kept unless --force
     keep = tmp_path / "keep.gguf"
