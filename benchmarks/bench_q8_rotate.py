@@ -26,16 +26,15 @@ def dequantized_copy(src: Path, dst: Path) -> None:
     """``src`` with every tensor dequantized: matrices F16 (the values rounded to f16), vectors F32; the same
     metadata, file type F16."""
     import gguf
-    from gguf import GGUFValueType, LlamaFileType
+    from gguf import LlamaFileType
+
+    from tiblocal.gguf_file import copy_metadata
 
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, "llama")
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name.startswith("quantize.imatrix."):
-            continue  # the matrix the quantized file was made with does not describe the f16 copy
-        vtype = GGUFValueType(f.types[0])
-        val = int(LlamaFileType.MOSTLY_F16) if f.name == "general.file_type" else f.contents()
-        w.add_key_value(f.name, val, vtype, sub_type=GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None)
+    # the matrix the quantized file was made with does not describe the f16 copy
+    copy_metadata(r, w, skip=lambda key: key.startswith("quantize.imatrix."),
+                  values={"general.file_type": int(LlamaFileType.MOSTLY_F16)})
     for t in r.tensors:
         a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
         a = a.reshape([int(x) for x in reversed(t.shape)])

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import GGMLQuantizationType, LlamaFileType
 
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
-from tiblocal.gguf_file import ROTATION_KEY
+from tiblocal.gguf_file import ROTATION_KEY, copy_metadata
 
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
@@ -99,12 +99,6 @@ class RotateResult:
     seed: int
     untied: bool
     size: int
-
-
-def _field_value(f) -> tuple[object, GGUFValueType, GGUFValueType | None]:
-    vtype = GGUFValueType(f.types[0])
-    sub = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
-    return f.contents(), vtype, sub
 
 
 def rotate_gguf(
@@ -212,13 +206,9 @@ def rotate_gguf(
         if "general.alignment" in meta:
             w.data_alignment = int(meta["general.alignment"].contents())
         seeds = list(meta[ROTATION_KEY].contents()) if ROTATION_KEY in meta else []
-        for key, f in meta.items():
-            if key in ("general.architecture", ROTATION_KEY) or key.startswith("quantize.imatrix."):
-                continue  # (a matrix named in an f16 file, e.g. a dequantized copy, says nothing of the rotated one)
-            val, vtype, sub = _field_value(f)
-            if key == "general.file_type":
-                val = int(LlamaFileType.MOSTLY_F16 if all_f16 else LlamaFileType.ALL_F32)
-            w.add_key_value(key, val, vtype, sub_type=sub)
+        # (a matrix named in an f16 file, e.g. a dequantized copy, says nothing of the rotated one)
+        copy_metadata(reader, w, skip=lambda key: key == ROTATION_KEY or key.startswith("quantize.imatrix."),
+                      values={"general.file_type": int(LlamaFileType.MOSTLY_F16 if all_f16 else LlamaFileType.ALL_F32)})
         w.add_array(ROTATION_KEY, [*seeds, seed])
         for name in names:
             t = type_of(name)

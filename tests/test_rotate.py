@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DATA, run_cli
 from tiblocal.errors import TiblocalError
-from tiblocal.gguf_file import read_gguf
+from tiblocal.gguf_file import copy_metadata, read_gguf
 from tiblocal.quantize.evaluate import GGUFSource, compare, read_text
 from tiblocal.quantize.gguf_quant import quantize_gguf
 from tiblocal.quantize.rotate import ROTATION_KEY, Rotation, head_rotation, orthogonal, quantize_rotated, rotate_gguf
@@ -46,12 +46,7 @@ def _copy(src: Path, dst: Path, *, tensors: dict | None = None, strings: dict | 
     """``src`` rewritten with gguf-py, plus the given tensors and string keys."""
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, "llama")
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
-            continue
-        vt = gguf.GGUFValueType(f.types[0])
-        w.add_key_value(f.name, f.contents(), vt,
-                        sub_type=gguf.GGUFValueType(f.types[-1]) if vt == gguf.GGUFValueType.ARRAY else None)
+    copy_metadata(r, w)
     for k, v in (strings or {}).items():
         w.add_string(k, v)
     for t in r.tensors:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,3 +273,17 @@ def check_supported_architecture(info: GGUFInfo) -> None:
         raise ModelFormatError(
             f"{info.path} holds no tensors (a vocab-only GGUF?); it can be inspected but not run"
         )
+
+
+def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, *, skip: Callable[[str], bool] = lambda key: False,
+                  values: dict[str, Any] | None = None) -> None:
+    """Every key of ``reader`` into ``writer`` with its GGUF type, for a GGUF rewritten with gguf-py: not the
+    header's fields or general.architecture (the writer sets them), nor keys ``skip`` names; ``values`` replaces
+    the value of a key that is copied."""
+    values = values or {}
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name == Keys.General.ARCHITECTURE or skip(f.name):
+            continue
+        vtype = GGUFValueType(f.types[0])
+        sub = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, values[f.name] if f.name in values else f.contents(), vtype, sub_type=sub)
