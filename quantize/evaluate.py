@@ -160,7 +160,14 @@ def _scored(win: list[int], ctx: int) -> tuple[slice, np.ndarray]:
 def perplexity(
     source: LogitSource, text: str, ctx: int, *, max_windows: int | None = None, progress: Callable[[int, int], None] | None = None
 ) -> PPLResult:
-    ids = source.tokenize(text)
+    return perplexity_of_ids(source, source.tokenize(text), ctx, max_windows=max_windows, progress=progress)
+
+
+def perplexity_of_ids(
+    source: LogitSource, ids: list[int], ctx: int, *, max_windows: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PPLResult:
+    """``perplexity`` of text already tokenized (by the same vocabulary), for one text scored by many models."""
     wins = list(windows(ids, ctx, source.bos_id, max_windows))
     nll, count = 0.0, 0
     for i, win in enumerate(wins):

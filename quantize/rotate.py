@@ -246,7 +246,7 @@ class Trial:
 def quantize_rotated(
     inp: Path, out: Path, types: list[str], *, seed: int = 0, trials: int = 1, calib: list[Path] | None = None,
     calib_windows: int = 32, ctx: int = 512, threads: int | None = None, n_gpu_layers: int = 0, force: bool = False,
-    on_stage: Callable[[str], None] | None = None, on_trial: Callable[[Trial], None] | None = None, **quant_options,
+    on_stage: Callable[[str], None] | None = None, **quant_options,
 ) -> tuple[list, dict[str, int], list[Trial]]:
     """Rotate ``inp`` (seed ``seed``), quantize it to each type; with ``trials`` > 1 try seeds seed .. seed+trials-1
     and keep, per type, the file with the lowest perplexity on the calibration text (SpinQuant's criterion, with
@@ -257,7 +257,7 @@ def quantize_rotated(
     import shutil
     import tempfile
 
-    from .evaluate import GGUFSource, perplexity, read_text
+    from .evaluate import GGUFSource, perplexity_of_ids, read_text
     from .gguf_quant import QuantResult, output_paths, quantize_gguf
     from .gptq import calibration_texts
 
@@ -271,19 +271,19 @@ def quantize_rotated(
         raise TiblocalError(f"{inp}: no such GGUF file")
     if calib and trials == 1:
         raise TiblocalError("--calib is the text that ranks the rotations of --rotate-trials K; give K of 2 or more")
-    text = None
+    ids: list[int] = []  # the calibration text, tokenized once by the model's vocabulary (the rotation keeps it)
     if trials > 1:
         from tiblocal.engine import LlamaVocab
 
         files = calibration_texts(calib or [], "--calib")
-        text = read_text(files)
         if calib_windows < 1:
             raise TiblocalError(f"--calib-windows {calib_windows}: give 1 or more")
         vocab = LlamaVocab(inp)
         try:
-            n = len(vocab.tokenize(text, add_bos=False))
+            ids = vocab.tokenize(read_text(files), add_bos=False)
         finally:
             vocab.close()
+        n = len(ids)
         if n // ctx < calib_windows:
             raise TiblocalError(
                 f"the calibration text ({', '.join(map(str, files))}) has {n} tokens: {n // ctx} windows of {ctx}, "
@@ -310,13 +310,10 @@ def quantize_rotated(
                     stage(f"seed {s} {r.type}: perplexity on the calibration text")
                     src = GGUFSource(r.path, ctx, threads, n_gpu_layers)
                     try:
-                        score = perplexity(src, text, ctx, max_windows=calib_windows).ppl
+                        score = perplexity_of_ids(src, ids, ctx, max_windows=calib_windows).ppl
                     finally:
                         src.close()
-                trial = Trial(s, r.type, score)
-                history.append(trial)
-                if on_trial:
-                    on_trial(trial)
+                history.append(Trial(s, r.type, score))
                 kept = best.get(r.type)
                 if kept is None or (score is not None and score < kept[0]):
                     if kept is not None:
