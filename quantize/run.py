@@ -45,10 +45,14 @@ def _stderr():
 def run_quantize(
     inp: Path, out: Path, *, types: str, threads: int | None, output_tensor_type: str | None,
     token_embedding_type: str | None, imatrix: Path | None, allow_requantize: bool, force: bool, verbose: bool,
-    as_json: bool, rotate: int | None = None, rotate_trials: int = 1, calib: list[Path] | None = None,
-    calib_windows: int = 32, n_gpu_layers: int = 0,
+    as_json: bool, rotate: int | None = None, rotate_trials: int | None = None, calib: list[Path] | None = None,
+    calib_windows: int | None = None, n_gpu_layers: int | None = None,
 ) -> int:
-    if rotate is None and (rotate_trials != 1 or calib or calib_windows != 32 or n_gpu_layers):
+    """``rotate_trials``, ``calib``, ``calib_windows``, ``n_gpu_layers``: None or empty when not given (they belong to
+    ``rotate``; quantize_rotated has their defaults)."""
+    given = {k: v for k, v in (("trials", rotate_trials), ("calib", calib or None), ("calib_windows", calib_windows),
+                               ("n_gpu_layers", n_gpu_layers)) if v is not None}
+    if rotate is None and given:
         from tiblocal.errors import TiblocalError
 
         raise TiblocalError("--rotate-trials, --calib, --calib-windows and --n-gpu-layers belong to --rotate; add "
@@ -67,8 +71,7 @@ def run_quantize(
             from .rotate import quantize_rotated
 
             results, seeds, trials = quantize_rotated(
-                inp, out, names, seed=rotate, trials=rotate_trials, calib=calib, calib_windows=calib_windows,
-                threads=threads, n_gpu_layers=n_gpu_layers, force=force, on_stage=display.stage, **options,
+                inp, out, names, seed=rotate, threads=threads, force=force, on_stage=display.stage, **given, **options,
             )
     finally:
         display.stop()

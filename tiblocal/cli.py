@@ -183,15 +183,15 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
              "same model, with outlier channels spread so 8-bit activations and weights lose less (a tied output "
              "matrix is written as its own tensor)",
     )
-    p.add_argument("--rotate-trials", type=int, default=1, metavar="K",
+    p.add_argument("--rotate-trials", type=int, default=None, metavar="K",
                    help="with --rotate: try K rotations (seeds SEED..SEED+K-1) and keep, per type, the one with the "
                         "lowest perplexity on the calibration text (default 1)")
     p.add_argument("--calib", nargs="+", type=Path, default=[], metavar="FILE",
                    help="with --rotate-trials: calibration text, plain or .xz (default: the bundled Tibetan excerpt)")
-    p.add_argument("--calib-windows", type=int, default=32, metavar="N",
+    p.add_argument("--calib-windows", type=int, default=None, metavar="N",
                    help="with --rotate-trials: windows of 512 tokens scored per trial (default 32)")
-    p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
-                   help="with --rotate-trials: layers on the GPU while scoring (-1: all)")
+    p.add_argument("--n-gpu-layers", type=int, default=None, metavar="N",
+                   help="with --rotate-trials: layers on the GPU while scoring (-1: all; default 0)")
     p.add_argument("--force", action="store_true", help="overwrite outputs that exist")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log (one line per tensor)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print the results as JSON")
