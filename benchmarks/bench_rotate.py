@@ -104,10 +104,6 @@ def _child(inp: str, out: str) -> None:
                       "max_rss_anon_gib": max(peak[0], _rss_anon()) / 2**30}))
 
 
-def _sync() -> None:
-    os.sync()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="an f16/f32 llama GGUF (default: a random one of --shape in --work)")
@@ -133,20 +129,20 @@ def main() -> int:
     out, copy = a.work / "rotated.gguf", a.work / "copy.gguf"
     rot, ref, rss, anon, inner = [], [], [], [], []
     for _ in range(a.rounds):
-        _sync()
+        os.sync()
         t0 = time.perf_counter()
         shutil.copyfile(model, copy)
-        _sync()
+        os.sync()
         ref.append(time.perf_counter() - t0)
         copy.unlink()
-        _sync()
+        os.sync()
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, __file__, "--work", str(a.work), "--child", str(model), str(out)],
                            capture_output=True, text=True)
         if p.returncode != 0:
             sys.stderr.write(p.stderr)
             return 1
-        _sync()
+        os.sync()
         rot.append(time.perf_counter() - t0)
         child = json.loads(p.stdout.strip().splitlines()[-1])
         rss.append(child["max_rss_gib"])

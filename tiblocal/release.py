@@ -180,9 +180,9 @@ def release(
     names = parse_types(",".join(t for t, _, _ in specs))
     output_types = {n: (o.strip() or None) for n, (_, _, o) in zip(names, specs)}
     rotated = parse_types(",".join(rotate)) if rotate else []
-    if set(rotated) - set(names):
-        raise TiblocalError(f"--rotate {','.join(rotated)}: {', '.join(sorted(set(rotated) - set(names)))} is not among "
-                            f"--types {','.join(names)}; name types the release makes")
+    if extra := sorted(set(rotated) - set(names)):
+        raise TiblocalError(f"--rotate {','.join(rotated)}: {', '.join(extra)} is not among --types {','.join(names)}; "
+                            "name types the release makes")
     check_output_path(out, force=force)
     notes_text = None
     if notes is not None:
@@ -289,7 +289,7 @@ def release(
             files[gptq_dir.name + "/"] = sum(p.stat().st_size for p in gptq_dir.iterdir() if p.is_file())
         card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text,
                           chat_file=quants[0].name, imatrix=im_info, speed=speed,
-                          rotated=[f"{name}-{t}.gguf" for t in rotated], rotate_seed=rotate_seed)
+                          rotated=[p.name for p, t in zip(quants, names) if t in rotated], rotate_seed=rotate_seed)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)
         listing = sorted(p.name for p in tmp.iterdir())
