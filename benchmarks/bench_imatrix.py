@@ -1,12 +1,14 @@
 """Time of `tiblocal imatrix` against a bare transformers forward pass over the same windows, same model and device.
 
-    python benchmarks/bench_imatrix.py HF_DIR --device cuda --chunks 100 --rounds 2 --json imatrix.json
+    python benchmarks/bench_imatrix.py HF_DIR --device cuda --chunks 100 --rounds 2 [--rotate SEED] --json imatrix.json
 
 Both run as child processes, alternating (A B B A, ``--rounds`` times): ``tiblocal imatrix HF_DIR --chunks N``
 (load, the hooks on every matrix product, the GGUF written) and a bare script that loads the model the same way
 (transformers, ``--dtype``, straight onto the device) and runs the same windows (cut by tiblocal's ``calibration_windows``, as
 the command cuts them) with no hooks. The ratio is what collecting the importance matrix adds to the forward
-passes it needs; the bare run also reports its own load and forward seconds.
+passes it needs; the bare run also reports its own load and forward seconds. ``--rotate SEED`` times
+``tiblocal imatrix --rotate SEED`` instead (the matrix in a rotated model's basis: each norm's input normalised and
+turned, each head's slice of attn_output's input turned).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="f32", choices=list(DTYPES))
     ap.add_argument("--text", nargs="+", type=Path, default=[], help="default: the bundled calibration excerpt")
     ap.add_argument("--rounds", type=int, default=1, help="ABBA rounds")
+    ap.add_argument("--rotate", type=int, default=None, metavar="SEED", help="time tiblocal imatrix --rotate SEED")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -66,13 +69,13 @@ def main() -> int:
     cmds = {
         "tiblocal": [sys.executable, "-m", "tiblocal", "imatrix", str(hf), "--out", str(out), "--chunks", str(args.chunks),
                      "--ctx", str(args.ctx), "--device", args.device, "--dtype", args.dtype, "--force",
-                     *(["--text", *texts] if texts else [])],
+                     *(["--text", *texts] if texts else []), *(["--rotate", str(args.rotate)] if args.rotate is not None else [])],
         "bare_forward": [sys.executable, "-c", BARE, str(hf), str(args.chunks), str(args.ctx), args.device, str(split),
                          args.dtype, *texts],
     }
     runs: dict[str, list[dict]] = {who: [] for who in cmds}
     result: dict = {"model": str(hf), "device": args.device, "dtype": args.dtype, "chunks": args.chunks, "ctx": args.ctx,
-                    "runs": runs}
+                    "rotate": args.rotate, "runs": runs}
     order = list(cmds) + list(cmds)[::-1]
     for _ in range(args.rounds):
         for who in order:

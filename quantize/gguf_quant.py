@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from tiblocal import bindings
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
-from tiblocal.gguf_file import check_supported_architecture, read_gguf
+from tiblocal.gguf_file import ROTATION_KEY, check_supported_architecture, read_gguf
 
 if TYPE_CHECKING:
     from .imatrix import Imatrix
@@ -115,6 +115,7 @@ def quantize_gguf(
         from .imatrix import Imatrix, QuantizeImatrixArgs, load_imatrix
 
         im = imatrix if isinstance(imatrix, Imatrix) else load_imatrix(imatrix)
+        check_imatrix_basis(im, inp, [int(x) for x in info.metadata.get(ROTATION_KEY) or []])
     paths = output_paths(inp, out, types)
     if len(paths) > 1 and "{type}" not in str(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +153,18 @@ def quantize_gguf(
                 raise TiblocalError(_failure(inp, qtype, rc, bindings.take_errors(), im and im.path))
         results.append(QuantResult(qtype, path, path.stat().st_size, time.perf_counter() - t0))
     return results
+
+
+def check_imatrix_basis(im, model: Path, seeds: list[int]) -> None:
+    """Refuse a matrix tiblocal measured in another basis than the model's (``seeds``: the rotations the model
+    was written in, [] for none); llama-imatrix's files do not say, and pass."""
+    if im.rotation is None or im.rotation == seeds:
+        return
+    where = f"the basis of --rotate {','.join(map(str, seeds))}" if seeds else "the unrotated basis"
+    make = f"`tiblocal imatrix HF_DIR --rotate {seeds[-1]} --out FILE`" if len(seeds) == 1 else (
+        "`tiblocal imatrix HF_DIR --out FILE`" if not seeds else "llama-imatrix on the model itself")
+    raise TiblocalError(f"{im.path} was measured in {im.basis()}, but {model} is quantized in {where}: its importance "
+                        f"figures belong to other columns; make the matrix for it with {make}")
 
 
 def _failure(inp: Path, qtype: str, rc: int, why: str, imatrix: Path | None) -> str:

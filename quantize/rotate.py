@@ -236,6 +236,22 @@ def rotate_gguf(
     return RotateResult(out, seed, untied, out.stat().st_size)
 
 
+def _embedding_as_tied(rotated: Path, r, threads: int | None, quant_options: dict):
+    """A tied model's embedding is also its output matrix, and llama.cpp quantizes it as the output (Q8_0 or Q6_K
+    where the layers get Q4_0 or Q4_K); once untied by the rotation, it would get the embedding's lower default
+    type. So the embedding keeps the type llama.cpp gives the output matrix: quantized again with it, if needed."""
+    from tiblocal.gguf_file import read_gguf
+
+    from .gguf_quant import QuantResult, quantize_gguf
+
+    types = {t.name: t.type for t in read_gguf(r.path, with_tokens=False).tensors}
+    if types["token_embd.weight"] == types["output.weight"]:
+        return r
+    options = {**quant_options, "token_embedding_type": types["output.weight"]}
+    (again,) = quantize_gguf(rotated, r.path, [r.type], threads=threads, force=True, **options)
+    return QuantResult(r.type, again.path, again.size, r.seconds + again.seconds)
+
+
 @dataclass(frozen=True)
 class Trial:
     seed: int
@@ -264,11 +280,25 @@ def quantize_rotated(
     inp, out = Path(inp), Path(out)
     if trials < 1:
         raise TiblocalError(f"--rotate-trials {trials}: give 1 or more rotations to try")
-    if quant_options.get("imatrix") is not None:
-        raise TiblocalError("--imatrix with --rotate: the matrix measures the unrotated model's activations and does "
-                            "not fit the rotated weights; quantize with --rotate without --imatrix, or --imatrix alone")
     if not inp.is_file():
         raise TiblocalError(f"{inp}: no such GGUF file")
+    if quant_options.get("imatrix") is not None:  # it must have been measured in this rotation (tiblocal imatrix --rotate)
+        from tiblocal.gguf_file import read_gguf
+
+        from .gguf_quant import check_imatrix_basis
+        from .imatrix import Imatrix, load_imatrix
+
+        if trials > 1:
+            raise TiblocalError(f"--imatrix with --rotate-trials {trials}: a matrix fits one rotation only; give "
+                                "--rotate SEED with the matrix of that seed (tiblocal imatrix HF_DIR --rotate SEED)")
+        im = quant_options["imatrix"]
+        im = im if isinstance(im, Imatrix) else load_imatrix(im)
+        if im.rotation is None:
+            raise TiblocalError(f"{im.path} does not say which basis it was measured in (llama-imatrix's files do "
+                                f"not); with --rotate {seed} give the matrix of `tiblocal imatrix HF_DIR --rotate {seed}`")
+        have = [int(x) for x in read_gguf(inp, with_tokens=False).metadata.get(ROTATION_KEY) or []]
+        check_imatrix_basis(im, inp, [*have, seed])
+        quant_options["imatrix"] = im
     if calib and trials == 1:
         raise TiblocalError("--calib is the text that ranks the rotations of --rotate-trials K; give K of 2 or more")
     ids: list[int] = []  # the calibration text, tokenized once by the model's vocabulary (the rotation keeps it)
@@ -302,9 +332,12 @@ def quantize_rotated(
         history: list[Trial] = []
         for s in range(seed, seed + trials):
             stage(f"rotating {inp.name} (seed {s})")
-            rotated = rotate_gguf(inp, work / f"rotated-{s}.gguf", seed=s, force=True).path
+            turned = rotate_gguf(inp, work / f"rotated-{s}.gguf", seed=s, force=True)
+            rotated = turned.path
             for r in quantize_gguf(rotated, work / f"{{type}}-{s}.gguf", types, threads=threads, force=True,
                                    on_start=lambda t, p: stage(f"quantizing seed {s} to {t}"), **quant_options):
+                if turned.untied and quant_options.get("token_embedding_type") is None:
+                    r = _embedding_as_tied(rotated, r, threads, quant_options)
                 score = None
                 if trials > 1:
                     stage(f"seed {s} {r.type}: perplexity on the calibration text")

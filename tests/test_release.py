@@ -77,6 +77,7 @@ def test_release_bad_input(tiny_hf: Path, tmp_path: Path) -> None:
 def test_release_rotates_the_types_it_is_told_to(tiny_hf: Path, tmp_path: Path) -> None:
     import gguf
 
+    from tiblocal.quantize.imatrix import load_imatrix
     from tiblocal.quantize.rotate import ROTATION_KEY
 
     out = tmp_path / "rel"
@@ -88,15 +89,33 @@ def test_release_rotates_the_types_it_is_told_to(tiny_hf: Path, tmp_path: Path) 
     fields = {f: gguf.GGUFReader(out / f"t-{f}.gguf").fields for f in ("f16", "Q4_K_M", "Q8_0")}
     assert list(fields["Q8_0"][ROTATION_KEY].contents()) == [4]
     assert ROTATION_KEY not in fields["Q4_K_M"] and ROTATION_KEY not in fields["f16"]
-    assert "quantize.imatrix.file" in fields["Q4_K_M"] and "quantize.imatrix.file" not in fields["Q8_0"]
+    # each type quantized with the matrix of its basis, both measured in one pass and shipped
+    assert fields["Q4_K_M"]["quantize.imatrix.file"].contents() == "t.imatrix.gguf"
+    assert fields["Q8_0"]["quantize.imatrix.file"].contents() == "t.rotated.imatrix.gguf"
+    assert load_imatrix(out / "t.imatrix.gguf").rotation == [] and load_imatrix(out / "t.rotated.imatrix.gguf").rotation == [4]
     q = json.loads((out / "quantization.json").read_text())
     assert q["rotated"] == {"Q8_0": 4}
+    assert q["imatrix"]["file"] == "t.imatrix.gguf" and q["rotated_imatrix"]["rotation_seed"] == 4
     kl = {r["file_type"]: r["mean_kl"] for r in q["rows"]}
     assert 0 < kl["Q8_0"] < kl["Q4_K_M"]  # measured against the unrotated f16: the same model
     card = (out / "README.md").read_text()
     assert "`t-Q8_0.gguf`: quantized in a rotated basis (`tiblocal quantize --rotate 4`)" in card
-    assert "The rotated files below were made without it." in card
+    assert "The other quantized GGUFs were made with the importance matrix `t.imatrix.gguf`" in card
+    assert ("They were made with the importance matrix `t.rotated.imatrix.gguf` (made by `tiblocal imatrix --rotate 4` "
+            "from this model on tibetan_sample.txt, 2 windows of 512 tokens)") in card
     assert run_cli("verify", str(out)).returncode == 0
+    # with a given matrix (the unrotated model's) the rotated types are made without one; a rotated one is refused
+    given = tmp_path / "given"
+    p = run_cli("release", str(tiny_hf), "--out", str(given), "--name", "t", "--types", "Q4_K_M,Q8_0", "--imatrix",
+                str(out / "t.imatrix.gguf"), "--rotate", "Q8_0", timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    assert "The rotated files below were made without it." in (given / "README.md").read_text()
+    assert "quantize.imatrix.file" not in gguf.GGUFReader(given / "t-Q8_0.gguf").fields
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "bad"), "--types", "Q8_0", "--imatrix",
+                str(out / "t.rotated.imatrix.gguf"))
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "was measured in the basis of --rotate 4; a release quantizes its f16 GGUF" in err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_release_refuses_gpu_layers_without_a_gpu_build_before_any_work(tiny_hf: Path, tmp_path: Path, monkeypatch) -> None:

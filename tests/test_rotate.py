@@ -127,6 +127,25 @@ def test_an_f16_model_stays_f16_and_quantizes(tmp_path, tiny_tokenizer) -> None:
     assert list(gguf.GGUFReader(q.path).fields[ROTATION_KEY].contents()) == [0]  # llama.cpp's quantizer keeps it
 
 
+def test_an_untied_embedding_keeps_the_type_it_had_as_the_output(tmp_path, tiny_tokenizer) -> None:
+    """Tied, the embedding is quantized as the output matrix (Q8_0 here, where the layers get Q4_0); the rotated
+    file's own embedding keeps that type rather than dropping to the layers' Q4_0, unless a type is given."""
+    src = _model(tmp_path, tiny_tokenizer, hidden_size=64, tie_word_embeddings=True)
+
+    def types(path: Path) -> dict[str, str]:
+        return {t.name: t.type for t in read_gguf(path).tensors}
+
+    plain = types(quantize_gguf(src, tmp_path / "plain.gguf", ["Q4_0"])[0].path)
+    assert "output.weight" not in plain and plain["token_embd.weight"] == "Q8_0" and plain["blk.0.attn_q.weight"] == "Q4_0"
+    (r,), _, _ = quantize_rotated(src, tmp_path / "rot.gguf", ["Q4_0"])
+    rotated = types(r.path)
+    assert rotated["token_embd.weight"] == rotated["output.weight"] == "Q8_0" and rotated["blk.0.attn_q.weight"] == "Q4_0"
+    assert r.size == r.path.stat().st_size
+    (r,), _, _ = quantize_rotated(src, tmp_path / "given.gguf", ["Q4_0"], token_embedding_type="Q4_1")
+    assert types(r.path)["token_embd.weight"] == "Q4_1"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_rotation_spreads_outlier_channels_so_q8_0_loses_less(tmp_path, tiny_tokenizer) -> None:
     src = _model(tmp_path, tiny_tokenizer, outliers=5.0, hidden_size=256, intermediate_size=512,
                  num_attention_heads=4, num_key_value_heads=4)
@@ -195,7 +214,7 @@ def test_rotate_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer) -> None:
     with pytest.raises(TiblocalError, match="already exists"):
         quantize_rotated(src, keep, ["Q8_0"])
     assert keep.read_bytes() == b"mine"
-    with pytest.raises(TiblocalError, match="--imatrix with --rotate"):
+    with pytest.raises(TiblocalError, match="no such importance matrix file: .*im.gguf"):
         quantize_rotated(src, tmp_path / "y.gguf", ["Q8_0"], imatrix=tmp_path / "im.gguf")
     with pytest.raises(TiblocalError, match="--calib is the text that ranks"):
         quantize_rotated(src, tmp_path / "y.gguf", ["Q8_0"], calib=[TEXT])

@@ -174,7 +174,7 @@ def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--imatrix", type=Path, default=None, metavar="FILE",
         help="importance matrix from tiblocal imatrix or llama.cpp's llama-imatrix (GGUF or .dat); IQ1/IQ2/IQ3_XXS types "
-             "and Q2_K_S need one",
+             "and Q2_K_S need one; with --rotate SEED, the one from tiblocal imatrix --rotate SEED",
     )
     p.add_argument("--allow-requantize", action="store_true", help="accept an input that is already quantized")
     p.add_argument(
@@ -221,6 +221,9 @@ def _imatrix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-output", dest="output", action="store_false",
                    help="leave out the output product (lm_head, or the tied embedding), as llama-imatrix does without "
                         "--process-output")
+    p.add_argument("--rotate", type=int, nargs="?", const=0, default=None, metavar="SEED",
+                   help="measure the model as `tiblocal quantize --rotate SEED` turns it (seed default 0), for "
+                        "quantize --rotate SEED --imatrix")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", dest="as_json", action="store_true")
 
@@ -229,7 +232,7 @@ def _imatrix(a: argparse.Namespace) -> int:
     from .quantize.imatrix import run_imatrix
 
     return run_imatrix(a.hf_dir, a.out, texts=a.text, chunks=a.chunks, ctx=a.ctx, device=a.device, force=a.force,
-                       as_json=a.as_json, output=a.output, dtype=a.dtype)
+                       as_json=a.as_json, output=a.output, dtype=a.dtype, rotate=a.rotate)
 
 
 def _gptq_args(p: argparse.ArgumentParser) -> None:
@@ -377,8 +380,9 @@ def _release_args(p: argparse.ArgumentParser) -> None:
                    help="what the model runs in for --make-imatrix (default f32; bf16: 7B in 25 s instead of 42 s on an H100)")
     p.add_argument("--device", default=None, help="where --make-imatrix runs: cpu or cuda (default: cuda when torch sees a GPU)")
     p.add_argument("--rotate", default="", metavar="TYPES",
-                   help="quantize these types (e.g. Q8_0) in a rotated basis, as `tiblocal quantize --rotate` (without "
-                        "the importance matrix)")
+                   help="quantize these types (e.g. Q8_0) in a rotated basis, as `tiblocal quantize --rotate`; with "
+                        "--make-imatrix they take a matrix measured in that basis (NAME.rotated.imatrix.gguf), a given "
+                        "--imatrix they do not")
     p.add_argument("--rotate-seed", type=int, default=0, metavar="SEED", help="the rotation's seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", dest="as_json", action="store_true")

@@ -5,6 +5,8 @@ From a merged Hugging Face folder it writes, into one new folder (atomically: al
   model folder ``NAME-GPTQ-{bits}bit/`` (tiblocal gptq) for GPU servers;
 - with an importance matrix (given, or made from the model on Tibetan text as ``tiblocal imatrix`` makes it),
   ``NAME.imatrix.gguf`` (or ``.dat``, as given): every GGUF quant is made with it, as ``llama-quantize --imatrix``;
+  the types quantized in a rotated basis take ``NAME.rotated.imatrix.gguf``, made in the same pass in that basis
+  (``tiblocal imatrix --rotate``), or none where the matrix was given;
 - ``quantization.json`` / ``.md``: size, bits per weight, ΔPPL, mean KL, top-1 agreement and tokens/s of
   each file against the f16 one, on the given text (`tiblocal eval compare`'s measures);
 - an Ollama ``Modelfile`` for the first quant type, with the chat template in Ollama's syntax, its stop
@@ -78,22 +80,25 @@ def _file_record(path: Path) -> dict:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _imatrix_line(info: dict) -> str:
+def _imatrix_line(info: dict, files: str = "The quantized GGUFs") -> str:
     texts = ", ".join(info["datasets"])
-    source = f"made by `tiblocal imatrix` from this model on {texts}" if info["made"] else (
+    how = f"`tiblocal imatrix --rotate {info['rotation_seed']}`" if info.get("rotation_seed") is not None else "`tiblocal imatrix`"
+    source = f"made by {how} from this model on {texts}" if info["made"] else (
         "given" + (f", computed on {texts}" if texts else ""))
     windows = ""
     if info.get("chunks"):
         windows = f", {info['chunks']} windows" + (f" of {info['ctx']} tokens" if info.get("ctx") else "")
     if info.get("dtype", "f32") != "f32":
         windows += f", the model run in {info['dtype']}"
-    return f"The quantized GGUFs were made with the importance matrix `{info['file']}` ({source}{windows})."
+    return f"{files} were made with the importance matrix `{info['file']}` ({source}{windows})."
 
 
 def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict], text_names: list[str], ctx: int,
                template_name: str, meta: dict, notes: str | None, *, chat_file: str, imatrix: dict | None = None,
-               speed: dict | None = None, rotated: list[str] = (), rotate_seed: int = 0) -> str:
-    """``chat_file``: the GGUF the card's "Run it" commands name (the Modelfile's)."""
+               speed: dict | None = None, rotated: list[str] = (), rotate_seed: int = 0,
+               rotated_imatrix: dict | None = None) -> str:
+    """``chat_file``: the GGUF the card's "Run it" commands name (the Modelfile's); ``rotated_imatrix``: the matrix
+    the ``rotated`` files were made with (measured in their basis), if any."""
     from .templates import get_template
 
     from tiblocal.quantize.evaluate import report_markdown
@@ -107,12 +112,14 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
     out += [f"| {f} | {size / 2**20:.1f} |" for f, size in files.items()]
     out += [""]
     if imatrix:
-        out += [_imatrix_line(imatrix)
-                + (" The rotated files below were made without it." if rotated else ""), ""]
+        plain = "The other quantized GGUFs" if rotated else "The quantized GGUFs"
+        out += [_imatrix_line(imatrix, plain)
+                + (" The rotated files below were made without it." if rotated and not rotated_imatrix else ""), ""]
     if rotated:
         out += [f"{', '.join(f'`{f}`' for f in rotated)}: quantized in a rotated basis (`tiblocal quantize --rotate "
                 f"{rotate_seed}`): the same model, its hidden basis turned by a random orthogonal matrix so the 8-bit "
-                "activations and weights lose less; a tied embedding is written a second time as the output matrix.", ""]
+                "activations and weights lose less; a tied embedding is written a second time as the output matrix."
+                + (" " + _imatrix_line(rotated_imatrix, "They") if rotated_imatrix else ""), ""]
     if rows:
         out += [report_markdown(rows, f"What quantization cost on {', '.join(text_names)} (ctx {ctx}, against f16)")]
         if speed:
@@ -157,8 +164,9 @@ def release(
     windows of 512 tokens, the model run in ``imatrix_dtype`` (f32, bf16, f16) on ``device`` (default: cuda when
     torch sees a GPU). ``n_gpu_layers``: the layers llama.cpp runs on the GPU for the ``eval_text`` measurements
     (-1: all); it needs bindings built with a GPU backend, checked before any work. ``rotate``: the types quantized
-    in a rotated basis (``tiblocal quantize --rotate``, seed ``rotate_seed``), made without the importance matrix;
-    the shipped f16 GGUF stays as converted, and the measurements compare against it."""
+    in a rotated basis (``tiblocal quantize --rotate``, seed ``rotate_seed``); with ``make_imatrix`` they take a
+    matrix measured in that basis in the same pass, a given ``imatrix`` (measured on the model as converted) they
+    do not take. The shipped f16 GGUF stays as converted, and the measurements compare against it."""
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
@@ -198,6 +206,9 @@ def release(
     if imatrix is not None and make_imatrix:
         raise TiblocalError(f"--imatrix {imatrix} and --make-imatrix/--imatrix-text both given; give one of them")
     given_im = load_imatrix(imatrix) if imatrix is not None else None  # a bad file stops here, before any work
+    if given_im is not None and given_im.rotation:
+        raise TiblocalError(f"--imatrix {imatrix} was measured in {given_im.basis()}; a release quantizes its f16 GGUF "
+                            "as converted: give a matrix of the unrotated model, or --make-imatrix")
     im_windows = None
     if make_imatrix:  # the text is cut into windows now, so a short text stops here, before the long work
         from tiblocal.quantize.gptq import calibration_texts, calibration_windows
@@ -219,22 +230,29 @@ def release(
         f16 = tmp / f"{name}-f16.gguf"
         say(f"converting {hf_dir} to {f16.name}")
         hf_to_gguf(hf_dir, f16, outtype="f16", template=template)
-        im, im_info = None, None
+        im, im_info, rot_im, rot_info = None, None, None, None
         if make_imatrix:
-            from tiblocal.quantize.imatrix import compute_imatrix, write_imatrix
+            from tiblocal.quantize.imatrix import compute_imatrices, write_imatrix
 
+            # one pass over the text for both bases: the model as converted, and as --rotate turns it
+            bases = ([None] if set(names) - set(rotated) else []) + ([rotate_seed] if rotated else [])
             say(f"importance matrix: {imatrix_chunks} windows")
-            im, counts = compute_imatrix(hf_dir, imatrix_text, chunks=imatrix_chunks, ctx=IMATRIX_CTX, device=device,
-                                         dtype=imatrix_dtype,
-                                         progress=lambda done, total: say(f"importance matrix: window {done}/{total}"),
-                                         windows=im_windows)
-            write_imatrix(tmp / f"{name}.imatrix.gguf", im, counts, IMATRIX_CTX)
-            # quantize with the matrix as read back from the shipped file (the sums it stores round differently from
-            # the means in memory), so `tiblocal quantize --imatrix` with that file makes the same GGUFs
-            im = load_imatrix(tmp / f"{name}.imatrix.gguf")
-            im.path = Path(im.path.name)
-            im_info = {"file": im.path.name, "made": True, "datasets": im.datasets, "chunks": im.chunk_count,
-                       "ctx": IMATRIX_CTX, "dtype": imatrix_dtype}
+            measured = compute_imatrices(
+                hf_dir, imatrix_text, bases, chunks=imatrix_chunks, ctx=IMATRIX_CTX, device=device, dtype=imatrix_dtype,
+                progress=lambda done, total: say(f"importance matrix: window {done}/{total}"), windows=im_windows)
+            for basis, (m, counts) in zip(bases, measured):
+                file = f"{name}.imatrix.gguf" if basis is None else f"{name}.rotated.imatrix.gguf"
+                write_imatrix(tmp / file, m, counts, IMATRIX_CTX)
+                # quantize with the matrix as read back from the shipped file (the sums it stores round differently
+                # from the means in memory), so `tiblocal quantize --imatrix` with that file makes the same GGUFs
+                m = load_imatrix(tmp / file)
+                m.path = Path(file)
+                info = {"file": file, "made": True, "datasets": m.datasets, "chunks": m.chunk_count,
+                        "ctx": IMATRIX_CTX, "dtype": imatrix_dtype}
+                if basis is None:
+                    im, im_info = m, info
+                else:
+                    rot_im, rot_info = m, {**info, "rotation_seed": basis}
         elif given_im is not None:
             im = given_im
             im.path = Path(f"{name}.imatrix{'.gguf' if is_gguf(imatrix) else '.dat'}")  # the name says the format
@@ -248,7 +266,8 @@ def release(
                 from tiblocal.quantize.rotate import quantize_rotated
 
                 say(f"rotating and quantizing to {t}")
-                quantize_rotated(f16, path, [t], seed=rotate_seed, threads=threads, output_tensor_type=output_types[t])
+                quantize_rotated(f16, path, [t], seed=rotate_seed, threads=threads, output_tensor_type=output_types[t],
+                                 imatrix=rot_im)
             else:
                 say(f"quantizing to {t}")
                 quantize_gguf(f16, path, [t], threads=threads, output_tensor_type=output_types[t], imatrix=im)
@@ -280,16 +299,18 @@ def release(
         (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
         (tmp / "quantization.json").write_text(json.dumps({
             "text": [_file_record(Path(p)) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "imatrix": im_info,
-            "rotated": {t: rotate_seed for t in rotated}, "speed": speed, "rows": rows,
+            "rotated": {t: rotate_seed for t in rotated}, "rotated_imatrix": rot_info, "speed": speed, "rows": rows,
         }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         files = {p.name: p.stat().st_size for p in [f16, *quants]}
-        if im is not None:
-            files[im.path.name] = (tmp / im.path).stat().st_size
+        for m in (im, rot_im):
+            if m is not None:
+                files[m.path.name] = (tmp / m.path).stat().st_size
         if gptq_dir is not None:
             files[gptq_dir.name + "/"] = sum(p.stat().st_size for p in gptq_dir.iterdir() if p.is_file())
         card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text,
                           chat_file=quants[0].name, imatrix=im_info, speed=speed,
-                          rotated=[p.name for p, t in zip(quants, names) if t in rotated], rotate_seed=rotate_seed)
+                          rotated=[p.name for p, t in zip(quants, names) if t in rotated], rotate_seed=rotate_seed,
+                          rotated_imatrix=rot_info)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)
         listing = sorted(p.name for p in tmp.iterdir())
