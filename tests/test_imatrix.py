@@ -304,3 +304,20 @@ def test_release_imatrix_errors_leave_nothing(tmp_path: Path, tiny256) -> None:
     with pytest.raises(TiblocalError, match="--imatrix-dtype f8: expected one of f32, bf16, f16"):
         release(hf, tmp_path / "api", types=["Q4_K_M"], make_imatrix=True, imatrix_dtype="f8")
     assert not (tmp_path / "api").exists() and not list(tmp_path.glob(".api.*"))
+
+
+def test_inspect_shows_what_a_matrix_was_measured_on_and_in_which_basis(tmp_path: Path, model) -> None:
+    gg = write_gguf_imatrix(tmp_path / "im.gguf", _sums(model, 1), 64)
+    d = json.loads(run_cli("inspect", str(gg), "--json").stdout)
+    assert (d["format"], d["container"], d["entries"], d["datasets"], d["chunks"], d["rotation_seeds"]) == (
+        "imatrix", "gguf", len(_weights(model)), ["tibetan_sample.txt"], 4, [])
+    dat = write_legacy_imatrix(tmp_path / "im.dat", _sums(model, 1), 8)
+    d = json.loads(run_cli("inspect", str(dat), "--json").stdout)
+    assert (d["container"], d["rotation_seeds"]) == ("dat", None)  # llama-imatrix's files do not say
+    shown = run_cli("inspect", str(dat)).stdout.decode()
+    assert "importance matrix (legacy .dat)" in shown and "not said" in shown
+    bad = tmp_path / "x.dat"
+    bad.write_bytes(b"\x01\x00")
+    p = run_cli("inspect", str(bad))
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "x.dat is not a usable importance matrix" in err and len(err.strip().splitlines()) == 1

@@ -125,6 +125,8 @@ def test_quantize_rotate_takes_the_matrix_of_its_rotation(tmp_path, tiny_tokeniz
                 "--out", str(im5), "--json", timeout=300)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     assert json.loads(p.stdout)["rotation_seed"] == 5 and load_imatrix(im5).rotation == [5]
+    shown = run_cli("inspect", str(im5)).stdout.decode()
+    assert "importance matrix (GGUF)" in shown and "rotated, seed 5 (for quantize --rotate)" in shown
     # IQ2_XXS needs a matrix: with --rotate it could not be made before
     out = tmp_path / "q.gguf"
     p = run_cli("quantize", str(src), "--type", "IQ2_XXS", "--rotate", "5", "--imatrix", str(im5), "--out", str(out),

@@ -115,7 +115,7 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", type=Path, help="a .gguf file or a Hugging Face model folder")
+    p.add_argument("path", type=Path, help="a .gguf file (a model or an importance matrix), a legacy .dat matrix or a Hugging Face model folder")
     p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
 
 
@@ -441,7 +441,7 @@ class Verb:
 VERBS = (
     Verb("chat", "chat with a GGUF model in the terminal", _chat_args, _chat),
     Verb("generate", "generate answers for a prompt or a file of prompts (JSON lines)", _generate_args, _generate),
-    Verb("inspect", "show what a GGUF file or Hugging Face folder holds", _inspect_args, _inspect),
+    Verb("inspect", "show what a GGUF file, importance matrix or Hugging Face folder holds", _inspect_args, _inspect),
     Verb("vocab", "extend a tokenizer for Tibetan, and check its figures and its parity across runtimes", _vocab_args, _vocab),
     Verb("check", "check that tokenizer, config, weights (or a GGUF) agree on the vocabulary", _check_args, _check),
     Verb("pretrain", "continued pretraining (LoRA or full) from a YAML recipe; runs under accelerate launch", _train_args, _pretrain),

@@ -1,4 +1,5 @@
-"""`tiblocal inspect`: what a GGUF file or a Hugging Face model folder holds, read from headers only."""
+"""`tiblocal inspect`: what a GGUF file, an importance matrix or a Hugging Face model folder holds, read from
+headers only (a matrix is read whole: it is small)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from .gguf_file import ROTATION_KEY, read_gguf
 from .templates import template_name_of
 
 
-def describe_gguf(path: Path) -> dict[str, Any]:
-    info = read_gguf(path)
+def describe_gguf(path: Path, info=None) -> dict[str, Any]:
+    info = info or read_gguf(path)
     arch = info.architecture
     hp = {
         key.split(".", 1)[1]: value
@@ -47,6 +48,25 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         "rotation_seeds": info.metadata.get(ROTATION_KEY),
         "n_tensors": len(info.tensors),
         "bits_per_weight": round(8 * sum(t.n_bytes for t in info.tensors) / info.n_params, 3) if info.n_params else None,
+    }
+
+
+def describe_imatrix(path: Path) -> dict[str, Any]:
+    """An importance matrix (``tiblocal imatrix`` or llama-imatrix, GGUF or legacy .dat): what it was measured on
+    and in which basis (``rotation_seeds``: [] the model as converted, seeds for ``quantize --rotate``, None where
+    the file does not say)."""
+    from tiblocal.quantize.imatrix import is_gguf, load_imatrix
+
+    im = load_imatrix(path)
+    return {
+        "path": str(path),
+        "format": "imatrix",
+        "container": "gguf" if is_gguf(path) else "dat",
+        "entries": len(im.entries),
+        "datasets": im.datasets,
+        "chunks": im.chunk_count,
+        "rotation_seeds": im.rotation,
+        "size_bytes": path.stat().st_size,
     }
 
 
@@ -98,7 +118,10 @@ def describe(path: Path) -> dict[str, Any]:
         return describe_hf(path)
     if not path.exists():
         raise InputFileError(f"{path}: no such file or folder; give a .gguf file or a Hugging Face model folder")
-    return describe_gguf(path)
+    if path.suffix == ".dat":  # llama-imatrix's legacy format
+        return describe_imatrix(path)
+    info = read_gguf(path)
+    return describe_imatrix(path) if info.metadata.get("general.type") == "imatrix" else describe_gguf(path, info)
 
 
 def _num(v: Any) -> str:
@@ -122,7 +145,20 @@ def run_inspect(path: Path, *, as_json: bool) -> int:
     table = Table(title=str(path), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    if d["format"] == "gguf":
+    if d["format"] == "imatrix":
+        seeds = d["rotation_seeds"]
+        basis = ("not said (a llama-imatrix file: the model it was run on)" if seeds is None else
+                 f"rotated, seed {', '.join(map(str, seeds))} (for quantize --rotate)" if seeds else
+                 "the model as converted (unrotated)")
+        rows = [
+            ("format", f"importance matrix ({'GGUF' if d['container'] == 'gguf' else 'legacy .dat'})"),
+            ("matrices", f"{d['entries']:,}"),
+            ("measured on", ", ".join(d["datasets"]) or "not said"),
+            ("chunks", str(d["chunks"]) if d["chunks"] else "not said"),
+            ("basis", basis),
+            ("size", _human(d["size_bytes"])),
+        ]
+    elif d["format"] == "gguf":
         rows = [
             ("format", f"GGUF v{d['gguf_version']}"),
             ("architecture", str(d["architecture"])),
