@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType
 from tiblocal import bindings
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
-from tiblocal.gguf_file import ROTATION_KEY, check_supported_architecture, read_gguf
+from tiblocal.gguf_file import check_supported_architecture, read_gguf
 
 if TYPE_CHECKING:
     from .imatrix import Imatrix
@@ -115,7 +115,7 @@ def quantize_gguf(
         from .imatrix import Imatrix, QuantizeImatrixArgs, load_imatrix
 
         im = imatrix if isinstance(imatrix, Imatrix) else load_imatrix(imatrix)
-        check_imatrix_basis(im, inp, [int(x) for x in info.metadata.get(ROTATION_KEY) or []])
+        check_imatrix_basis(im, inp, info.rotation_seeds)
     paths = output_paths(inp, out, types)
     if len(paths) > 1 and "{type}" not in str(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -155,12 +155,14 @@ def quantize_gguf(
     return results
 
 
-def check_imatrix_basis(im, model: Path, seeds: list[int]) -> None:
+def check_imatrix_basis(im: Imatrix, model: Path, seeds: list[int]) -> None:
     """Refuse a matrix tiblocal measured in another basis than the model's (``seeds``: the rotations the model
     was written in, [] for none); llama-imatrix's files do not say, and pass."""
+    from .imatrix import basis_name
+
     if im.rotation is None or im.rotation == seeds:
         return
-    where = f"the basis of --rotate {','.join(map(str, seeds))}" if seeds else "the unrotated basis"
+    where = basis_name(seeds)
     make = f"`tiblocal imatrix HF_DIR --rotate {seeds[-1]} --out FILE`" if len(seeds) == 1 else (
         "`tiblocal imatrix HF_DIR --out FILE`" if not seeds else "llama-imatrix on the model itself")
     raise TiblocalError(f"{im.path} was measured in {im.basis()}, but {model} is quantized in {where}: its importance "

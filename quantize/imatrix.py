@@ -47,9 +47,14 @@ class Imatrix:
     rotation: list[int] | None = None
 
     def basis(self) -> str:
-        if self.rotation is None:
-            return "an unknown basis"
-        return f"the basis of --rotate {','.join(map(str, self.rotation))}" if self.rotation else "the unrotated basis"
+        return basis_name(self.rotation)
+
+
+def basis_name(seeds: list[int] | None) -> str:
+    """The basis a matrix was measured in, or a model is written in, as messages name it."""
+    if seeds is None:
+        return "an unknown basis"
+    return f"the basis of --rotate {','.join(map(str, seeds))}" if seeds else "the unrotated basis"
 
 
 def _bad(path: Path, what: str) -> InputFileError:

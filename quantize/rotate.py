@@ -296,8 +296,7 @@ def quantize_rotated(
         if im.rotation is None:
             raise TiblocalError(f"{im.path} does not say which basis it was measured in (llama-imatrix's files do "
                                 f"not); with --rotate {seed} give the matrix of `tiblocal imatrix HF_DIR --rotate {seed}`")
-        have = [int(x) for x in read_gguf(inp, with_tokens=False).metadata.get(ROTATION_KEY) or []]
-        check_imatrix_basis(im, inp, [*have, seed])
+        check_imatrix_basis(im, inp, [*read_gguf(inp, with_tokens=False).rotation_seeds, seed])
         quant_options["imatrix"] = im
     if calib and trials == 1:
         raise TiblocalError("--calib is the text that ranks the rotations of --rotate-trials K; give K of 2 or more")

@@ -94,6 +94,11 @@ class GGUFInfo:
     def tensor_type_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(t.type for t in self.tensors).items()))
 
+    @property
+    def rotation_seeds(self) -> list[int]:
+        """The seeds of the rotations `tiblocal quantize --rotate` wrote the model in, in order; [] for none."""
+        return [int(s) for s in self.metadata.get(ROTATION_KEY) or []]
+
     def arch_value(self, key_template: str) -> Any:
         """An architecture key such as ``Keys.LLM.CONTEXT_LENGTH`` ("{arch}.context_length")."""
         return self.metadata.get(key_template.format(arch=self.architecture))

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .checkpoint import HFCheckpoint
 from .errors import InputFileError
-from .gguf_file import ROTATION_KEY, read_gguf
+from .gguf_file import read_gguf
 from .templates import template_name_of
 
 
@@ -45,7 +45,7 @@ def describe_gguf(path: Path, info=None) -> dict[str, Any]:
         "chat_template_name": template_name_of(template) or ("custom" if template else None),
         "chat_template": template,
         "tensor_types": info.tensor_type_counts(),
-        "rotation_seeds": info.metadata.get(ROTATION_KEY),
+        "rotation_seeds": info.rotation_seeds or None,
         "n_tensors": len(info.tensors),
         "bits_per_weight": round(8 * sum(t.n_bytes for t in info.tensors) / info.n_params, 3) if info.n_params else None,
     }
