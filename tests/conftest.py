@@ -25,6 +25,26 @@ def shared_data(*parts: str) -> Path:
     return p
 
 
+def outlier_llama(root: Path, tokenizer: Path, *, outliers: float = 1.0, **shape) -> Path:
+    """A random Llama in Hugging Face layout (seeded, ``LlamaShape`` fields as keywords); ``outliers`` scales four
+    channels of every RMSNorm weight, as trained models' norms have a few large channels."""
+    import sentencepiece as spm
+    from safetensors.numpy import load_file, save_file
+
+    from tiblocal.synthetic import LlamaShape, write_llama_checkpoint
+
+    n = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+    hf = write_llama_checkpoint(root / "hf", LlamaShape(vocab_size=n, **shape), tokenizer, seed=11, std=0.05)
+    if outliers != 1.0:
+        f = hf / "model.safetensors"
+        t = load_file(str(f))
+        for k, v in t.items():
+            if k.endswith("layernorm.weight") or k == "model.norm.weight":
+                v[[3, 17, 40, 41]] *= outliers
+        save_file(t, str(f), metadata={"format": "pt"})
+    return hf
+
+
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 700) -> Path:
     """A Llama-style SentencePiece BPE (byte fallback, digits split) on the sample texts."""
     import sentencepiece as spm

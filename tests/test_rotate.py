@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import DATA, run_cli
+from conftest import DATA, outlier_llama, run_cli
 from tiblocal.errors import TiblocalError
 from tiblocal.gguf_file import copy_metadata, read_gguf
 from tiblocal.quantize.evaluate import GGUFSource, compare, read_text
@@ -20,23 +20,10 @@ TEXT = DATA / "tibetan_sample.txt"
 
 
 def _model(root: Path, tokenizer: Path, *, outtype: str = "f32", outliers: float = 1.0, **shape) -> Path:
-    """A random Llama converted to GGUF; ``outliers`` scales four channels of every RMSNorm weight, as trained
-    models' norms have a few large channels."""
-    import sentencepiece as spm
-    from safetensors.numpy import load_file, save_file
-
+    """``outlier_llama`` converted to GGUF."""
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
-    from tiblocal.synthetic import LlamaShape, write_llama_checkpoint
 
-    n = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
-    hf = write_llama_checkpoint(root / "hf", LlamaShape(vocab_size=n, **shape), tokenizer, seed=11, std=0.05)
-    if outliers != 1.0:
-        f = hf / "model.safetensors"
-        t = load_file(str(f))
-        for k, v in t.items():
-            if k.endswith("layernorm.weight") or k == "model.norm.weight":
-                v[[3, 17, 40, 41]] *= outliers
-        save_file(t, str(f), metadata={"format": "pt"})
+    hf = outlier_llama(root, tokenizer, outliers=outliers, **shape)
     out = root / f"model-{outtype}.gguf"
     hf_to_gguf(hf, out, outtype=outtype)
     return out

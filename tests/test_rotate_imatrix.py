@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, run_cli
+from conftest import DATA, outlier_llama, run_cli
 from tiblocal.errors import TiblocalError
 from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.gguf_quant import quantize_gguf
@@ -17,23 +17,6 @@ from tiblocal.quantize.imatrix import Imatrix, compute_imatrices, compute_imatri
 from tiblocal.quantize.rotate import Rotation, head_rotation, quantize_rotated, rotate_gguf
 
 TEXT = DATA / "tibetan_sample.txt"
-
-
-def _hf(root: Path, tokenizer: Path, **shape) -> Path:
-    """A random Llama whose norms have a few large channels (as trained models' do)."""
-    import sentencepiece as spm
-    from safetensors.numpy import load_file, save_file
-
-    from tiblocal.synthetic import LlamaShape, write_llama_checkpoint
-
-    n = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
-    hf = write_llama_checkpoint(root / "hf", LlamaShape(vocab_size=n, **shape), tokenizer, seed=5, std=0.05)
-    t = load_file(str(hf / "model.safetensors"))
-    for k, v in t.items():
-        if k.endswith("layernorm.weight") or k == "model.norm.weight":
-            v[[1, 9, 30]] *= 4.0
-    save_file(t, str(hf / "model.safetensors"), metadata={"format": "pt"})
-    return hf
 
 
 def _rotated_hf(hf: Path, out: Path, seed: int) -> Path:
@@ -84,7 +67,7 @@ def test_rotated_imatrix_is_what_the_rotated_model_multiplies_by(tmp_path, tiny_
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.gptq import calibration_windows
 
-    hf = _hf(tmp_path, tiny_tokenizer, **shape)
+    hf = outlier_llama(tmp_path, tiny_tokenizer, outliers=4.0, **shape)
     ref = _rotated_hf(hf, tmp_path / "rotated-hf", seed=5)
     # the reference is the same model (so its matrices' inputs are the rotated model's)
     ids = torch.tensor([calibration_windows(hf, [TEXT], 1, 32)[0]["input_ids"]])
@@ -116,7 +99,7 @@ def test_rotated_imatrix_is_what_the_rotated_model_multiplies_by(tmp_path, tiny_
 def test_quantize_rotate_takes_the_matrix_of_its_rotation(tmp_path, tiny_tokenizer) -> None:
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
 
-    hf = _hf(tmp_path, tiny_tokenizer, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+    hf = outlier_llama(tmp_path, tiny_tokenizer, outliers=4.0, hidden_size=256, intermediate_size=512, num_attention_heads=4,
              num_key_value_heads=4, tie_word_embeddings=True)
     src = tmp_path / "m.gguf"
     hf_to_gguf(hf, src, outtype="f32")
