@@ -237,8 +237,8 @@ def rotate_gguf(
 
 
 def _embedding_as_tied(rotated: Path, r, threads: int | None, quant_options: dict):
-    """A tied model's embedding is also its output matrix, and llama.cpp quantizes it as the output (Q8_0 or Q6_K
-    where the layers get Q4_0 or Q4_K); once untied by the rotation, it would get the embedding's lower default
+    """A tied model's embedding is also its output matrix, and llama.cpp quantizes it as the output (Q8_0 where the
+    demo model's layers get Q4_0); once untied by the rotation, it would get the embedding's lower default
     type. So the embedding keeps the type llama.cpp gives the output matrix: quantized again with it, if needed."""
     from tiblocal.gguf_file import read_gguf
 
