@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,10 +73,9 @@ def load_proto(model: Path):
     return proto
 
 
-def vocab_of(proto, keep: Iterable[int] | None = None) -> Vocab:
+def vocab_of(proto) -> Vocab:
     normal, user = 1, 4
-    idx = range(len(proto.pieces)) if keep is None else keep
-    pieces = {proto.pieces[i].piece for i in idx if proto.pieces[i].type in (normal, user)}
+    pieces = {p.piece for p in proto.pieces if p.type in (normal, user)}
     return Vocab(pieces, max(map(len, pieces)), proto.normalizer_spec.add_dummy_prefix,
                  any(p.type == 6 for p in proto.pieces))
 
@@ -181,8 +179,9 @@ def prune(proto, n_base: int, sample: list[str], stops: list[int], eval_lines: l
 
 
 def main() -> int:
-    from tiblocal.vocab import base_pieces, read_lines, tokenizer_model
+    from tiblocal.finetune.vocab_run import parse_weights
     from tiblocal.text import count_syllables
+    from tiblocal.vocab import base_pieces, read_lines, tokenizer_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tokenizers", nargs="*", help="tokenizer.model files, folders or 'bundled'")
@@ -195,7 +194,11 @@ def main() -> int:
     ap.add_argument("--weight", action="append", default=[], help="NAME=FACTOR for the pruning sample")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    try:
+        sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--sizes {a.sizes!r}: expected added-piece counts like 24000,32000") from None
+    weights = parse_weights(a.weight)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -232,7 +235,6 @@ def main() -> int:
         if len(proto.pieces) - n_base <= a.prune_to:
             raise SystemExit(f"--prune-from {a.prune_from} adds {len(proto.pieces) - n_base} pieces, not more than "
                              f"--prune-to {a.prune_to}; give a larger extension (vocab extend --add)")
-        weights = tuple((w.split("=")[0], float(w.split("=")[1])) for w in a.weight)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "sample.txt"
             sample_corpus(a.prune_text, ExtendConfig(add=1, sample_chars=a.prune_chars, weights=weights), out)

@@ -13,11 +13,8 @@ from rich.table import Table
 from .vocab_extend import ExtendConfig, extend_vocabulary
 
 
-def run_extend(
-    base: Path, corpus: list[Path], out: Path, *, add: int, model_type: str, sample_chars: int,
-    weights: list[str], eval_files: list[Path] | None, force: bool, as_json: bool, curve: str | None = None,
-    split_by_whitespace: bool = True,
-) -> int:
+def parse_weights(weights: list[str]) -> tuple[tuple[str, float], ...]:
+    """``--weight NAME=FACTOR`` options as (file stem, factor) pairs."""
     from tiblocal.errors import TiblocalError
 
     pairs = []
@@ -27,11 +24,22 @@ def run_extend(
             pairs.append((name, float(factor)))
         except ValueError:
             raise TiblocalError(f"--weight {w!r}: expected NAME=FACTOR, e.g. derge_kangyur=0.3") from None
+    return tuple(pairs)
+
+
+def run_extend(
+    base: Path, corpus: list[Path], out: Path, *, add: int, model_type: str, sample_chars: int,
+    weights: list[str], eval_files: list[Path] | None, force: bool, as_json: bool, curve: str | None = None,
+    split_by_whitespace: bool = True,
+) -> int:
+    from tiblocal.errors import TiblocalError
+
+    pairs = parse_weights(weights)
     try:
         sizes = tuple(int(x) for x in curve.split(",")) if curve else ()
     except ValueError:
         raise TiblocalError(f"--curve {curve!r}: expected sizes like 8000,16000,24000") from None
-    cfg = ExtendConfig(add=add, model_type=model_type, sample_chars=sample_chars, weights=tuple(pairs), curve=sizes,
+    cfg = ExtendConfig(add=add, model_type=model_type, sample_chars=sample_chars, weights=pairs, curve=sizes,
                        split_by_whitespace=split_by_whitespace)
     err = Console(stderr=True, highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -89,6 +89,8 @@ def test_bench_refusals(tmp_path: Path) -> None:
     assert p.returncode != 0 and "no Tibetan syllables" in p.stderr
     p = _run("--text", str(TEXT), "--prune-from", "bundled", "--prune-to", "30000", "--prune-text", str(TEXT))
     assert p.returncode != 0 and "not more than --prune-to 30000" in p.stderr
+    p = _run("bundled", "--text", str(TEXT), "--weight", "derge_kangyur:0.3")
+    assert p.returncode == 1 and "expected NAME=FACTOR" in p.stderr.splitlines()[-1]
     p = _run("bundled", "--text", str(TEXT), "--sizes", "50")
     assert p.returncode != 0 and "added characters do not fit" in p.stderr
     bogus = tmp_path / "tokenizer.model"

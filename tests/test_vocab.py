@@ -231,6 +231,14 @@ def test_more_pieces_than_the_corpus_gives(tmp_path: Path, tiny_tokenizer) -> No
     assert not (tmp_path / "out").exists()
 
 
+def test_a_weight_without_a_factor(tmp_path: Path, tiny_tokenizer) -> None:
+    p = run_cli("vocab", "extend", "--base", str(tiny_tokenizer), "--corpus", str(TIBETAN), "--add", "10",
+                "--weight", "derge_kangyur", "--out", str(tmp_path / "out"))
+    assert p.returncode == 1
+    assert "--weight 'derge_kangyur': expected NAME=FACTOR" in p.stderr.decode()
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_tibetan_corpus(tmp_path: Path, tiny_tokenizer) -> None:
     with pytest.raises(InputFileError, match=r"the corpus is not Tibetan: 0% of its characters"):
         extend_vocabulary(tiny_tokenizer, [ENGLISH], tmp_path / "out", ExtendConfig(add=10))
