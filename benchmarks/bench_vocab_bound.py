@@ -55,13 +55,9 @@ class Vocab:
 
 
 def load_proto(model: Path):
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tiblocal.finetune.vocab_extend import _proto  # a clear error when it is not a SentencePiece model
 
-    from tiblocal.gguf_vocab import load_sentencepiece
-
-    load_sentencepiece(model)  # a clear error when it is not a SentencePiece model
-    proto = pb.ModelProto()
-    proto.ParseFromString(Path(model).read_bytes())
+    proto = _proto(model)
     spec = proto.normalizer_spec
     suffix = proto.trainer_spec.treat_whitespace_as_suffix
     if spec.name not in ("identity", "") or spec.remove_extra_whitespaces or suffix:
@@ -208,40 +204,42 @@ def main() -> int:
     if syllables == 0:
         raise SystemExit(f"--text {' '.join(map(str, a.text))}: no Tibetan syllables; give Tibetan text")
     log(f"{len(lines)} lines, {syllables} syllables")
+    if a.prune_from:  # checked before the measurements, which take minutes
+        if not a.prune_text:
+            raise SystemExit("--prune-from needs --prune-text (the text to select pieces on)")
+        prune_base = base_pieces(a.prune_from)
+        if prune_base is None:
+            raise SystemExit(f"{a.prune_from}: --prune-from needs a tiblocal extension (tiblocal_vocab.json)")
+        prune_proto = load_proto(tokenizer_model(a.prune_from))
+        prune_added = len(prune_proto.pieces) - prune_base
+        if prune_added <= a.prune_to:
+            raise SystemExit(f"--prune-from {a.prune_from} adds {prune_added} pieces, not more than "
+                             f"--prune-to {a.prune_to}; give a larger extension (vocab extend --add)")
     rows = []
     for spec in a.tokenizers:
-        model = tokenizer_model(spec)
-        proto = load_proto(model)
+        proto = load_proto(tokenizer_model(spec))
         n_base = base_pieces(spec)
-        rows.append(measure(str(spec), len(proto.pieces) - n_base if n_base else None, proto, None, lines, syllables))
+        n_added = len(proto.pieces) - n_base if n_base is not None else None
+        rows.append(measure(str(spec), n_added, proto, None, lines, syllables))
         log(json.dumps(rows[-1]))
         if sizes and n_base is None:
             log(f"{spec}: no --sizes rows (not a tiblocal extension: no tiblocal_vocab.json says where its base ends)")
             continue
         for k in sizes:
-            if k >= len(proto.pieces) - n_base:
+            if k >= n_added:
                 continue  # the whole tokenizer's row, or more than it adds
             rows.append(measure(str(spec), k, proto, prefix_indices(proto, n_base, k), lines, syllables))
             log(json.dumps(rows[-1]))
     if a.prune_from:
         from tiblocal.finetune.vocab_extend import ExtendConfig, sample_corpus
 
-        if not a.prune_text:
-            raise SystemExit("--prune-from needs --prune-text (the text to select pieces on)")
-        n_base = base_pieces(a.prune_from)
-        if n_base is None:
-            raise SystemExit(f"{a.prune_from}: --prune-from needs a tiblocal extension (tiblocal_vocab.json)")
-        proto = load_proto(tokenizer_model(a.prune_from))
-        if len(proto.pieces) - n_base <= a.prune_to:
-            raise SystemExit(f"--prune-from {a.prune_from} adds {len(proto.pieces) - n_base} pieces, not more than "
-                             f"--prune-to {a.prune_to}; give a larger extension (vocab extend --add)")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "sample.txt"
             sample_corpus(a.prune_text, ExtendConfig(add=1, sample_chars=a.prune_chars, weights=weights), out)
             sample = [line for line in out.read_text(encoding="utf-8").splitlines() if line]
         log(f"pruning sample: {len(sample)} lines, {sum(map(len, sample))} characters")
-        stops = [k for k in sizes if a.prune_to <= k < len(proto.pieces) - n_base] + [a.prune_to]
-        rows += prune(proto, n_base, sample, stops, lines, syllables, log)
+        stops = [k for k in sizes if a.prune_to <= k < prune_added] + [a.prune_to]
+        rows += prune(prune_proto, prune_base, sample, stops, lines, syllables, log)
     from rich.console import Console
     from rich.table import Table
 

@@ -432,5 +432,5 @@ def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         err.print(f"wrote {out}: {len(im.entries)} matrices, {im.chunk_count} chunks of {ctx} tokens"
-                  + (f", in the basis of --rotate {rotate}" if rotate is not None else ""))
+                  + (f", in {basis_name([rotate])}" if rotate is not None else ""))
     return 0

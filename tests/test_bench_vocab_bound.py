@@ -87,8 +87,9 @@ def test_bench_refusals(tmp_path: Path) -> None:
     english.write_text("no Tibetan here\n")
     p = _run("bundled", "--text", str(english))
     assert p.returncode != 0 and "no Tibetan syllables" in p.stderr
-    p = _run("--text", str(TEXT), "--prune-from", "bundled", "--prune-to", "30000", "--prune-text", str(TEXT))
+    p = _run("bundled", "--text", str(TEXT), "--prune-from", "bundled", "--prune-to", "30000", "--prune-text", str(TEXT))
     assert p.returncode != 0 and "not more than --prune-to 30000" in p.stderr
+    assert '"tokenizer": "bundled"' not in p.stderr  # refused before any measurement
     p = _run("bundled", "--text", str(TEXT), "--weight", "derge_kangyur:0.3")
     assert p.returncode == 1 and "expected NAME=FACTOR" in p.stderr.splitlines()[-1]
     p = _run("bundled", "--text", str(TEXT), "--sizes", "50")
