@@ -1,7 +1,8 @@
 """Decode speed of `tiblocal generate` against a raw llama.cpp loop, same GGUF, same threads, one run.
 
 The reference is the loop a C program would run through llama-cpp-python's low-level bindings:
-``llama_decode`` one token, ``llama_sampler_sample``, repeat, with the same sampler chain and seed.
+``llama_decode`` one token, ``llama_sampler_sample``, repeat, with the plain sampler chain of the same settings and
+seed (tiblocal cuts to the top k + repeat_last_n before the penalties: the same tokens, tested in test_engine.py).
 tiblocal's figure is what ``tiblocal generate`` reports (``generate_one``: template, tokenize,
 stream with UTF-8 reassembly and stop strings). Runs alternate (raw, tiblocal, raw, ...) and the
 median of each side is compared.

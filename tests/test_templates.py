@@ -108,3 +108,46 @@ def test_tasks_wrap_like_tibetan_alpaca() -> None:
     assert get_task("question").wrap("x") == "x"
     assert get_task("continue").wrap("ཡི་གེ།") == "གཤམ་གྱི་ཡི་གེ་འདི་མུ་མཐུད་དུ་འབྲི་རོགས།\nཡི་གེ།"
     assert set(TASKS) == {"summary", "news", "tense", "define", "classify", "continue", "question"}
+
+
+HOSTILE = [
+    ("never ends", "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x"
+                   "{% endfor %}{% endfor %}{% endfor %}", "exceeds its budget: it asked for more than 2 s"),
+    ("a 100 GB string", "{{ 'a' * 10**11 }}", "exceeds its budget: it asked for a string of 100,000,000,000"),
+    ("the same, reversed", "{{ 10**11 * 'a' }}", "exceeds its budget"),
+    ("a huge power", "{{ 7 ** 100000000 }}", "exceeds its budget: it asked for a power"),
+    ("doubling by concatenation", "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+                                  "{% endfor %}{{ ns.s | length }}", "exceeds its budget: it asked for a string"),
+    ("padding by a method", "{{ 'a'.ljust(10**10) }}", "cannot be rendered"),
+    ("padding by format", "{{ '{:>9999999999}'.format(1) }}", "cannot be rendered"),
+    ("padding by format_map", "{{ '{x:>9999999999}'.format_map({'x': 1}) }}", "cannot be rendered"),
+    ("padding by the format filter", "{{ '%9999999999s' | format(1) }}", "the 'format' filter"),
+    ("padding by a filter", "{{ 'a' | center(10**10) }}", "exceeds its budget: it asked for the 'center' filter"),
+    ("escaping the sandbox", "{{ ''.__class__.__mro__[1].__subclasses__() }}", "cannot be rendered"),
+    ("dividing by zero", "{{ 1/0 }}", "ZeroDivisionError"),
+    ("a bad int", "{{ int('x') }}", "cannot be rendered"),
+    ("a recursion", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "cannot be rendered"),
+]
+
+
+@pytest.mark.parametrize("jinja,expected", [(j, e) for _, j, e in HOSTILE], ids=[n for n, _, _ in HOSTILE])
+def test_hostile_templates_fail_fast_with_one_error(jinja: str, expected: str) -> None:
+    """A template read from a GGUF runs in the sandbox under a time and size budget: a chat or the server survives."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(TiblocalError) as e:
+        render_jinja(jinja, ONE)
+    assert expected in str(e.value)
+    assert time.monotonic() - t0 < 10
+    assert "\n" not in str(e.value)
+
+
+def test_the_budget_leaves_ordinary_templates_alone() -> None:
+    """Loops, string building and filters of an ordinary size still render (HF templates use them)."""
+    jinja = ("{% set ns = namespace(s='') %}{% for m in messages %}{% set ns.s = ns.s + m['content'] * 3 %}{% endfor %}"
+             "{{ ns.s | upper | trim }}{{ 2 ** 10 }}{% for i in range(1000) %}.{% endfor %}")
+    assert render_jinja(jinja, MULTI) == "SSSQ1Q1Q1A1A1A1Q2Q2Q2" + "1024" + "." * 1000
+    import sys
+
+    assert sys.gettrace() is None  # the deadline's trace function is removed again

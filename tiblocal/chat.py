@@ -35,6 +35,13 @@ HELP = """\
 """
 
 
+def render_prompt(engine: Engine, template: ChatTemplate, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids of a conversation ready for the answer: the template rendered (in its sandbox) and tokenized by
+    llama.cpp, which adds the first BOS. The chat, ``generate`` and the server all build prompts here."""
+    text = template.render(messages, bos_token=engine.bos_text, eos_token=engine.eos_text)
+    return engine.tokenize(text)
+
+
 @dataclass
 class Turn:
     user: str
@@ -60,10 +67,7 @@ class ChatSession:
         return msgs
 
     def _tokens_for(self, turns: list[Turn]) -> list[int]:
-        text = self.template.render(
-            self.messages(turns), bos_token=self.engine.bos_text, eos_token=self.engine.eos_text
-        )
-        return self.engine.tokenize(text)
+        return render_prompt(self.engine, self.template, self.messages(turns))
 
     def reserve(self) -> int:
         """Tokens kept free for the answer when the history is trimmed."""

@@ -27,6 +27,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--n-gpu-layers", type=int, default=0, metavar="N",
         help="layers to offload to the GPU; -1 for all (needs a CUDA/Metal build of llama-cpp-python)",
     )
+    g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                   help="llama.cpp's flash attention (default auto: on where the backend supports it)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
 
 
@@ -56,10 +58,11 @@ def _template_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
 
 
-def _engine_config(a: argparse.Namespace):
+def _engine_config(a: argparse.Namespace, **more):
     from .engine import EngineConfig
 
-    return EngineConfig(threads=a.threads, ctx=a.ctx, n_gpu_layers=a.n_gpu_layers, verbose=a.verbose)
+    return EngineConfig(threads=a.threads, ctx=a.ctx, n_gpu_layers=a.n_gpu_layers, verbose=a.verbose,
+                        flash_attn=a.flash_attn, **more)
 
 
 def _sampling(a: argparse.Namespace) -> dict:
@@ -71,6 +74,8 @@ def _sampling(a: argparse.Namespace) -> dict:
         "temperature": a.temp, "top_k": a.top_k, "top_p": a.top_p, "repeat_penalty": a.repeat_penalty,
         "repeat_last_n": a.repeat_last_n, "max_tokens": a.max_tokens, "seed": a.seed,
     }
+    if getattr(a, "ignore_eos", False):
+        given["ignore_eos"] = True
     given = {k: v for k, v in given.items() if v is not None}
     Sampling(**given)  # an invalid value fails here, before the model loads
     return given
@@ -100,6 +105,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the results here as JSON lines (default: stdout)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--json", dest="as_json", action="store_true", help="print JSON (with --prompt; files always give JSON lines)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the end-of-text token: always --max-tokens tokens (for speed measurements)")
     _template_args(p)
     _engine_args(p)
     _sampling_args(p)
@@ -111,6 +118,37 @@ def _generate(a: argparse.Namespace) -> int:
     return run_generate(
         a.model, prompt=a.prompt, file=a.file, out=a.out, template=a.template, system=a.system,
         as_json=a.as_json, force=a.force, engine_config=_engine_config(a), sampling=_sampling(a),
+    )
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from .templates import TEMPLATES
+
+    p.add_argument("model", nargs="?", type=Path, help="a .gguf model (default: the bundled model, if installed)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="requests answered at once, batched in one context; each has --ctx tokens (default 4)")
+    p.add_argument("--queue", type=int, default=64, metavar="N",
+                   help="requests that may wait for a slot; beyond it the answer is 503 with Retry-After (default 64)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on the API (default: $TIBLOCAL_API_KEY, else none)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let pages from ORIGIN (e.g. http://localhost:3000, or *) call the API (repeatable; default none)")
+    p.add_argument("--max-body", type=int, default=4 * 2**20, metavar="BYTES",
+                   help="largest request body (default 4 MiB); larger ones get 413")
+    p.add_argument("--template", choices=list(TEMPLATES), default=None,
+                   help="chat template (default: the GGUF's own tokenizer.chat_template, else alpaca)")
+    _engine_args(p)
+
+
+def _serve(a: argparse.Namespace) -> int:
+    from .serve.run import run_serve
+
+    return run_serve(
+        a.model, host=a.host, port=a.port, engine_config=_engine_config(a, parallel=a.parallel), template=a.template,
+        api_key=a.api_key, queue=a.queue, max_body=a.max_body, cors_origins=a.cors_origin,
     )
 
 
@@ -441,6 +479,8 @@ class Verb:
 VERBS = (
     Verb("chat", "chat with a GGUF model in the terminal", _chat_args, _chat),
     Verb("generate", "generate answers for a prompt or a file of prompts (JSON lines)", _generate_args, _generate),
+    Verb("serve", "serve a GGUF model: OpenAI-compatible API with parallel requests, and a chat page", _serve_args,
+         _serve),
     Verb("inspect", "show what a GGUF file, importance matrix or Hugging Face folder holds", _inspect_args, _inspect),
     Verb("vocab", "extend a tokenizer for Tibetan, and check its figures and its parity across runtimes", _vocab_args, _vocab),
     Verb("check", "check that tokenizer, config, weights (or a GGUF) agree on the vocabulary", _check_args, _check),

@@ -9,8 +9,11 @@ evaluates the new tokens.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
+import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -22,7 +25,7 @@ from gguf import Keys
 from . import bindings
 from .errors import EngineError, PromptTooLongError, TiblocalError
 from .gguf_file import GGUFInfo, check_supported_architecture, read_gguf
-from .text import StopMatcher, Utf8Stream
+from .text import CompletionText, Utf8Stream
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +37,18 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama.h's enum llama_flash_attn_type (AUTO, DISABLED, ENABLED)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     threads: int | None = None  # None: every core this process may use
-    ctx: int = 2048
+    ctx: int = 2048  # tokens of each sequence (llama.cpp rounds it up to a multiple of 256)
     n_gpu_layers: int = 0  # -1: all layers
     batch: int = 512
     verbose: bool = False  # show llama.cpp's own log on stderr
+    parallel: int = 1  # sequences sharing the context, each with its own `ctx` tokens of KV cache (tiblocal serve)
+    flash_attn: str = "auto"  # auto | on | off: llama.cpp's flash attention
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,11 @@ class Sampling:
     repeat_last_n: int = 64
     max_tokens: int = 512
     seed: int = -1  # -1: a new random seed for each generation
+    # OpenAI's penalties, as llama.cpp applies them: over the last `repeat_last_n` tokens, subtracted from the logits
+    # (count * frequency_penalty + presence_penalty)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    ignore_eos: bool = False  # never end at the end-of-generation tokens (speed measured over a fixed length)
 
     # Names accepted by the chat's `/set NAME VALUE`, mapped to fields.
     ALIASES = {
@@ -74,7 +87,13 @@ class Sampling:
     }
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = [
+            f"{f.name} {getattr(self, f.name)} (expected a finite number)"
+            for f in fields(self)
+            if f.type == "float" and not math.isfinite(getattr(self, f.name))
+        ]
+        if problems:
+            raise TiblocalError("invalid sampling setting: " + "; ".join(problems))
         if self.temperature < 0:
             problems.append(f"temperature {self.temperature} (expected >= 0; 0 is greedy)")
         if self.top_k < 0:
@@ -136,7 +155,7 @@ class Sampling:
         return replace(self, **{key: parsed})
 
 
-_FIELD_TYPES = {f.name: {"int": int, "float": float}[f.type] for f in fields(Sampling)}
+_FIELD_TYPES = {f.name: {"int": int, "float": float, "bool": bool}[f.type] for f in fields(Sampling)}
 
 
 @dataclass
@@ -229,6 +248,10 @@ class Engine:
         check_gpu_offload(config.n_gpu_layers, lib)
         if config.ctx < 16:
             raise TiblocalError(f"--ctx {config.ctx} is too small; expected at least 16 tokens")
+        if not 1 <= config.parallel <= 256:  # LLAMA_MAX_SEQ
+            raise TiblocalError(f"--parallel {config.parallel} is out of range; expected 1 to 256 sequences")
+        if config.flash_attn not in FLASH_ATTN:
+            raise TiblocalError(f"--flash-attn {config.flash_attn!r}: expected one of {', '.join(FLASH_ATTN)}")
         self.threads = config.threads or default_threads()
 
         mparams = lib.llama_model_default_params()
@@ -242,11 +265,14 @@ class Engine:
         self._vocab = lib.llama_model_get_vocab(self._model)
         n_ctx_train = lib.llama_model_n_ctx_train(self._model)
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = config.ctx
+        cparams.n_ctx = config.ctx * config.parallel
+        cparams.n_seq_max = config.parallel
+        cparams.kv_unified = False  # each sequence attends over its own cache: `ctx` tokens each
         cparams.n_batch = min(config.batch, config.ctx)
         cparams.n_ubatch = min(config.batch, config.ctx)
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
+        cparams.flash_attn_type = FLASH_ATTN[config.flash_attn]
         cparams.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -254,14 +280,18 @@ class Engine:
             self._model = None
             raise EngineError(f"llama.cpp could not create a context of {config.ctx} tokens for {path}; try a smaller --ctx")
         self._mem = lib.llama_get_memory(self._ctx)
-        self.n_ctx = lib.llama_n_ctx(self._ctx)
+        # What llama.cpp chose, not what was asked: it rounds the context up to a multiple of 256, and a batch larger
+        # than n_batch would fail its assertion.
+        self.n_ctx = lib.llama_n_ctx_seq(self._ctx)  # tokens one sequence holds
+        self.n_batch = lib.llama_n_batch(self._ctx)
+        self.parallel = lib.llama_n_seq_max(self._ctx)
         self.n_ctx_train = n_ctx_train
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
         self.bos_id = lib.llama_vocab_bos(self._vocab)
         self.eos_id = lib.llama_vocab_eos(self._vocab)
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
         self._past: list[int] = []  # tokens whose keys/values are in the cache (sequence 0)
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self._local = threading.local()  # a piece buffer per thread (the server detokenizes beside its decode loop)
         self.chat_template: str | None = self.info.chat_template
 
     # --- lifetime -----------------------------------------------------------------------------
@@ -300,12 +330,14 @@ class Engine:
 
     def piece(self, token: int, *, special: bool = False, lstrip: int = 0) -> bytes:
         """The bytes of one token (a byte-fallback token is a single, possibly partial, UTF-8 byte)."""
-        n = _llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), lstrip, special)
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = ctypes.create_string_buffer(256)
+        n = _llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), lstrip, special)
         if n < 0:  # pragma: no cover - pieces are short
             buf = ctypes.create_string_buffer(-n)
             n = _llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, lstrip, special)
-            return buf.raw[:n]
-        return self._piece_buf.raw[:n]
+        return buf.raw[:n]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         stream = Utf8Stream()
@@ -315,6 +347,11 @@ class Engine:
     def is_eog(self, token: int) -> bool:
         return bool(_llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    @functools.cached_property
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token of the vocabulary (EOS, EOT and the like)."""
+        return [t for t in range(self.n_vocab) if self.is_eog(t)]
+
     # --- evaluation ---------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the KV cache (the next prompt is evaluated from scratch)."""
@@ -323,7 +360,7 @@ class Engine:
 
     def _decode(self, tokens: Sequence[int]) -> None:
         lib = _llama_cpp
-        step = max(1, min(self.config.batch, self.n_ctx))
+        step = self.n_batch
         for i in range(0, len(tokens), step):
             chunk = tokens[i : i + step]
             arr = (lib.llama_token * len(chunk))(*chunk)
@@ -355,7 +392,7 @@ class Engine:
         self.check_fits(len(tokens), room=0)  # scoring needs no slot for a next token
         self.reset()
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
-        step = max(1, min(self.config.batch, self.n_ctx))
+        step = self.n_batch
         batch = lib.llama_batch_init(step, 0, 1)
         try:
             for start in range(0, len(tokens), step):
@@ -377,13 +414,40 @@ class Engine:
             lib.llama_batch_free(batch)
         return out
 
-    def _sampler(self, s: Sampling):
+    def sampler(self, s: Sampling, grammar: str | None = None, history: Sequence[int] = (), *, precut: bool = True):
+        """A llama.cpp sampler chain for ``s`` (free it with ``free_sampler``); ``grammar``: GBNF text whose root rule
+        every answer must match (JSON output), applied before anything else; ``history``: the prompt, whose last
+        ``repeat_last_n`` tokens the penalties count (and only they: the grammar would refuse the prompt's tokens,
+        and a refusal inside llama.cpp ends the process); ``precut=False`` leaves out the cut before the penalties
+        (the same choices, slower: for tests)."""
         lib = _llama_cpp
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if s.repeat_penalty != 1.0 and s.repeat_last_n > 0:
-            lib.llama_sampler_chain_add(
-                chain, lib.llama_sampler_init_penalties(self.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0)
+        if grammar is not None:
+            g = lib.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+            if not g:
+                lib.llama_sampler_free(chain)
+                raise TiblocalError(f"the grammar does not parse: {bindings.take_errors() or 'llama.cpp gave no reason'}")
+            lib.llama_sampler_chain_add(chain, g)
+        if s.ignore_eos:
+            eog = self.eog_tokens
+            biases = (lib.llama_logit_bias * len(eog))(*((t, -math.inf) for t in eog))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(eog), biases))
+        penalised = (s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0) and (
+            s.repeat_last_n > 0
+        )
+        keep = 1 if s.temperature <= 0 else s.top_k  # the candidates the chain ends up choosing among (0: all)
+        if penalised and keep and precut and s.repeat_penalty >= 1.0 and min(s.frequency_penalty, s.presence_penalty) >= 0:
+            # The penalties only lower the scores of the (at most repeat_last_n) recent tokens, so the `keep` best after
+            # them are among the keep + repeat_last_n best before them: cutting there first gives the same choice while
+            # the penalties (a hash look-up per candidate) see about a hundred candidates instead of the whole vocabulary.
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(keep + s.repeat_last_n))
+        if penalised:
+            penalties = lib.llama_sampler_init_penalties(
+                self.n_vocab, s.repeat_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
             )
+            for t in history[-s.repeat_last_n :]:
+                lib.llama_sampler_accept(penalties, t)
+            lib.llama_sampler_chain_add(chain, penalties)
         if s.temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         else:
@@ -395,6 +459,10 @@ class Engine:
             seed = s.seed if s.seed >= 0 else lib.LLAMA_DEFAULT_SEED
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
+
+    @staticmethod
+    def free_sampler(chain) -> None:
+        _llama_cpp.llama_sampler_free(chain)
 
     def check_fits(self, n_prompt: int, *, room: int = 1) -> None:
         """Refuse ``n_prompt`` tokens unless the context holds them and ``room`` more (the first generated token)."""
@@ -417,10 +485,8 @@ class Engine:
         result.reused_tokens = self._prefill(prompt)
         t1 = time.perf_counter()
         result.prompt_ms = (t1 - t0) * 1000
-        chain = self._sampler(sampling)
+        chain = self.sampler(sampling, history=prompt)
         try:
-            for t in prompt[-sampling.repeat_last_n :] if sampling.repeat_last_n else ():
-                lib.llama_sampler_accept(chain, t)
             result.stop_reason = "length"
             while result.completion_tokens < sampling.max_tokens:
                 tok = lib.llama_sampler_sample(chain, self._ctx, -1)
@@ -449,26 +515,22 @@ class Engine:
         completion at the end. Closing the generator early (Ctrl-C) keeps what was produced.
         """
         result = result if result is not None else Generation()
-        utf8 = Utf8Stream()
-        matcher = StopMatcher(stops)
-        parts: list[str] = []
+        out = CompletionText(stops)
         tokens = self.generate_tokens(prompt, sampling, result)
         try:
             for i, tok in enumerate(tokens):
-                text = matcher.feed(utf8.feed(self.piece(tok, lstrip=1 if i == 0 else 0)))
+                text = out.feed(self.piece(tok, lstrip=1 if i == 0 else 0))
                 if text:
-                    parts.append(text)
                     yield text
-                if matcher.stopped:
+                if out.stopped:
                     result.stop_reason = "stop"
                     break
-            tail = matcher.feed(utf8.finish()) + matcher.finish()
+            tail = out.finish()
             if tail:
-                parts.append(tail)
                 yield tail
         except (KeyboardInterrupt, GeneratorExit):
             result.stop_reason = "interrupted"
             raise
         finally:
             tokens.close()
-            result.text = "".join(parts)
+            result.text = out.text

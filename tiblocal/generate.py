@@ -11,6 +11,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .chat import render_prompt
 from .engine import Engine, EngineConfig, Generation, Sampling
 from .errors import InputFileError, PromptTooLongError, TiblocalError
 from .fsutil import atomic_write_text, check_output_path
@@ -81,10 +82,9 @@ def generate_one(
     messages = ([{"role": "system", "content": sys_text}] if sys_text else []) + [
         {"role": "user", "content": item.instruction}
     ]
-    prompt = template.render(messages, bos_token=engine.bos_text, eos_token=engine.eos_text)
-    tokens = engine.tokenize(prompt)
     result = Generation()
     record: dict[str, Any] = {"index": item.index, "prompt": item.instruction}
+    tokens = render_prompt(engine, template, messages)
     try:
         for _ in engine.stream(tokens, sampling, template.stop, result):
             pass

@@ -12,6 +12,8 @@ llama-server and Ollama do.
 from __future__ import annotations
 
 import functools
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -163,14 +165,81 @@ def _raise(message: str) -> None:
     raise TiblocalError(f"chat template error: {message}")
 
 
+# A template comes from a GGUF, which anyone may have written: rendering runs in Jinja's sandbox (no attribute of
+# Python internals, no mutation of the messages) under a budget, so that a template cannot hang or exhaust a chat or
+# the server. Jinja's sandbox already caps range() at 100,000 items; the rest is here.
+RENDER_SECONDS = 2.0  # the longest a rendering may run
+RENDER_CHARS = 4_000_000  # the longest text a rendering, or one string made inside it, may give
+_GROWING_STR_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs", "format", "format_map"})
+_GROWING_FILTERS = ("center", "indent", "wordwrap", "format")
+
+
+def _size(value) -> int:
+    return len(value) if isinstance(value, (str, bytes, list, tuple)) else 0
+
+
 @functools.cache
 def _jinja_env():
     """The sandboxed environment, made on first use: commands that render no template skip importing jinja2."""
     import jinja2.sandbox
 
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    class BudgetSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+"})
+
+        def call_binop(self, context, operator, left, right):
+            # 'a' * 10**11 or 10**10**10 would run for minutes in one C call, where no time check can stop it.
+            if operator == "*" and isinstance(right, int) and _size(left) * right > RENDER_CHARS:
+                raise TemplateBudgetError(f"a string of {_size(left) * right:,} characters")
+            if operator == "*" and isinstance(left, int) and _size(right) * left > RENDER_CHARS:
+                raise TemplateBudgetError(f"a string of {_size(right) * left:,} characters")
+            if operator == "**" and isinstance(right, int) and abs(right) > 64 and left not in (0, 1, -1):
+                raise TemplateBudgetError(f"a power of {right}")
+            if operator == "+" and _size(left) + _size(right) > RENDER_CHARS:
+                raise TemplateBudgetError(f"a string of {_size(left) + _size(right):,} characters")
+            return super().call_binop(context, operator, left, right)
+
+        def wrap_str_format(self, value):
+            return None  # str.format and format_map: refused below, not run through Jinja's formatter
+
+        def is_safe_attribute(self, obj, attr, value):
+            if isinstance(obj, str) and attr in _GROWING_STR_METHODS:
+                return False  # '{:>9999999999}'.format(1), 'a'.ljust(10**10): padding as large as asked
+            return super().is_safe_attribute(obj, attr, value)
+
+    env = BudgetSandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
+    for name in _GROWING_FILTERS:
+        env.filters[name] = _refused_filter(name)
     return env
+
+
+def _refused_filter(name: str):
+    def refuse(*args, **kwargs):
+        raise TemplateBudgetError(f"the '{name}' filter, which pads text to any width it is given")
+
+    return refuse
+
+
+class TemplateBudgetError(Exception):
+    """A template asked for more time or text than a rendering is given."""
+
+
+class _Deadline:
+    """A trace function that stops the template's own code once ``seconds`` have passed (each line it runs is
+    checked; Python code outside the template, Jinja's runtime included, is not traced line by line)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.perf_counter() + seconds
+
+    def __call__(self, frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == "<template>":
+            return self._line
+        return None
+
+    def _line(self, frame, event, arg):
+        if time.perf_counter() > self.end:
+            raise TemplateBudgetError(f"more than {RENDER_SECONDS:g} s")
+        return self._line
 
 
 def render_jinja(
@@ -181,19 +250,35 @@ def render_jinja(
     bos_token: str = "<s>",
     eos_token: str = "</s>",
 ) -> str:
-    """Render any chat template (built-in or read from a GGUF) the way Hugging Face does."""
+    """Render any chat template (built-in or read from a GGUF) the way Hugging Face does, in the sandbox and within
+    the budget above; any failure is one TiblocalError."""
     import jinja2
 
+    previous = sys.gettrace()
+    sys.settrace(_Deadline(RENDER_SECONDS))
     try:
         template = _jinja_env().from_string(jinja_text)
-        return template.render(
+        text = template.render(
             messages=[dict(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
             eos_token=eos_token,
         )
+    except TiblocalError:
+        raise
+    except TemplateBudgetError as e:
+        raise TiblocalError(f"chat template exceeds its budget: it asked for {e}; fix the template or pass --template") from None
     except jinja2.TemplateError as e:
         raise TiblocalError(f"chat template cannot be rendered: {e}") from None
+    except Exception as e:  # the template's own arithmetic or calls: 1/0, int('x'), a recursion
+        raise TiblocalError(f"chat template cannot be rendered: {type(e).__name__}: {e}") from None
+    finally:
+        sys.settrace(previous)
+    if len(text) > RENDER_CHARS:
+        raise TiblocalError(
+            f"chat template exceeds its budget: it gave {len(text):,} characters (at most {RENDER_CHARS:,})"
+        )
+    return text
 
 
 @dataclass(frozen=True)

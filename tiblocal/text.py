@@ -97,3 +97,38 @@ class StopMatcher:
         """The text held back at the end of generation (it completed no stop string)."""
         held, self._held = self._held, ""
         return "" if self.stopped else held
+
+
+class CompletionText:
+    """A completion's token bytes turned into the text to show: UTF-8 reassembled across tokens (``Utf8Stream``) and
+    cut before the first stop string (``StopMatcher``). The chat, ``generate`` and the server all stream through it.
+    """
+
+    def __init__(self, stops: Iterable[str] = ()) -> None:
+        self._utf8 = Utf8Stream()
+        self._matcher = StopMatcher(stops)
+        self._parts: list[str] = []
+
+    def feed(self, data: bytes) -> str:
+        """The text that is safe to show after these bytes (may be empty)."""
+        text = self._matcher.feed(self._utf8.feed(data))
+        if text:
+            self._parts.append(text)
+        return text
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string has appeared: nothing after it is shown."""
+        return self._matcher.stopped
+
+    def finish(self) -> str:
+        """What was held back at the end (a cut-off character becomes U+FFFD)."""
+        tail = self._matcher.feed(self._utf8.finish()) + self._matcher.finish()
+        if tail:
+            self._parts.append(tail)
+        return tail
+
+    @property
+    def text(self) -> str:
+        """Everything shown so far."""
+        return "".join(self._parts)

@@ -1,0 +1,136 @@
+"""The server's decode loop (tiblocal.serve.slots), stepped by hand: batching, chunked prompts, cache reuse, the queue."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiblocal.engine import Engine, EngineConfig, Generation, Sampling
+from tiblocal.serve.slots import Job, QueueFull, Scheduler, ShuttingDown
+
+GREEDY = Sampling(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture
+def engine(tiny_gguf):
+    with Engine(tiny_gguf, EngineConfig(ctx=256, threads=1, parallel=2, batch=16)) as e:
+        yield e
+
+
+def _job(prompt, sampling=GREEDY, events=None) -> Job:
+    events = events if events is not None else []
+    return Job(prompt=prompt, sampling=sampling, sink=events.append)
+
+
+def _run(sch: Scheduler, steps: int | None = None) -> int:
+    """Turn the loop by hand (no thread) until every job ended, or ``steps`` times."""
+    n = 0
+    while any(s.job for s in sch.slots) or sch._queue:
+        sch.turn()
+        n += 1
+        if steps is not None and n >= steps:
+            break
+    return n
+
+
+def test_a_long_prompt_is_evaluated_in_chunks_beside_a_running_answer(engine) -> None:
+    assert engine.n_batch == 16 and engine.parallel == 2
+    sch = Scheduler(engine)
+    try:
+        a = _job(engine.tokenize("hello"), Sampling(temperature=0, max_tokens=200, ignore_eos=True))
+        sch.submit(a)
+        _run(sch, steps=3)
+        assert a.result.completion_tokens == 3
+        b = _job(engine.tokenize("བཀྲ་ཤིས་བདེ་ལེགས། " * 12))
+        assert len(b.prompt) > 100  # more than six batches of 16
+        sch.submit(b)
+        steps_before = sch.steps
+        while b.result.completion_tokens == 0:
+            before = a.result.completion_tokens
+            _run(sch, steps=1)
+            assert a.result.completion_tokens == before + 1  # the answer moved on at every step of b's prompt
+        assert sch.steps - steps_before >= len(b.prompt) // 15  # b's prompt took several steps, 15 tokens or fewer each
+    finally:
+        sch.stop()
+
+
+def test_batched_answers_equal_answers_alone(engine) -> None:
+    prompts = [engine.tokenize("hello world"), engine.tokenize("བཀྲ་ཤིས་བདེ་ལེགས")]
+    alone = []
+    for p in prompts:
+        engine.reset()
+        g = Generation()
+        alone.append(list(engine.generate_tokens(p, GREEDY, g)))
+    sch = Scheduler(engine)
+    try:
+        jobs = [_job(p) for p in prompts]
+        for j in jobs:
+            sch.submit(j)
+        _run(sch)
+    finally:
+        sch.stop()
+    assert [j.result.tokens for j in jobs] == alone
+    assert all(j.finish_reason == "length" and j.result.completion_tokens == 40 for j in jobs)
+
+
+def test_the_next_turn_goes_to_the_slot_with_its_prefix(engine) -> None:
+    sch = Scheduler(engine)
+    try:
+        first = _job(engine.tokenize("hello there"))
+        other = _job(engine.tokenize("བཀྲ་ཤིས"))
+        sch.submit(first)
+        sch.submit(other)
+        _run(sch)
+        follow = _job(first.prompt + first.result.tokens + engine.tokenize("and more", add_bos=False))
+        sch.submit(follow)
+        _run(sch)
+        assert follow.slot == first.slot
+        assert follow.result.reused_tokens == len(first.prompt) + len(first.result.tokens) - 1
+    finally:
+        sch.stop()
+
+
+def test_stop_strings_and_events(engine) -> None:
+    sch = Scheduler(engine)
+    try:
+        events: list = []
+        probe = _job(engine.tokenize("hello"), events=events)
+        sch.submit(probe)
+        _run(sch)
+        text = "".join(e.text for e in events if e.kind == "text")
+        assert events[-1].kind == "done" and text == probe.result.text and len(text) > 6
+        stop = text[3:6]
+        events2: list = []
+        cut = _job(engine.tokenize("hello"), events=events2)
+        cut.stops = [stop]
+        sch.submit(cut)
+        _run(sch)
+        assert cut.finish_reason == "stop" and cut.result.text == text[: text.index(stop)]
+        assert "".join(e.text for e in events2 if e.kind == "text") == cut.result.text
+    finally:
+        sch.stop()
+
+
+def test_queue_limit_cancel_and_shutdown(engine) -> None:
+    sch = Scheduler(engine, queue_size=1)
+    try:
+        running = [_job(engine.tokenize("a"), Sampling(temperature=0, max_tokens=200, ignore_eos=True)) for _ in range(2)]
+        for j in running:
+            sch.submit(j)
+        _run(sch, steps=1)
+        assert sch.busy == 2
+        waiting = _job(engine.tokenize("b"))
+        sch.submit(waiting)  # the queue holds one
+        with pytest.raises(QueueFull):
+            sch.submit(_job(engine.tokenize("c")))
+        running[0].cancel()
+        _run(sch, steps=1)
+        assert running[0].finish_reason == "cancelled" and waiting.slot == running[0].slot
+        sch.close(grace=0)
+        with pytest.raises(ShuttingDown):
+            sch.submit(_job(engine.tokenize("d")))
+        sch._cut()  # what close's timer does when the grace is over
+        _run(sch)
+        assert running[1].finish_reason == "shutdown" and waiting.finish_reason == "shutdown"
+        assert sch.busy == 0
+    finally:
+        sch.stop()
