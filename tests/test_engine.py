@@ -171,3 +171,14 @@ def test_cut_before_the_penalties_changes_no_choice(model, tiny_gguf) -> None:
             finally:
                 e.free_sampler(fast)
                 e.free_sampler(plain)
+
+
+def test_a_context_llama_cpp_rounds_up_takes_the_prompts_it_holds(tiny_gguf) -> None:
+    """--ctx 300: llama.cpp makes the context 512 but the batch stays 300; a 400-token prompt is decoded in batches of
+    the size llama.cpp chose (it used to abort in llama.cpp's n_batch assertion)."""
+    with Engine(tiny_gguf, EngineConfig(ctx=300, threads=1)) as e:
+        assert (e.n_ctx, e.n_batch) == (512, 300)
+        prompt = e.tokenize("hello world " * 200)[:400]
+        r = Generation()
+        assert len(list(e.generate_tokens(prompt, Sampling(temperature=0, max_tokens=5), r))) <= 5
+        assert r.prompt_tokens == 400

@@ -495,6 +495,9 @@ def test_port_in_use_and_bad_options_are_one_line(tiny_gguf) -> None:
         assert p.returncode == 1, p.stderr
         err = p.stderr.decode()
         assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    for model, expected in [("/nonexistent/model.gguf", "no such file"), (__file__, "is not a GGUF file")]:
+        p = run_cli("serve", model, "--port", "0", timeout=60)
+        assert p.returncode == 1 and expected in p.stderr.decode() and p.stderr.decode().count("\n") == 1
     p = run_cli("serve", str(tiny_gguf), "--parallel", "two")
     assert p.returncode == 2
 

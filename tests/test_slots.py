@@ -134,3 +134,41 @@ def test_queue_limit_cancel_and_shutdown(engine) -> None:
         assert sch.busy == 0
     finally:
         sch.stop()
+
+
+def test_a_failing_loop_ends_every_job_with_an_error(engine, monkeypatch) -> None:
+    import threading
+
+    sch = Scheduler(engine)
+
+    def broken() -> None:
+        raise RuntimeError("llama_decode failed with code -3")
+
+    monkeypatch.setattr(sch, "_step", broken)
+    events: list = []
+    got = threading.Event()
+    job = Job(prompt=engine.tokenize("a"), sampling=GREEDY, sink=lambda e: (events.append(e), got.set()))
+    sch.start()
+    try:
+        sch.submit(job)
+        assert got.wait(10)
+        assert [e.kind for e in events] == ["error"] and "code -3" in events[0].text and job.finish_reason == "error"
+        with pytest.raises(ShuttingDown):
+            sch.submit(_job(engine.tokenize("b")))
+    finally:
+        sch.stop()
+
+
+def test_a_grammar_llama_cpp_refuses_ends_its_job_not_the_loop(engine) -> None:
+    sch = Scheduler(engine)
+    try:
+        events: list = []
+        bad = Job(prompt=engine.tokenize("a"), sampling=GREEDY, sink=events.append, grammar='root ::= ( "x"')
+        good = _job(engine.tokenize("b"))
+        sch.submit(bad)
+        sch.submit(good)
+        _run(sch)
+        assert bad.finish_reason == "error" and events[-1].kind == "error" and "grammar does not parse" in events[-1].text
+        assert good.finish_reason == "length" and good.result.completion_tokens == 40
+    finally:
+        sch.stop()

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -224,7 +224,7 @@ class Metrics:
     completion_tokens: int = 0
 
     def text(self, scheduler: Scheduler) -> str:
-        """Prometheus' text format. Five series do not call for prometheus_client, whose global registry would also
+        """Prometheus' text format. Seven series do not call for prometheus_client, whose global registry would also
         be shared by every app made in one process (the tests make several)."""
         lines = [
             "# HELP tiblocal_requests_total HTTP requests answered, by status.",
@@ -278,15 +278,12 @@ class ServerState:
                 "for at least one answer token; shorten the prompt, or restart the server with a larger --ctx",
                 param="messages" if isinstance(req, ChatRequest) else "prompt", code="context_length_exceeded",
             )
-        limit = req.limit()
-        given = req.given_sampling()
         try:
-            default = Sampling.for_metadata(self.engine.info.metadata, **given)
+            s = Sampling.for_metadata(self.engine.info.metadata, **req.given_sampling())
         except TiblocalError as e:
             raise APIError(400, str(e)) from None
-        return Sampling.for_metadata(
-            self.engine.info.metadata, **given, max_tokens=min(limit if limit is not None else default.max_tokens, room)
-        )
+        limit = req.limit()
+        return replace(s, max_tokens=min(limit if limit is not None else s.max_tokens, room))
 
 
 def _grammar(fmt: ResponseFormat | None) -> str | None:
@@ -515,10 +512,7 @@ async def completions(state: ServerState, request: Request) -> Response:
 
 
 async def _answer(state: ServerState, request: Request, args: dict, kind: str, req: _Sampled) -> Response:
-    try:
-        answer = Answer(state, request, args, kind)
-    except TiblocalError as e:  # the sampler chain (a grammar llama.cpp refuses)
-        raise APIError(400, str(e)) from None
+    answer = Answer(state, request, args, kind)
     request.state.prompt_tokens = len(args["prompt"])
     if req.stream:
         return answer.streamed(bool(req.stream_options and req.stream_options.include_usage))

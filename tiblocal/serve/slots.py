@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..engine import Engine, Generation, Sampling, _bindings
-from ..errors import EngineError
+from ..errors import EngineError, TiblocalError
 from ..text import CompletionText
 
 log = logging.getLogger(__name__)
@@ -163,9 +163,7 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for job in list(self._queue):
-            self._finish_waiting(job, "cancelled")
-        self._queue.clear()
+        self._end_all("cancelled")  # what a loop turned by hand (tests, benchmarks) left
         if self._batch is not None:
             self.lib.llama_batch_free(self._batch)
             self._batch = None
@@ -183,6 +181,7 @@ class Scheduler:
 
     # --- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
+        reason, message = "cancelled", ""
         try:
             while True:
                 with self._wake:
@@ -191,20 +190,21 @@ class Scheduler:
                     if self._stopping:
                         break
                 self.turn()
-        except Exception as e:  # a bug or llama.cpp failing: end every job with the error, never hang a client
-            log.exception("the decode loop failed")
-            for s in self.slots:
-                if s.job is not None:
-                    self._end(s, "error", f"the decode loop failed: {e}")
+        except Exception as e:  # a bug, or llama.cpp failing: every job ends with the error, no client waits forever
+            log.error("the decode loop failed: %s: %s", type(e).__name__, e)
+            reason, message = "error", f"the decode loop failed ({type(e).__name__}: {e})"
             with self._wake:
                 self._stopping = True
-                for job in self._queue:
-                    self._finish_waiting(job, "error", f"the decode loop failed: {e}")
-                self._queue.clear()
-            return
+        self._end_all(reason, message)
+
+    def _end_all(self, reason: str, message: str = "") -> None:
         for s in self.slots:
             if s.job is not None:
-                self._end(s, "cancelled")
+                self._end(s, reason, message)
+        with self._wake:
+            waiting, self._queue = list(self._queue), collections.deque()
+        for job in waiting:
+            self._finish_waiting(job, reason, message)
         self._deliver()
 
     def turn(self) -> None:
@@ -245,7 +245,7 @@ class Scheduler:
             slot = max(idle, key=lambda s: (common_prefix(s.past, job.prompt), -s.last_used))
             try:
                 self._start(slot, job)
-            except EngineError as e:
+            except TiblocalError as e:  # a sampler llama.cpp refused (a grammar that does not parse)
                 self._finish_waiting(job, "error", str(e))
 
     def _start(self, slot: _Slot, job: Job) -> None:
@@ -378,8 +378,8 @@ class Scheduler:
         job.finish_reason = reason
         self._emit(job, Event("error", message) if reason == "error" else Event("done"))
 
-    @staticmethod
-    def _finish_waiting(job: Job, reason: str, message: str = "") -> None:
+    def _finish_waiting(self, job: Job, reason: str, message: str = "") -> None:
+        """End a job that never had a slot."""
         job.finish_reason = reason
         job.result.stop_reason = reason
-        job.sink(Event("error", message) if reason == "error" else Event("done"))
+        self._emit(job, Event("error", message) if reason == "error" else Event("done"))
