@@ -182,3 +182,27 @@ def test_a_context_llama_cpp_rounds_up_takes_the_prompts_it_holds(tiny_gguf) -> 
         r = Generation()
         assert len(list(e.generate_tokens(prompt, Sampling(temperature=0, max_tokens=5), r))) <= 5
         assert r.prompt_tokens == 400
+
+
+def test_kv_cache_estimate_is_llama_cpps(capsys) -> None:
+    """The estimate the context guard uses equals the KV cache llama.cpp allocates (its own log line)."""
+    import re
+
+    from tiblocal.engine import kv_cache_bytes
+    from tiblocal.models import BUNDLED_MODEL
+
+    with Engine(BUNDLED_MODEL, EngineConfig(ctx=2048, threads=1, parallel=2, verbose=True)) as e:
+        estimate = kv_cache_bytes(e.info, 2048 * 2)
+    logged = re.search(r"llama_kv_cache: size = +([\d.]+) MiB", capsys.readouterr().err)
+    assert logged and estimate == float(logged.group(1)) * 2**20
+
+
+def test_contexts_that_cannot_fit_are_refused_before_llama_cpp_tries(tiny_gguf) -> None:
+    from conftest import run_cli
+
+    p = run_cli("generate", str(tiny_gguf), "--prompt", "hi", "--ctx", "2000000000", timeout=60)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and "needs a KV cache of" in err and "GiB of memory" in err
+    p = run_cli("serve", str(tiny_gguf), "--port", "0", "--ctx", "100000000", "--parallel", "256", timeout=60)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "more than llama.cpp can address" in err and err.count("\n") == 1

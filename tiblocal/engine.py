@@ -37,6 +37,28 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def kv_cache_bytes(info: GGUFInfo, n_tokens: int) -> int | None:
+    """Bytes of llama.cpp's f16 KV cache for ``n_tokens`` of this model (keys and values, every layer); None when its
+    header does not give the shapes."""
+    m, arch = info.metadata, info.architecture
+    try:
+        layers = int(m[Keys.LLM.BLOCK_COUNT.format(arch=arch)])
+        heads = int(m[Keys.Attention.HEAD_COUNT.format(arch=arch)])
+        kv_heads = int(m.get(Keys.Attention.HEAD_COUNT_KV.format(arch=arch), heads))
+        head_dim = int(m.get(Keys.Attention.KEY_LENGTH.format(arch=arch),
+                             int(m[Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)]) // max(heads, 1)))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return 2 * layers * kv_heads * head_dim * n_tokens * 2
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama.h's enum llama_flash_attn_type (AUTO, DISABLED, ENABLED)
 
 
@@ -252,6 +274,7 @@ class Engine:
             raise TiblocalError(f"--parallel {config.parallel} is out of range; expected 1 to 256 sequences")
         if config.flash_attn not in FLASH_ATTN:
             raise TiblocalError(f"--flash-attn {config.flash_attn!r}: expected one of {', '.join(FLASH_ATTN)}")
+        self._check_cache_fits(config)
         self.threads = config.threads or default_threads()
 
         mparams = lib.llama_model_default_params()
@@ -293,6 +316,21 @@ class Engine:
         self._past: list[int] = []  # tokens whose keys/values are in the cache (sequence 0)
         self._local = threading.local()  # a piece buffer per thread (the server detokenizes beside its decode loop)
         self.chat_template: str | None = self.info.chat_template
+
+    def _check_cache_fits(self, config: EngineConfig) -> None:
+        """Refuse a context llama.cpp cannot hold, before it tries: over its 32-bit token count, or (on the CPU) a KV
+        cache larger than this machine's memory, where the allocation would end the process or swap for minutes."""
+        total = config.ctx * config.parallel
+        what = f"--ctx {config.ctx}" + (f" × --parallel {config.parallel}" if config.parallel > 1 else "")
+        if total >= 2**32:
+            raise TiblocalError(f"{what} is {total:,} tokens, more than llama.cpp can address (2^32); lower it")
+        need, have = kv_cache_bytes(self.info, total), physical_memory()
+        if config.n_gpu_layers == 0 and need and have and need > have:
+            raise TiblocalError(
+                f"{what} needs a KV cache of {need / 2**30:,.1f} GiB for {self.path.name}, more than this machine's "
+                f"{have / 2**30:,.1f} GiB of memory; lower it (the model was trained on "
+                f"{self.info.metadata.get(Keys.LLM.CONTEXT_LENGTH.format(arch=self.info.architecture), '?')} tokens)"
+            )
 
     # --- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
