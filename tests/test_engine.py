@@ -206,3 +206,17 @@ def test_contexts_that_cannot_fit_are_refused_before_llama_cpp_tries(tiny_gguf) 
     p = run_cli("serve", str(tiny_gguf), "--port", "0", "--ctx", "100000000", "--parallel", "256", timeout=60)
     err = p.stderr.decode()
     assert p.returncode == 1 and "more than llama.cpp can address" in err and err.count("\n") == 1
+
+
+def test_thread_counts_are_checked_and_clamped(tiny_gguf) -> None:
+    from conftest import run_cli
+
+    from tiblocal.engine import default_threads
+
+    p = run_cli("generate", str(tiny_gguf), "--prompt", "hi", "--max-tokens", "2", "--threads", "100000")
+    err = p.stderr.decode()
+    assert p.returncode == 0 and f"--threads 100000 is more than the {default_threads()} cores" in err
+    p = run_cli("generate", str(tiny_gguf), "--prompt", "hi", "--threads", "-3")
+    assert p.returncode == 1 and "--threads -3 is negative" in p.stderr.decode() and p.stderr.decode().count("\n") == 1
+    with Engine(tiny_gguf, EngineConfig(ctx=64, threads=0)) as e:
+        assert e.threads == default_threads()

@@ -37,6 +37,20 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def resolve_threads(threads: int | None) -> int:
+    """The thread count to give llama.cpp: every core for None or 0, at most the cores this process may use (llama.cpp
+    crashes on 100,000), and a negative count refused."""
+    cores = default_threads()
+    if threads is None or threads == 0:
+        return cores
+    if threads < 0:
+        raise TiblocalError(f"--threads {threads} is negative; give a number of threads (0 or none: every core)")
+    if threads > cores:
+        log.warning("--threads %d is more than the %d cores this process may use; using %d", threads, cores, cores)
+        return cores
+    return threads
+
+
 def kv_cache_bytes(info: GGUFInfo, n_tokens: int) -> int | None:
     """Bytes of llama.cpp's f16 KV cache for ``n_tokens`` of this model (keys and values, every layer); None when its
     header does not give the shapes."""
@@ -275,7 +289,7 @@ class Engine:
         if config.flash_attn not in FLASH_ATTN:
             raise TiblocalError(f"--flash-attn {config.flash_attn!r}: expected one of {', '.join(FLASH_ATTN)}")
         self._check_cache_fits(config)
-        self.threads = config.threads or default_threads()
+        self.threads = resolve_threads(config.threads)
 
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 2**31 - 1 if config.n_gpu_layers < 0 else config.n_gpu_layers
