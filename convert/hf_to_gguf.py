@@ -187,11 +187,41 @@ class LlamaConverter(ModelConverter):
         rope_theta = hp.get("rope_theta", (hp.get("rope_parameters") or {}).get("rope_theta"))
         if rope_theta is not None:
             w.add_rope_freq_base(float(rope_theta))
-        scaling = hp.get("rope_scaling") or {}
-        if scaling.get("rope_type", scaling.get("type")) == "linear" and "factor" in scaling:
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(scaling["factor"]))
+        self._set_rope_scaling(w, hp)
         w.add_vocab_size(self.n_vocab)
+
+    @staticmethod
+    def _set_rope_scaling(w: gguf.GGUFWriter, hp: dict) -> None:
+        """config.json's rope_scaling (or transformers 5's rope_parameters) as llama.cpp's converter writes it
+        (conversion/base.py, set_gguf_parameters): linear and yarn with their factor, yarn with its trained context and
+        its optional corrections. Older configs say "type" where newer ones say "rope_type"."""
+        scaling = hp.get("rope_parameters") or hp.get("rope_scaling") or {}
+        kind, factor = scaling.get("rope_type", scaling.get("type")), scaling.get("factor")
+        if factor is None or kind not in ("linear", "yarn"):
+            return
+        if kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(factor))
+            return
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(factor))
+        orig = scaling.get("original_max_position_embeddings", hp.get("original_max_position_embeddings"))
+        if orig is None:
+            raise ModelFormatError(
+                f"config.json: rope_scaling is yarn (factor {factor}) without original_max_position_embeddings; "
+                "add the context the model was trained on to rope_scaling"
+            )
+        w.add_rope_scaling_orig_ctx_len(int(orig))
+        corrections = {
+            "extrapolation_factor": w.add_rope_scaling_yarn_ext_factor,
+            "attention_factor": w.add_rope_scaling_yarn_attn_factor,
+            "beta_fast": w.add_rope_scaling_yarn_beta_fast,
+            "beta_slow": w.add_rope_scaling_yarn_beta_slow,
+        }
+        values = {**scaling, "attention_factor": scaling.get("attention_factor", scaling.get("attn_factor"))}
+        for key, add in corrections.items():
+            if values.get(key) is not None:
+                add(float(values[key]))
 
     @property
     def n_vocab(self) -> int:

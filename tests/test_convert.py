@@ -248,3 +248,40 @@ def test_full_disk_and_ctrl_c_leave_nothing(tmp_path: Path, tiny_hf, monkeypatch
     with pytest.raises(TiblocalError, match="the disk is full while writing"):
         hf_to_gguf(tiny_hf, out_dir / "x.gguf", progress=no_space)
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scaling", [
+    {"type": "linear", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 32.0, "beta_slow": 1.0},
+], ids=["linear", "yarn"])
+def test_rope_scaling_written_as_llama_cpps_converter_writes_it(tmp_path: Path, merged, llama_cpp_converter,
+                                                                scaling) -> None:
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(merged, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["rope_scaling"] = scaling
+    (hf / "config.json").write_text(json.dumps(cfg))
+    ref_path = tmp_path / "ref.gguf"
+    env_path = f"{llama_cpp_converter.parent / 'gguf-py'}:{llama_cpp_converter.parent}"
+    p = subprocess.run(
+        [sys.executable, str(llama_cpp_converter), str(hf), "--outfile", str(ref_path), "--outtype", "f32"],
+        capture_output=True, timeout=600, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    hf_to_gguf(hf, tmp_path / "ours.gguf", outtype="f32", template=None)
+    ref = {k: v for k, v in _fields(ref_path)[0].items() if ".rope." in k}
+    ours = {k: v for k, v in _fields(tmp_path / "ours.gguf")[0].items() if ".rope." in k}
+    assert "llama.rope.scaling.type" in ref and ours == ref
+
+
+def test_yarn_without_its_trained_context_is_refused(tmp_path: Path, tiny_hf) -> None:
+    hf = _copy(tiny_hf, tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    p = run_cli("convert", str(hf), "--out", str(tmp_path / "x.gguf"))
+    assert p.returncode == 1 and "without original_max_position_embeddings" in p.stderr.decode()
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))

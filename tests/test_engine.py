@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -184,17 +188,19 @@ def test_a_context_llama_cpp_rounds_up_takes_the_prompts_it_holds(tiny_gguf) -> 
         assert r.prompt_tokens == 400
 
 
-def test_kv_cache_estimate_is_llama_cpps(capsys) -> None:
-    """The estimate the context guard uses equals the KV cache llama.cpp allocates (its own log line)."""
+@pytest.mark.parametrize("type_k", ["f16", "q8_0", "q4_0"])
+def test_kv_cache_estimate_is_llama_cpps(capsys, type_k) -> None:
+    """The estimate the context guard uses equals the KV cache llama.cpp allocates (its own log line, in MiB with two
+    decimals)."""
     import re
 
     from tiblocal.engine import kv_cache_bytes
     from tiblocal.models import BUNDLED_MODEL
 
-    with Engine(BUNDLED_MODEL, EngineConfig(ctx=2048, threads=1, parallel=2, verbose=True)) as e:
-        estimate = kv_cache_bytes(e.info, 2048 * 2)
+    with Engine(BUNDLED_MODEL, EngineConfig(ctx=2048, threads=1, parallel=2, verbose=True, cache_type_k=type_k)) as e:
+        estimate = kv_cache_bytes(e.info, 2048 * 2, type_k)
     logged = re.search(r"llama_kv_cache: size = +([\d.]+) MiB", capsys.readouterr().err)
-    assert logged and estimate == float(logged.group(1)) * 2**20
+    assert logged and abs(estimate / 2**20 - float(logged.group(1))) <= 0.005
 
 
 def test_contexts_that_cannot_fit_are_refused_before_llama_cpp_tries(tiny_gguf) -> None:
@@ -220,3 +226,41 @@ def test_thread_counts_are_checked_and_clamped(tiny_gguf) -> None:
     assert p.returncode == 1 and "--threads -3 is negative" in p.stderr.decode() and p.stderr.decode().count("\n") == 1
     with Engine(tiny_gguf, EngineConfig(ctx=64, threads=0)) as e:
         assert e.threads == default_threads()
+
+
+def test_long_contexts_with_rope_scaling(tmp_path) -> None:
+    """--rope-scaling linear --rope-scale 4 --ctx 4096 runs a 3,000-token prompt on the bundled model (trained on 1,024
+    tokens); the settings reach llama.cpp (the logits change); without scaling the same context gives a notice."""
+    import lzma
+
+    from conftest import run_cli
+
+    from tiblocal.models import BUNDLED_MODEL
+
+    text = lzma.open(Path(BUNDLED_MODEL).parent / "calibration" / "tibetan.txt.xz", "rt", encoding="utf-8").read()
+    with Engine(BUNDLED_MODEL, EngineConfig(ctx=64, threads=1)) as e:
+        prompt = e.detokenize(e.tokenize(text, add_bos=False)[:3000]).replace("\n", " ")
+        plain = e.eval_logits(e.tokenize("བཀྲ་ཤིས་བདེ་ལེགས།"))
+    with Engine(BUNDLED_MODEL, EngineConfig(ctx=64, threads=1, rope_scaling="linear", rope_scale=4)) as e:
+        assert not np.allclose(e.eval_logits(e.tokenize("བཀྲ་ཤིས་བདེ་ལེགས།")), plain, atol=1e-3)
+    long = ["generate", "--template", "raw", "--prompt", prompt, "--max-tokens", "8", "--temp", "0", "--json",
+            "--ctx", "4096"]
+    p = run_cli(*long, "--rope-scaling", "linear", "--rope-scale", "4", "--cache-type-k", "q8_0", timeout=300)
+    assert p.returncode == 0, p.stderr.decode()
+    assert 2900 < json.loads(p.stdout)["prompt_tokens"] <= 3001 and "beyond the" not in p.stderr.decode()
+    p = run_cli(*long, timeout=300)
+    assert p.returncode == 0 and "--ctx 4096 is beyond the 1024 tokens tiblocal-demo.gguf was trained on" in p.stderr.decode()
+
+
+@pytest.mark.parametrize("config,expected", [
+    (dict(rope_scaling="ntk"), "--rope-scaling 'ntk'"),
+    (dict(rope_scale=0.0), "--rope-scale 0.0 (expected a positive number)"),
+    (dict(rope_freq_base=float("nan")), "--rope-freq-base nan"),
+    (dict(yarn_orig_ctx=0), "--yarn-orig-ctx 0"),
+    (dict(cache_type_k="q2_k"), "--cache-type-k 'q2_k'"),
+    (dict(cache_type_v="q8_0", flash_attn="off"), "only with flash attention"),
+])
+def test_bad_context_settings_are_one_error(tiny_gguf, config, expected) -> None:
+    with pytest.raises(TiblocalError) as e:
+        Engine(tiny_gguf, EngineConfig(ctx=64, threads=1, **config))
+    assert expected in str(e.value)

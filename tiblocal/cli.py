@@ -29,6 +29,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                    help="llama.cpp's flash attention (default auto: on where the backend supports it)")
+    g.add_argument("--rope-scaling", choices=["none", "linear", "yarn"], default=None,
+                   help="RoPE scaling for a context beyond the trained one (default: the model's)")
+    g.add_argument("--rope-scale", type=float, default=None, metavar="F",
+                   help="stretch the trained positions F times, e.g. 2 to run a 4K model at 8K (default: the model's)")
+    g.add_argument("--rope-freq-base", type=float, default=None, metavar="F", help="RoPE base frequency (default: the model's)")
+    g.add_argument("--yarn-orig-ctx", type=int, default=None, metavar="N",
+                   help="with --rope-scaling yarn: the context the model was trained on (default: the model's)")
+    g.add_argument("--cache-type-k", choices=["f16", "q8_0", "q4_0"], default="f16",
+                   help="type of the cached keys (default f16; q8_0 halves their memory)")
+    g.add_argument("--cache-type-v", choices=["f16", "q8_0", "q4_0"], default="f16",
+                   help="type of the cached values (default f16; a quantized type needs flash attention)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
 
 
@@ -62,7 +73,9 @@ def _engine_config(a: argparse.Namespace, **more):
     from .engine import EngineConfig
 
     return EngineConfig(threads=a.threads, ctx=a.ctx, n_gpu_layers=a.n_gpu_layers, verbose=a.verbose,
-                        flash_attn=a.flash_attn, **more)
+                        flash_attn=a.flash_attn, rope_scaling=a.rope_scaling, rope_scale=a.rope_scale,
+                        rope_freq_base=a.rope_freq_base, yarn_orig_ctx=a.yarn_orig_ctx, cache_type_k=a.cache_type_k,
+                        cache_type_v=a.cache_type_v, **more)
 
 
 def _sampling(a: argparse.Namespace) -> dict:

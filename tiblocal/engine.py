@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import Keys
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 
 from . import bindings
 from .errors import EngineError, PromptTooLongError, TiblocalError
@@ -37,6 +37,25 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _check_long_context(config: EngineConfig) -> None:
+    problems = []
+    if config.rope_scaling is not None and config.rope_scaling not in ROPE_SCALING:
+        problems.append(f"--rope-scaling {config.rope_scaling!r} (expected one of {', '.join(ROPE_SCALING)})")
+    for name, value in (("--rope-scale", config.rope_scale), ("--rope-freq-base", config.rope_freq_base)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            problems.append(f"{name} {value} (expected a positive number)")
+    if config.yarn_orig_ctx is not None and config.yarn_orig_ctx < 1:
+        problems.append(f"--yarn-orig-ctx {config.yarn_orig_ctx} (expected the trained context, in tokens)")
+    for name, value in (("--cache-type-k", config.cache_type_k), ("--cache-type-v", config.cache_type_v)):
+        if value not in CACHE_TYPES:
+            problems.append(f"{name} {value!r} (expected one of {', '.join(CACHE_TYPES)})")
+    if config.cache_type_v != "f16" and config.flash_attn == "off":
+        problems.append(f"--cache-type-v {config.cache_type_v} with --flash-attn off (llama.cpp quantizes the V cache "
+                        "only with flash attention: drop --flash-attn off)")
+    if problems:
+        raise TiblocalError("invalid context setting: " + "; ".join(problems))
+
+
 def resolve_threads(threads: int | None) -> int:
     """The thread count to give llama.cpp: every core for None or 0, at most the cores this process may use (llama.cpp
     crashes on 100,000), and a negative count refused."""
@@ -51,9 +70,9 @@ def resolve_threads(threads: int | None) -> int:
     return threads
 
 
-def kv_cache_bytes(info: GGUFInfo, n_tokens: int) -> int | None:
-    """Bytes of llama.cpp's f16 KV cache for ``n_tokens`` of this model (keys and values, every layer); None when its
-    header does not give the shapes."""
+def kv_cache_bytes(info: GGUFInfo, n_tokens: int, type_k: str = "f16", type_v: str = "f16") -> int | None:
+    """Bytes of llama.cpp's KV cache for ``n_tokens`` of this model (keys and values of every layer, in the given
+    types); None when its header does not give the shapes."""
     m, arch = info.metadata, info.architecture
     try:
         layers = int(m[Keys.LLM.BLOCK_COUNT.format(arch=arch)])
@@ -63,7 +82,11 @@ def kv_cache_bytes(info: GGUFInfo, n_tokens: int) -> int | None:
                              int(m[Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)]) // max(heads, 1)))
     except (KeyError, TypeError, ValueError):
         return None
-    return 2 * layers * kv_heads * head_dim * n_tokens * 2
+    per_element = 0.0
+    for t in (type_k, type_v):
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t.upper()]]
+        per_element += size / block
+    return int(layers * kv_heads * head_dim * n_tokens * per_element)
 
 
 def physical_memory() -> int | None:
@@ -74,6 +97,8 @@ def physical_memory() -> int | None:
 
 
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama.h's enum llama_flash_attn_type (AUTO, DISABLED, ENABLED)
+ROPE_SCALING = ("none", "linear", "yarn")  # llama.h's enum llama_rope_scaling_type, in its order from 0
+CACHE_TYPES = ("f16", "q8_0", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,13 @@ class EngineConfig:
     verbose: bool = False  # show llama.cpp's own log on stderr
     parallel: int = 1  # sequences sharing the context, each with its own `ctx` tokens of KV cache (tiblocal serve)
     flash_attn: str = "auto"  # auto | on | off: llama.cpp's flash attention
+    # Long contexts, as llama.cpp's --rope-scaling, --rope-scale, --rope-freq-base, --yarn-orig-ctx (None: the model's)
+    rope_scaling: str | None = None  # none | linear | yarn
+    rope_scale: float | None = None  # the context is extended this many times (llama.cpp's rope_freq_scale = 1/it)
+    rope_freq_base: float | None = None
+    yarn_orig_ctx: int | None = None  # the context the model was trained on, for yarn
+    cache_type_k: str = "f16"  # f16 | q8_0 | q4_0: the KV cache's types (a quantized V needs flash attention)
+    cache_type_v: str = "f16"
 
 
 @dataclass(frozen=True)
@@ -288,6 +320,7 @@ class Engine:
             raise TiblocalError(f"--parallel {config.parallel} is out of range; expected 1 to 256 sequences")
         if config.flash_attn not in FLASH_ATTN:
             raise TiblocalError(f"--flash-attn {config.flash_attn!r}: expected one of {', '.join(FLASH_ATTN)}")
+        _check_long_context(config)
         self._check_cache_fits(config)
         self.threads = resolve_threads(config.threads)
 
@@ -310,6 +343,16 @@ class Engine:
         cparams.n_threads = self.threads
         cparams.n_threads_batch = self.threads
         cparams.flash_attn_type = FLASH_ATTN[config.flash_attn]
+        if config.rope_scaling is not None:
+            cparams.rope_scaling_type = ROPE_SCALING.index(config.rope_scaling)
+        if config.rope_scale is not None:
+            cparams.rope_freq_scale = 1.0 / config.rope_scale
+        if config.rope_freq_base is not None:
+            cparams.rope_freq_base = config.rope_freq_base
+        if config.yarn_orig_ctx is not None:
+            cparams.yarn_orig_ctx = config.yarn_orig_ctx
+        cparams.type_k = GGMLQuantizationType[config.cache_type_k.upper()].value
+        cparams.type_v = GGMLQuantizationType[config.cache_type_v.upper()].value
         cparams.no_perf = True
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -323,6 +366,7 @@ class Engine:
         self.n_batch = lib.llama_n_batch(self._ctx)
         self.parallel = lib.llama_n_seq_max(self._ctx)
         self.n_ctx_train = n_ctx_train
+        self._notice_beyond_training(config)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
         self.bos_id = lib.llama_vocab_bos(self._vocab)
         self.eos_id = lib.llama_vocab_eos(self._vocab)
@@ -338,12 +382,25 @@ class Engine:
         what = f"--ctx {config.ctx}" + (f" × --parallel {config.parallel}" if config.parallel > 1 else "")
         if total >= 2**32:
             raise TiblocalError(f"{what} is {total:,} tokens, more than llama.cpp can address (2^32); lower it")
-        need, have = kv_cache_bytes(self.info, total), physical_memory()
+        need, have = kv_cache_bytes(self.info, total, config.cache_type_k, config.cache_type_v), physical_memory()
         if config.n_gpu_layers == 0 and need and have and need > have:
             raise TiblocalError(
                 f"{what} needs a KV cache of {need / 2**30:,.1f} GiB for {self.path.name}, more than this machine's "
                 f"{have / 2**30:,.1f} GiB of memory; lower it (the model was trained on "
                 f"{self.info.metadata.get(Keys.LLM.CONTEXT_LENGTH.format(arch=self.info.architecture), '?')} tokens)"
+            )
+
+    def _notice_beyond_training(self, config: EngineConfig) -> None:
+        """A context longer than the model's training, with no RoPE scaling asked for or in the GGUF: allowed (the
+        user may know better), with a notice, as answers past the trained length usually degrade."""
+        scaled = config.rope_scaling not in (None, "none") or config.rope_scale not in (None, 1.0)
+        in_gguf = self.info.metadata.get(Keys.Rope.SCALING_TYPE.format(arch=self.info.architecture), "none")
+        if self.n_ctx > self.n_ctx_train > 0 and not scaled and in_gguf == "none":
+            factor = -(-self.n_ctx // self.n_ctx_train)
+            log.warning(
+                "--ctx %d is beyond the %d tokens %s was trained on, without RoPE scaling: answers past %d tokens may "
+                "degrade; --rope-scaling linear --rope-scale %d stretches the trained positions over it",
+                self.n_ctx, self.n_ctx_train, self.path.name, self.n_ctx_train, factor,
             )
 
     # --- lifetime -----------------------------------------------------------------------------
