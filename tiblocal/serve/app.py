@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -64,11 +65,11 @@ def create_app(state: ServerState, *, max_body: int, cors_origins: list[str] | N
     async def completions(request: Request) -> Response:
         return await api.completions(state, request)
 
-    async def tokenize(request: Request) -> Response:
-        return JSONResponse(api.tokenize(state, await request.body()))
+    async def tokenize(request: Request) -> Response:  # in a thread: a large text takes a while
+        return JSONResponse(await run_in_threadpool(api.tokenize, state, await request.body()))
 
     async def detokenize(request: Request) -> Response:
-        return JSONResponse(api.detokenize(state, await request.body()))
+        return JSONResponse(await run_in_threadpool(api.detokenize, state, await request.body()))
 
     async def models(request: Request) -> Response:
         return JSONResponse(api.models(state))
