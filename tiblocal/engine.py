@@ -56,6 +56,25 @@ def _check_long_context(config: EngineConfig) -> None:
         raise TiblocalError("invalid context setting: " + "; ".join(problems))
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from their start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def put_token(batch, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+    """Entry ``i`` of a ``llama_batch``: ``token`` at position ``pos`` of sequence ``seq``, with its logits or not."""
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq
+    batch.logits[i] = logits
+
+
 def resolve_threads(threads: int | None) -> int:
     """The thread count to give llama.cpp: every core for None or 0, at most the cores this process may use (llama.cpp
     crashes on 100,000), and a negative count refused."""
@@ -478,20 +497,20 @@ class Engine:
                 raise EngineError(f"llama_decode failed with code {rc} after {len(self._past)} tokens")
             self._past.extend(chunk)
 
+    def keep_prefix(self, seq: int, past: list[int], tokens: Sequence[int]) -> int:
+        """Trim sequence ``seq``'s cache (whose tokens ``past`` lists, trimmed in place) to its common prefix with
+        ``tokens``, less the last token, which is evaluated again for its logits; returns how many tokens were kept.
+        Everything after the prefix goes, also a token decoded just before a Ctrl-C was recorded."""
+        keep = min(common_prefix(past, tokens), len(tokens) - 1)
+        if not _llama_cpp.llama_memory_seq_rm(self._mem, seq, keep, -1):
+            _llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            keep = 0
+        del past[keep:]
+        return keep
+
     def _prefill(self, tokens: Sequence[int]) -> int:
         """Bring the cache to ``tokens``, reusing the common prefix; returns the reused count."""
-        keep = 0
-        for a, b in zip(self._past, tokens):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(tokens) - 1)  # always evaluate the last token to get its logits
-        # Drop everything after the prefix, also a token decoded just before a Ctrl-C was recorded.
-        if _llama_cpp.llama_memory_seq_rm(self._mem, -1, keep, -1):
-            del self._past[keep:]
-        else:
-            self.reset()
-            keep = 0
+        keep = self.keep_prefix(0, self._past, tokens)
         self._decode(tokens[keep:])
         return keep
 
@@ -508,11 +527,7 @@ class Engine:
                 chunk = tokens[start : start + step]
                 batch.n_tokens = len(chunk)
                 for i, t in enumerate(chunk):
-                    batch.token[i] = t
-                    batch.pos[i] = start + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = True
+                    put_token(batch, i, t, start + i, 0, True)
                 rc = lib.llama_decode(self._ctx, batch)
                 if rc != 0:
                     raise EngineError(f"llama_decode failed with code {rc} at position {start}")

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..engine import Engine, Generation, Sampling, _bindings
+from ..engine import Engine, Generation, Sampling, _bindings, common_prefix, put_token
 from ..errors import EngineError, TiblocalError
 from ..text import CompletionText
 
@@ -80,15 +80,6 @@ class _Slot:
     started: float = 0.0
     sampling_started: float = 0.0
     last_used: float = 0.0
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Scheduler:
@@ -249,11 +240,7 @@ class Scheduler:
                 self._finish_waiting(job, "error", str(e))
 
     def _start(self, slot: _Slot, job: Job) -> None:
-        keep = min(common_prefix(slot.past, job.prompt), len(job.prompt) - 1)  # the last token is evaluated for logits
-        if not self.lib.llama_memory_seq_rm(self.engine._mem, slot.seq, keep, -1):
-            self.lib.llama_memory_seq_rm(self.engine._mem, slot.seq, -1, -1)
-            keep = 0
-        del slot.past[keep:]
+        keep = self.engine.keep_prefix(slot.seq, slot.past, job.prompt)
         chain = self.engine.sampler(job.sampling, job.grammar, history=job.prompt)
         slot.job, slot.chain, slot.text = job, chain, CompletionText(job.stops)
         slot.pending = list(job.prompt[keep:])
@@ -275,7 +262,7 @@ class Scheduler:
         for s in self.slots:
             s.out_index, s.n_prompt_put = -1, 0
             if s.job is not None and s.next_token >= 0:
-                self._put(b, n, s.next_token, len(s.past), s.seq, True)
+                put_token(b, n, s.next_token, len(s.past), s.seq, True)
                 s.out_index = n
                 n += 1
         for s in sorted((s for s in self.slots if s.job is not None and s.pending), key=lambda s: s.started):
@@ -286,7 +273,7 @@ class Scheduler:
             last = len(chunk) == len(s.pending)
             pos = len(s.past)
             for i, t in enumerate(chunk):
-                self._put(b, n, t, pos + i, s.seq, last and i == len(chunk) - 1)
+                put_token(b, n, t, pos + i, s.seq, last and i == len(chunk) - 1)
                 n += 1
             s.n_prompt_put = len(chunk)
             if last:
@@ -317,14 +304,6 @@ class Scheduler:
             tokens = [self._sample_token(s) for s in ready]
         for s, tok in zip(ready, tokens):
             self._take(s, tok)
-
-    @staticmethod
-    def _put(b, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq
-        b.logits[i] = logits
 
     def _sample_token(self, s: _Slot) -> int:
         return self.lib.llama_sampler_sample(s.chain, self.engine._ctx, s.out_index)
