@@ -20,6 +20,8 @@ IMATRIX_DTYPES = ("f32", "bf16", "f16")  # quantize.imatrix.DTYPES, named here s
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
+    from .engine import CACHE_TYPES, FLASH_ATTN, ROPE_SCALING
+
     g = p.add_argument_group("engine")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
     g.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default: 2048)")
@@ -27,18 +29,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--n-gpu-layers", type=int, default=0, metavar="N",
         help="layers to offload to the GPU; -1 for all (needs a CUDA/Metal build of llama-cpp-python)",
     )
-    g.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+    g.add_argument("--flash-attn", choices=list(FLASH_ATTN), default="auto",
                    help="llama.cpp's flash attention (default auto: on where the backend supports it)")
-    g.add_argument("--rope-scaling", choices=["none", "linear", "yarn"], default=None,
+    g.add_argument("--rope-scaling", choices=ROPE_SCALING, default=None,
                    help="RoPE scaling for a context beyond the trained one (default: the model's)")
     g.add_argument("--rope-scale", type=float, default=None, metavar="F",
                    help="stretch the trained positions F times, e.g. 2 to run a 4K model at 8K (default: the model's)")
     g.add_argument("--rope-freq-base", type=float, default=None, metavar="F", help="RoPE base frequency (default: the model's)")
     g.add_argument("--yarn-orig-ctx", type=int, default=None, metavar="N",
                    help="with --rope-scaling yarn: the context the model was trained on (default: the model's)")
-    g.add_argument("--cache-type-k", choices=["f16", "q8_0", "q4_0"], default="f16",
+    g.add_argument("--cache-type-k", choices=CACHE_TYPES, default="f16",
                    help="type of the cached keys (default f16; q8_0 halves their memory)")
-    g.add_argument("--cache-type-v", choices=["f16", "q8_0", "q4_0"], default="f16",
+    g.add_argument("--cache-type-v", choices=CACHE_TYPES, default="f16",
                    help="type of the cached values (default f16; a quantized type needs flash attention)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
 
