@@ -45,6 +45,31 @@ def outlier_llama(root: Path, tokenizer: Path, *, outliers: float = 1.0, **shape
     return hf
 
 
+def rewrite_gguf(src: Path, dst: Path, *, values: dict | None = None, strings: dict | None = None,
+                 tensors: dict | None = None) -> Path:
+    """``src`` written again with gguf-py: ``values`` replace the values of keys it has, ``strings`` and ``tensors``
+    are added."""
+    import gguf
+    import numpy as np
+
+    from tiblocal.gguf_file import copy_metadata
+
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, "llama")
+    copy_metadata(r, w, values=values)
+    for k, v in (strings or {}).items():
+        w.add_string(k, v)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)]))
+    for name, a in (tensors or {}).items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 700) -> Path:
     """A Llama-style SentencePiece BPE (byte fallback, digits split) on the sample texts."""
     import sentencepiece as spm

@@ -9,9 +9,9 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import DATA, outlier_llama, run_cli
+from conftest import DATA, outlier_llama, rewrite_gguf, run_cli
 from tiblocal.errors import TiblocalError
-from tiblocal.gguf_file import copy_metadata, read_gguf
+from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.evaluate import GGUFSource, compare, read_text
 from tiblocal.quantize.gguf_quant import quantize_gguf
 from tiblocal.quantize.rotate import ROTATION_KEY, Rotation, head_rotation, orthogonal, quantize_rotated, rotate_gguf
@@ -27,24 +27,6 @@ def _model(root: Path, tokenizer: Path, *, outtype: str = "f32", outliers: float
     out = root / f"model-{outtype}.gguf"
     hf_to_gguf(hf, out, outtype=outtype)
     return out
-
-
-def _copy(src: Path, dst: Path, *, tensors: dict | None = None, strings: dict | None = None) -> Path:
-    """``src`` rewritten with gguf-py, plus the given tensors and string keys."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, "llama")
-    copy_metadata(r, w)
-    for k, v in (strings or {}).items():
-        w.add_string(k, v)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)]))
-    for name, a in (tensors or {}).items():
-        w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
 
 
 def _logits(path: Path, ids: list[int]) -> np.ndarray:
@@ -178,11 +160,11 @@ def test_rotate_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer) -> None:
     with pytest.raises(TiblocalError, match=r"q8\.gguf holds quantized tensors \(Q8_0\).*f16 or f32 GGUF"):
         rotate_gguf(q8, tmp_path / "x.gguf")
     # a tensor it does not know (here an extra per-head norm, as other architectures have)
-    extra = _copy(src, tmp_path / "extra.gguf", tensors={"blk.0.attn_q_norm.weight": np.ones(16, dtype=np.float32)})
+    extra = rewrite_gguf(src, tmp_path / "extra.gguf", tensors={"blk.0.attn_q_norm.weight": np.ones(16, dtype=np.float32)})
     with pytest.raises(TiblocalError, match="tensor blk.0.attn_q_norm.weight is not one --rotate knows"):
         rotate_gguf(extra, tmp_path / "x.gguf")
     # an f16 file that names an importance matrix (a dequantized copy of a quantized file): the key is not carried
-    stale = _copy(src, tmp_path / "stale.gguf", strings={"quantize.imatrix.file": "old.imatrix.gguf"})
+    stale = rewrite_gguf(src, tmp_path / "stale.gguf", strings={"quantize.imatrix.file": "old.imatrix.gguf"})
     fields = gguf.GGUFReader(rotate_gguf(stale, tmp_path / "fresh.gguf").path).fields
     assert "quantize.imatrix.file" not in fields and "general.name" in fields
     # a file without the model's block count (not a whole llama GGUF)

@@ -10,12 +10,10 @@ import json
 import signal
 import threading
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import rewrite_gguf, run_cli
 from tiblocal.serve.process import Server
 
 openai = pytest.importorskip("openai")
@@ -412,23 +410,6 @@ def test_burst_beyond_the_queue_is_a_503_with_retry_after() -> None:
         _finish(s)
 
 
-def _with_template(src: Path, dst: Path, jinja: str) -> Path:
-    import gguf
-
-    from tiblocal.gguf_file import copy_metadata
-
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, "llama")
-    copy_metadata(r, w, values={"tokenizer.chat_template": jinja})
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data).reshape([int(x) for x in reversed(t.shape)]))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 HOSTILE_TEMPLATES = [
     ("escapes the sandbox", "{{ ''.__class__.__mro__[1].__subclasses__() }}", "cannot be rendered"),
     ("never ends", "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}x"
@@ -440,7 +421,7 @@ HOSTILE_TEMPLATES = [
 
 def test_hostile_chat_templates_are_400s(tmp_path, tiny_gguf) -> None:
     for i, (_, jinja, expected) in enumerate(HOSTILE_TEMPLATES):
-        model = _with_template(tiny_gguf, tmp_path / f"t{i}.gguf", jinja)
+        model = rewrite_gguf(tiny_gguf, tmp_path / f"t{i}.gguf", values={"tokenizer.chat_template": jinja})
         with Server(str(model)) as s:
             assert "warning: chat template" in s.stderr
             t0 = time.monotonic()
