@@ -3,10 +3,11 @@
 llama-bench's tg128 (128 tokens from an empty context) and pp512 (one 512-token prompt) are the reference. tiblocal's
 figures come from its Engine as `tiblocal generate` runs it: tg, 128 tokens sampled with the model's suggested
 settings (else tiblocal's defaults: temperature 0.2, top-k 40, top-p 0.9, repeat penalty 1.1) and ``ignore_eos``, after
-the BOS token; pp, the same 512 random tokens decoded in batches of the context's n_batch. Both sides load the same
-libllama: the script finds llama-bench (``--llama-bench``) or builds it from the llama.cpp that the installed
-llama-cpp-python vendors (``--build DIR``: pip downloads its sdist, CMake builds llama-bench and libllama), and runs
-its own measurements with ``LLAMA_CPP_LIB_PATH`` pointing at that build, so flags and kernels are the same.
+the BOS token; pp, the same 512 random tokens decoded in batches of the context's n_batch; each after a warm-up run,
+as llama-bench makes. Both sides load the same libllama: the script finds llama-bench (``--llama-bench``) or builds
+it from the llama.cpp that the installed llama-cpp-python vendors (``--build DIR``: pip downloads its sdist, CMake
+builds llama-bench and libllama), and runs its own measurements with ``LLAMA_CPP_LIB_PATH`` pointing at that build,
+so flags and kernels are the same.
 
     python benchmarks/bench_engine.py --build ~/.cache/tiblocal-llama.cpp --threads 2 --rounds 3
     python benchmarks/bench_engine.py MODEL.gguf --llama-bench build/bin/llama-bench --n-gpu-layers -1 --flash-attn on
@@ -65,18 +66,25 @@ def llama_bench(binary: Path, model: Path, a) -> dict[str, float]:
 
 
 def tiblocal_side(model: Path, a) -> dict[str, float]:
+    from tiblocal import engine as engine_module
     from tiblocal.engine import Engine, EngineConfig, Generation, Sampling
 
     with Engine(model, EngineConfig(ctx=1024, threads=a.threads, n_gpu_layers=a.n_gpu_layers,
-                                    flash_attn=a.flash_attn)) as e:
+                                    flash_attn=a.flash_attn, backend_sampling=a.backend_sampling)) as e:
         rng = random.Random(0)
         prompt = [rng.randrange(3, e.n_vocab) for _ in range(512)]
+        sampling = Sampling.for_metadata(e.info.metadata, max_tokens=128, ignore_eos=True, seed=1)
+        # a warm-up run of each test first, as llama-bench makes (its --no-warmup leaves it out)
+        e._prefill(prompt)
+        for _ in e.generate_tokens([e.bos_id], Sampling.for_metadata(e.info.metadata, max_tokens=4, ignore_eos=True),
+                                   Generation()):
+            pass
         e.reset()
         t0 = time.perf_counter()
         e._prefill(prompt)
+        engine_module._llama_cpp.llama_synchronize(e._ctx)  # llama_decode returns before a GPU has finished
         pp = 512 / (time.perf_counter() - t0)
         e.reset()
-        sampling = Sampling.for_metadata(e.info.metadata, max_tokens=128, ignore_eos=True, seed=1)
         g = Generation()
         for _ in e.generate_tokens([e.bos_id], sampling, g):
             pass
@@ -93,6 +101,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--backend-sampling", action="store_true", help="tiblocal's --backend-sampling")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are compared (default 3)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiblocal-side", action="store_true", help=argparse.SUPPRESS)  # the re-executed measurement
@@ -109,11 +118,13 @@ def main() -> int:
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(binary.parent))  # tiblocal on llama-bench's own libllama
     side = [sys.executable, __file__, str(model), "--tiblocal-side", "--threads", str(a.threads),
             "--n-gpu-layers", str(a.n_gpu_layers), "--flash-attn", a.flash_attn]
+    side += ["--backend-sampling"] if a.backend_sampling else []
     ref, ours = [], []
     for _ in range(a.rounds):
         ref.append(llama_bench(binary, model, a))
         ours.append(json.loads(subprocess.run(side, capture_output=True, text=True, check=True, env=env).stdout))
     result = {"model": str(model), "threads": a.threads, "n_gpu_layers": a.n_gpu_layers, "flash_attn": a.flash_attn,
+              "backend_sampling": a.backend_sampling,
               "llama_bench": ref, "tiblocal": ours}
     print(f"{'test':>6} {'llama-bench t/s':>16} {'tiblocal t/s':>13} {'ratio':>6}")
     for test, name in (("tg", "tg128"), ("pp", "pp512")):

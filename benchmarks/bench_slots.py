@@ -29,7 +29,8 @@ from bench_serve import SEED_TEXT, batched_bench  # noqa: E402
 def steady_state(model: Path, slots: int, prompt_tokens: int, tokens: int, args) -> tuple[float, float]:
     """(ms per step, tokens/s) of ``slots`` jobs decoding together, after their prompts."""
     with Engine(model, EngineConfig(ctx=prompt_tokens + tokens + 64, parallel=slots, threads=args.threads,
-                                    n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn)) as e:
+                                    n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
+                                    backend_sampling=args.backend_sampling)) as e:
         prompt = e.tokenize(SEED_TEXT * (1 + prompt_tokens // 20))[:prompt_tokens]
         sch = Scheduler(e)
         try:
@@ -59,6 +60,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--flash-attn", default="auto")
+    ap.add_argument("--backend-sampling", action="store_true", help="tiblocal serve's --backend-sampling")
     ap.add_argument("--batched-bench", default=None, metavar="BIN")
     ap.add_argument("--batched-bench-args", default="")
     ap.add_argument("--json", default=None)

@@ -264,3 +264,52 @@ def test_bad_context_settings_are_one_error(tiny_gguf, config, expected) -> None
     with pytest.raises(TiblocalError) as e:
         Engine(tiny_gguf, EngineConfig(ctx=64, threads=1, **config))
     assert expected in str(e.value)
+
+
+BACKEND_SETTINGS = [
+    Sampling(temperature=0, max_tokens=40),
+    Sampling(temperature=0, repeat_penalty=1.0, max_tokens=40),  # no penalties: the cut is top-k 1
+    Sampling(seed=5, max_tokens=40),  # the defaults: the cut is top-k 40 + 64 before the penalties
+    Sampling(temperature=0.9, repeat_penalty=1.0, top_p=0.8, seed=7, max_tokens=40),
+    Sampling(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.2, ignore_eos=True, seed=3, max_tokens=40),
+]
+
+
+@pytest.mark.parametrize("model", ["tiny", "bundled"])
+def test_backend_sampling_samples_the_same_tokens(model, tiny_gguf) -> None:
+    """--backend-sampling: the cut to the top-k runs in llama.cpp's graph (attached to the sequence while the answer
+    runs, detached after), the rest on the CPU, and the answers equal those sampled wholly on the CPU, seed for seed."""
+    from tiblocal.models import BUNDLED_MODEL
+
+    path = tiny_gguf if model == "tiny" else BUNDLED_MODEL
+    answers = {}
+    for backend in (False, True):
+        with Engine(path, EngineConfig(ctx=256, threads=1, backend_sampling=backend)) as e:
+            prompt = e.tokenize(LINES[0])
+            for i, s in enumerate(BACKEND_SETTINGS):
+                tokens, attached = [], []
+                for t in e.generate_tokens(prompt, s, Generation()):
+                    tokens.append(t)
+                    attached.append(len(e._attached))
+                assert attached == [1 if backend else 0] * len(tokens), s
+                assert not e._attached
+                answers.setdefault(i, []).append(tokens)
+    for i, (cpu, graph) in answers.items():
+        assert cpu == graph, BACKEND_SETTINGS[i]
+
+
+def test_backend_sampling_leaves_settings_that_need_every_candidate_on_the_cpu(tiny_gguf) -> None:
+    """A grammar, top-k 0 with a temperature, and penalties that can raise a score have no graph-side cut: sampler
+    (device=True) says so (None), and generate samples them on the CPU as without the option."""
+    with Engine(tiny_gguf, EngineConfig(ctx=256, threads=1, backend_sampling=True)) as e:
+        assert e.sampler(Sampling(), grammar='root ::= "a"', device=True) is None
+        assert e.sampler(Sampling(temperature=0.8, top_k=0), device=True) is None
+        assert e.sampler(Sampling(repeat_penalty=0.9), device=True) is None
+        assert e.sampler(Sampling(frequency_penalty=-0.5), device=True) is None
+        chain = e.sampler(Sampling(temperature=0.8, top_k=0, repeat_penalty=1.0), device=False)
+        e.free_sampler(chain)
+        prompt = e.tokenize(LINES[0])
+        seen = []
+        for _ in e.generate_tokens(prompt, Sampling(temperature=0.8, top_k=0, seed=1, max_tokens=5), Generation()):
+            seen.append(len(e._attached))
+        assert seen and set(seen) == {0}

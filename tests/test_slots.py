@@ -172,3 +172,28 @@ def test_a_grammar_llama_cpp_refuses_ends_its_job_not_the_loop(engine) -> None:
         assert good.finish_reason == "length" and good.result.completion_tokens == 40
     finally:
         sch.stop()
+
+
+def test_backend_sampling_in_the_slots_gives_the_same_answers(tiny_gguf) -> None:
+    """--backend-sampling in the server: each job's cut is attached to its slot's sequence from its start (before its
+    prompt is decoded) and detached at its end, more jobs than slots reuse them, and every answer equals the one
+    sampled on the CPU."""
+    settings = [Sampling(temperature=0.7, seed=3, max_tokens=20), Sampling(temperature=0, max_tokens=20),
+                Sampling(temperature=0.8, top_k=0, seed=2, max_tokens=20),  # stays on the CPU
+                Sampling(temperature=0.7, seed=9, ignore_eos=True, max_tokens=20), Sampling(seed=4, max_tokens=20)]
+    answers = {}
+    for backend in (False, True):
+        with Engine(tiny_gguf, EngineConfig(ctx=256, threads=1, parallel=2, batch=16, backend_sampling=backend)) as e:
+            sch = Scheduler(e)
+            jobs = [_job(e.tokenize("hello world " * (i + 1)), s) for i, s in enumerate(settings)]
+            for j in jobs:
+                sch.submit(j)
+            attached = 0
+            while any(s.job for s in sch.slots) or sch._queue:
+                sch.turn()
+                attached = max(attached, len(e._attached))
+                assert len(e._attached) == sum(1 for s in sch.slots if s.on_device)
+            assert attached == (2 if backend else 0) and not e._attached
+            answers[backend] = [j.result.tokens for j in jobs]
+            sch.stop()
+    assert answers[False] == answers[True]

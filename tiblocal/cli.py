@@ -42,6 +42,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="type of the cached keys (default f16; q8_0 halves their memory)")
     g.add_argument("--cache-type-v", choices=CACHE_TYPES, default="f16",
                    help="type of the cached values (default f16; a quantized type needs flash attention)")
+    g.add_argument("--backend-sampling", action="store_true",
+                   help="cut each token's candidates to the top-k inside llama.cpp's graph, on the GPU with the output "
+                        "layer, so that a hundred candidates instead of the whole vocabulary come back to the CPU "
+                        "(llama.cpp's --backend-sampling; the same choices; not with a grammar, top-k 0, or penalties "
+                        "below 1)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
 
 
@@ -77,7 +82,7 @@ def _engine_config(a: argparse.Namespace, **more):
     return EngineConfig(threads=a.threads, ctx=a.ctx, n_gpu_layers=a.n_gpu_layers, verbose=a.verbose,
                         flash_attn=a.flash_attn, rope_scaling=a.rope_scaling, rope_scale=a.rope_scale,
                         rope_freq_base=a.rope_freq_base, yarn_orig_ctx=a.yarn_orig_ctx, cache_type_k=a.cache_type_k,
-                        cache_type_v=a.cache_type_v, **more)
+                        cache_type_v=a.cache_type_v, backend_sampling=a.backend_sampling, **more)
 
 
 def _sampling(a: argparse.Namespace) -> dict:

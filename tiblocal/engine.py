@@ -118,6 +118,7 @@ def physical_memory() -> int | None:
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama.h's enum llama_flash_attn_type (AUTO, DISABLED, ENABLED)
 ROPE_SCALING = ("none", "linear", "yarn")  # llama.h's enum llama_rope_scaling_type, in its order from 0
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
+SAMPLER_PREFIX_END = 1e30  # the top-n-sigma that ends a chain's graph-side prefix (Engine.sampler, device=True)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,9 @@ class EngineConfig:
     yarn_orig_ctx: int | None = None  # the context the model was trained on, for yarn
     cache_type_k: str = "f16"  # f16 | q8_0 | q4_0: the KV cache's types (a quantized V needs flash attention)
     cache_type_v: str = "f16"
+    # The first cut of sampling (top-k over the whole vocabulary) inside llama.cpp's graph, on the device that holds
+    # the output layer: llama.cpp's --backend-sampling. Only the cut's candidates come back to the CPU.
+    backend_sampling: bool = False
 
 
 @dataclass(frozen=True)
@@ -384,6 +388,8 @@ class Engine:
         self.n_ctx = lib.llama_n_ctx_seq(self._ctx)  # tokens one sequence holds
         self.n_batch = lib.llama_n_batch(self._ctx)
         self.parallel = lib.llama_n_seq_max(self._ctx)
+        self.backend_sampling = config.backend_sampling
+        self._attached: dict[int, object] = {}  # sequence -> the sampler chain llama.cpp runs in its graph for it
         self.n_ctx_train = n_ctx_train
         self._notice_beyond_training(config)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
@@ -428,6 +434,8 @@ class Engine:
         if lib is None:
             return
         if getattr(self, "_ctx", None):
+            for seq in list(self._attached):
+                self.detach_sampler(seq)
             lib.llama_free(self._ctx)
             self._ctx = None
         if getattr(self, "_model", None):
@@ -538,13 +546,28 @@ class Engine:
             lib.llama_batch_free(batch)
         return out
 
-    def sampler(self, s: Sampling, grammar: str | None = None, history: Sequence[int] = (), *, precut: bool = True):
+    def sampler(self, s: Sampling, grammar: str | None = None, history: Sequence[int] = (), *, precut: bool = True,
+                device: bool = False):
         """A llama.cpp sampler chain for ``s`` (free it with ``free_sampler``); ``grammar``: GBNF text whose root rule
         every answer must match (JSON output), applied before anything else; ``history``: the prompt, whose last
         ``repeat_last_n`` tokens the penalties count (and only they: the grammar would refuse the prompt's tokens,
         and a refusal inside llama.cpp ends the process); ``precut=False`` leaves out the cut before the penalties
-        (the same choices, slower: for tests)."""
+        (the same choices, slower: for tests).
+
+        ``device=True``: a chain whose first cut (the end-of-generation bias and a top-k over the vocabulary) can run
+        in llama.cpp's graph once attached (``attach_sampler``), and the rest on the CPU over the cut's candidates:
+        the same choices. None when these settings need every candidate on the CPU (a grammar, top-k 0 with a
+        temperature, penalties that raise scores)."""
         lib = _llama_cpp
+        penalised = (s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0) and (
+            s.repeat_last_n > 0
+        )
+        keep = 1 if s.temperature <= 0 else s.top_k  # the candidates the chain ends up choosing among (0: all)
+        can_precut = penalised and keep and s.repeat_penalty >= 1.0 and min(s.frequency_penalty, s.presence_penalty) >= 0
+        if device:
+            if grammar is not None or not keep or (penalised and not can_precut):
+                return None
+            precut = True
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if grammar is not None:
             g = lib.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
@@ -556,15 +579,20 @@ class Engine:
             eog = self.eog_tokens
             biases = (lib.llama_logit_bias * len(eog))(*((t, -math.inf) for t in eog))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(eog), biases))
-        penalised = (s.repeat_penalty != 1.0 or s.frequency_penalty != 0.0 or s.presence_penalty != 0.0) and (
-            s.repeat_last_n > 0
-        )
-        keep = 1 if s.temperature <= 0 else s.top_k  # the candidates the chain ends up choosing among (0: all)
-        if penalised and keep and precut and s.repeat_penalty >= 1.0 and min(s.frequency_penalty, s.presence_penalty) >= 0:
+        if can_precut and precut:
             # The penalties only lower the scores of the (at most repeat_last_n) recent tokens, so the `keep` best after
             # them are among the keep + repeat_last_n best before them: cutting there first gives the same choice while
             # the penalties (a hash look-up per candidate) see about a hundred candidates instead of the whole vocabulary.
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(keep + s.repeat_last_n))
+        elif device:  # no penalties: the cut is the top-k itself (again below, on the CPU, where it also sorts)
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(keep))
+        if device:
+            # llama.cpp runs a chain's leading samplers that have a graph form in the graph, up to the first without
+            # one; its graph top-p cannot follow its graph top-k (0.3.36 asserts on the candidates' shape and ends the
+            # process). A top-n-sigma of 1e30 ends that prefix here, after the one cut: it has no graph form and keeps
+            # every candidate within 1e30 standard deviations of the best, i.e. all (a typical-p of 1, the obvious
+            # no-op, is replaced by an empty sampler, which has a graph form and would not end the prefix).
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_n_sigma(SAMPLER_PREFIX_END))
         if penalised:
             penalties = lib.llama_sampler_init_penalties(
                 self.n_vocab, s.repeat_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
@@ -588,6 +616,19 @@ class Engine:
     def free_sampler(chain) -> None:
         _llama_cpp.llama_sampler_free(chain)
 
+    def attach_sampler(self, seq: int, chain) -> bool:
+        """Let llama.cpp run ``chain``'s first cut in its graph for sequence ``seq``'s outputs (a chain made with
+        ``device=True``), from the next decode on; False when it cannot (the chain stays usable on the CPU).
+        Detach it (``detach_sampler``) before freeing it."""
+        if not _llama_cpp.llama_set_sampler(self._ctx, seq, chain):
+            return False
+        self._attached[seq] = chain
+        return True
+
+    def detach_sampler(self, seq: int) -> None:
+        if self._attached.pop(seq, None) is not None:
+            _llama_cpp.llama_set_sampler(self._ctx, seq, None)
+
     def check_fits(self, n_prompt: int, *, room: int = 1) -> None:
         """Refuse ``n_prompt`` tokens unless the context holds them and ``room`` more (the first generated token)."""
         if n_prompt + room > self.n_ctx:
@@ -606,10 +647,18 @@ class Engine:
         self.check_fits(len(prompt))
         t0 = time.perf_counter()
         result.prompt_tokens = len(prompt)
-        result.reused_tokens = self._prefill(prompt)
+        chain = self.backend_sampling and self.sampler(sampling, history=prompt, device=True)
+        # attached before the prompt's decode: its last logits are then cut in the graph, as every later one
+        attached = bool(chain) and self.attach_sampler(0, chain)
+        chain = chain or self.sampler(sampling, history=prompt)
+        try:
+            result.reused_tokens = self._prefill(prompt)
+        except BaseException:
+            self.detach_sampler(0)
+            lib.llama_sampler_free(chain)
+            raise
         t1 = time.perf_counter()
         result.prompt_ms = (t1 - t0) * 1000
-        chain = self.sampler(sampling, history=prompt)
         try:
             result.stop_reason = "length"
             while result.completion_tokens < sampling.max_tokens:
@@ -627,6 +676,8 @@ class Engine:
                     break
                 self._decode((tok,))
         finally:
+            if attached:
+                self.detach_sampler(0)
             lib.llama_sampler_free(chain)
             result.gen_ms = (time.perf_counter() - t1) * 1000
 

@@ -73,6 +73,7 @@ class _Slot:
     job: Job | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens still to evaluate
     chain: object = None  # the job's sampler chain
+    on_device: bool = False  # the chain's first cut runs in llama.cpp's graph (--backend-sampling)
     text: CompletionText | None = None
     next_token: int = -1  # the sampled token to evaluate in the next step (-1: none)
     out_index: int = -1  # where this slot's logits are in the batch just decoded (-1: none)
@@ -240,8 +241,12 @@ class Scheduler:
                 self._finish_waiting(job, "error", str(e))
 
     def _start(self, slot: _Slot, job: Job) -> None:
-        keep = self.engine.keep_prefix(slot.seq, slot.past, job.prompt)
-        chain = self.engine.sampler(job.sampling, job.grammar, history=job.prompt)
+        engine = self.engine
+        keep = engine.keep_prefix(slot.seq, slot.past, job.prompt)
+        chain = engine.backend_sampling and engine.sampler(job.sampling, job.grammar, history=job.prompt, device=True)
+        # attached before the prompt's last chunk is decoded, so that every output of this job is cut in the graph
+        slot.on_device = bool(chain) and engine.attach_sampler(slot.seq, chain)
+        chain = chain or engine.sampler(job.sampling, job.grammar, history=job.prompt)
         slot.job, slot.chain, slot.text = job, chain, CompletionText(job.stops)
         slot.pending = list(job.prompt[keep:])
         slot.next_token, slot.out_index = -1, -1
@@ -295,7 +300,8 @@ class Scheduler:
                 del s.pending[: s.n_prompt_put]
             if s.out_index >= 0:
                 ready.append(s)
-        if self._pool is not None and len(ready) > 1:
+        # A chain whose cut ran in the graph samples among a hundred candidates: not worth a thread
+        if self._pool is not None and sum(1 for s in ready if not s.on_device) > 1:
             # llama.cpp puts its outputs in batch order on their first read: make that read here, alone, so that the
             # samplers' threads only read
             lib.llama_get_logits(self.engine._ctx)
@@ -349,6 +355,9 @@ class Scheduler:
         if s.sampling_started:
             r.gen_ms = (time.perf_counter() - s.sampling_started) * 1000
         r.stop_reason = reason
+        if s.on_device:
+            self.engine.detach_sampler(s.seq)
+            s.on_device = False
         if s.chain is not None:
             self.engine.free_sampler(s.chain)
         s.pending = []  # cancelled mid-prompt: the cache holds exactly s.past
