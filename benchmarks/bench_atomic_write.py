@@ -42,7 +42,7 @@ def write_through(name: Path, n_bytes: int, chunk: bytes) -> tuple[float, float]
 
 
 @contextlib.contextmanager
-def precreated_path(path: Path):
+def precreated_path(path: Path, **_):
     """tiblocal's atomic_path before the fix: ``mkstemp`` makes the temporary file, empty, before the writer runs."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)

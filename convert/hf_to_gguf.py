@@ -10,6 +10,7 @@ with the model, and the output appears under its final name only when it is comp
 from __future__ import annotations
 
 import json
+import math
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from tiblocal.checkpoint import HFCheckpoint, TensorRef, bf16_to_f32
+from tiblocal.checkpoint import HFCheckpoint, TensorRef, bf16_to_f32, llama_tensor_problems
 from tiblocal.errors import ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import read_gguf
@@ -88,6 +89,10 @@ class ModelConverter:
         self.name_map = gguf.get_tensor_name_map(self.model_arch, self.n_layers)
 
     # --- hooks ---------------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """What makes the checkpoint unusable for this family (missing tensors, shapes against config.json)."""
+        return []
+
     def set_gguf_parameters(self, w: gguf.GGUFWriter) -> None:
         raise NotImplementedError
 
@@ -127,6 +132,15 @@ _SAMPLING_FIELDS = {
 }
 
 
+_SAMPLING_RANGES = {  # the values tiblocal's Sampling accepts
+    "temperature": (lambda v: v >= 0, "a number of at least 0"),
+    "top_k": (lambda v: v >= 0 and v == int(v), "a whole number of at least 0"),
+    "top_p": (lambda v: 0 < v <= 1, "a number above 0, at most 1"),
+    "min_p": (lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "repetition_penalty": (lambda v: v > 0, "a number above 0"),
+}
+
+
 def _add_sampling(w: gguf.GGUFWriter, model_dir: Path) -> None:
     path = model_dir / "generation_config.json"
     if not path.is_file():
@@ -135,11 +149,16 @@ def _add_sampling(w: gguf.GGUFWriter, model_dir: Path) -> None:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{path} is not valid JSON ({e}); fix or remove it") from None
-    if not cfg.get("do_sample", False):
+    if not isinstance(cfg, dict) or not cfg.get("do_sample", False):
         return  # greedy by default: the file suggests no sampling settings
     for field_name, add in _SAMPLING_FIELDS.items():
         value = cfg.get(field_name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            valid, want = _SAMPLING_RANGES[field_name]
+            if not (math.isfinite(value) and valid(value)):
+                # copied into the GGUF, it would make the model refuse to run (tiblocal checks the values it samples with)
+                raise ModelFormatError(f"{path}: {field_name} {value!r} is not a valid setting (expected {want}); fix "
+                                       "or remove it")
             getattr(w, add)(int(value) if field_name == "top_k" else float(value))
 
 
@@ -168,6 +187,9 @@ def _permute_qk(ref: TensorRef, n_head: int) -> Callable[[int, int], np.ndarray]
 @ModelConverter.register("LlamaForCausalLM", "LLaMAForCausalLM")
 class LlamaConverter(ModelConverter):
     model_arch = gguf.MODEL_ARCH.LLAMA
+
+    def problems(self) -> list[str]:
+        return llama_tensor_problems(self.ckpt)
 
     def set_gguf_parameters(self, w: gguf.GGUFWriter) -> None:
         hp = self.hparams
@@ -312,7 +334,7 @@ def hf_to_gguf(
     model_dir, out = Path(model_dir), Path(out)
     if outtype not in OUTTYPES:
         raise TiblocalError(f"unknown --outtype {outtype!r}; expected one of: {', '.join(OUTTYPES)}")
-    check_output_path(out, force=force)
+    check_output_path(out, force=force, inputs=[model_dir])
     qtype, ftype = OUTTYPES[outtype]
     chat_template = get_template(template).jinja if template else None
     if vocab_only and not (model_dir / "config.json").is_file():
@@ -320,9 +342,12 @@ def hf_to_gguf(
         return ConvertResult(out, 0, vocab_size_of(out), "vocab", out.stat().st_size)
     ckpt = HFCheckpoint.open(model_dir)
     conv = ModelConverter.for_checkpoint(ckpt)
+    if not vocab_only and (problems := conv.problems()):
+        raise ModelFormatError(f"{model_dir}: {problems[0]}" + (f" (and {len(problems) - 1} more problems)"
+                               if len(problems) > 1 else "") + "; the checkpoint is incomplete: save or download it again")
 
     tensors = [] if vocab_only else conv.out_tensors()
-    with atomic_path(out) as tmp:
+    with atomic_path(out, replace=force) as tmp:
         w = gguf.GGUFWriter(tmp, conv.arch_name)
         w.add_name(model_dir.name)
         w.add_type("model")

@@ -33,7 +33,7 @@ from tiblocal.checkpoint import (
     read_safetensors_header,
 )
 from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
-from tiblocal.fsutil import atomic_dir
+from tiblocal.fsutil import atomic_dir, check_output_path
 from tiblocal.verify import write_sha256sums
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,7 @@ def merge_lora(
     if not adapter_dirs:
         raise TiblocalError("give at least one adapter folder")
     out = Path(out)
-    if out.exists() and not force:
-        raise TiblocalError(f"{out} already exists; pass --force to replace it or choose another --out")
+    check_output_path(out, force=force, inputs=[base_dir, *adapter_dirs], folder=True)
     st_dtype = DTYPES[dtype]
     base = HFCheckpoint.open(Path(base_dir))
     adapters = [load_adapter(Path(p)) for p in adapter_dirs]

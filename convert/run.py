@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from .hf_to_gguf import hf_to_gguf
+from tiblocal.jsonout import print_json
 
 
 @contextlib.contextmanager
@@ -26,7 +25,7 @@ def byte_progress(console: Console, label: str) -> Iterator[Callable[[int, int],
 def finish(console: Console, summary: dict, message: str, as_json: bool) -> int:
     """The verb's result: JSON on stdout with --json, else one line for the person on stderr."""
     if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
+        print_json(summary)
     else:
         console.print(message)
     return 0

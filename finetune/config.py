@@ -103,7 +103,69 @@ def load_config(path: Path | str, overrides: list[str] = (), *, stage: str | Non
     return build_config(data, str(p))
 
 
+# The recipe's schema beyond the dataclass: each setting's kind and least value ("int", 1: a whole number >= 1).
+_SCHEMA: dict[str, tuple[str, float | None]] = {
+    "stage": ("str", None), "output_dir": ("str", None), "base_model": ("str", None), "tokenizer": ("str", None),
+    "template": ("str", None), "scheduler": ("str", None), "dtype": ("str", None), "mixed_precision": ("str", None),
+    "extended": ("bool", None), "group_by_length": ("bool", None), "gradient_checkpointing": ("bool", None),
+    "compile": ("bool", None), "tensorboard": ("bool", None),
+    "block_size": ("int", 2), "batch_size": ("int", 1), "grad_accum": ("int", None),  # its range: below "micro_tokens": ("int?", 2),
+    "max_steps": ("int", 1), "warmup_steps": ("int", 0), "eval_every": ("int", 1), "eval_blocks": ("int", 1),
+    "save_every": ("int", 1), "log_every": ("int", 1), "seed": ("int", 0),
+    "lr": ("positive", None), "embed_lr": ("positive?", None), "weight_decay": ("number", 0),
+    "train_files": ("paths", None), "eval_files": ("paths", None), "model_config": ("dict", None),
+}  # train_weights and generation: checked below, with examples
+_LORA_SCHEMA: dict[str, tuple[str, float | None]] = {
+    "r": ("int", 1), "alpha": ("positive", None), "dropout": ("fraction", None), "targets": ("names", None),
+    "modules_to_save": ("names", None), "fused": ("bool", None),
+}
+
+
+def _kind_problem(key: str, value: Any, kind: str, least: float | None) -> str | None:
+    """What is wrong with one recipe value, or None."""
+    import math
+
+    if kind.endswith("?"):
+        if value is None:
+            return None
+        kind = kind[:-1]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str":
+        ok = isinstance(value, str)
+        want = "text"
+    elif kind == "bool":
+        ok, want = isinstance(value, bool), "true or false"
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
+        want = "a whole number" + (f" of at least {least:g}" if least is not None else "")
+    elif kind == "positive":
+        ok, want = number and math.isfinite(value) and value > 0, "a number above 0"
+    elif kind == "number":
+        ok = number and math.isfinite(value) and (least is None or value >= least)
+        want = "a number" + (f" of at least {least:g}" if least is not None else "")
+    elif kind == "fraction":
+        ok, want = number and math.isfinite(value) and 0 <= value < 1, "a number from 0 to below 1"
+    elif kind == "paths":
+        ok = isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+        want = "a file or a list of files"
+    elif kind == "names":
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        want = "a list of module names"
+    else:  # dict
+        ok, want = isinstance(value, dict), "a group of settings"
+    return None if ok else f"{key} is {value!r}, expected {want}"
+
+
 def build_config(data: dict, source: str = "config") -> TrainConfig:
+    """The recipe's settings, checked: every problem of type and range is listed at once."""
+    problems = [p for k, (kind, least) in _SCHEMA.items()
+                if k in data and not (data[k] in (None, "") and k in ("stage", "output_dir"))  # "required", below
+                and (p := _kind_problem(k, data[k], kind, least))]
+    if isinstance(data.get("lora"), dict):
+        problems += [p for k, (kind, least) in _LORA_SCHEMA.items()
+                     if k in data["lora"] and (p := _kind_problem(f"lora.{k}", data["lora"][k], kind, least))]
+    if problems:
+        raise TiblocalError(f"{source}: {len(problems)} setting(s) wrong: " + "; ".join(problems))
     known = _known(TrainConfig)
     unknown = sorted(set(data) - set(known))
     if unknown:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -13,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .config import load_config
 from .train import train
+from tiblocal.jsonout import print_json, stdout_to_stderr
 
 
 def run_train(stage: str, config: str, overrides: list[str], *, as_json: bool) -> int:
@@ -28,14 +26,14 @@ def run_train(stage: str, config: str, overrides: list[str], *, as_json: bool) -
 
         # stdout is the command's own (--json); libraries that print there (gptqmodel's banner, imported by peft
         # when it is installed) go to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+        with stdout_to_stderr():
             r = train(cfg, progress=report)
     summary = {"output_dir": str(r.output_dir), "steps": r.steps, "resumed_from": r.resumed_from,
                "train_loss": r.train_loss, "eval_loss": r.eval_loss}
     if not main:
         return 0
     if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
+        print_json(summary)
     else:
         ev = f", eval loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""
         resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""

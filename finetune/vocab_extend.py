@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
-from tiblocal.fsutil import atomic_dir
+from tiblocal.fsutil import atomic_dir, check_output_path
 from tiblocal.gguf_vocab import load_sentencepiece
 from tiblocal.text import tibetan_share
 from tiblocal.vocab import SIDECAR, processor_from_proto, read_lines, token_stats, tokenizer_model, write_tokenizer_json
@@ -225,8 +225,7 @@ def extend_vocabulary(
         raise TiblocalError(f"--add {cfg.add}: expected a positive number of pieces")
     if cfg.model_type not in ("bpe", "unigram"):
         raise TiblocalError(f"--model-type {cfg.model_type!r}: expected bpe or unigram")
-    if out.exists() and not force:
-        raise TiblocalError(f"{out} already exists; pass --force to replace it or choose another --out")
+    check_output_path(out, force=force, folder=True, inputs=[base, *(corpus or []), *(eval_files or [])])
     base_proto = _proto(base)
     if base_proto.trainer_spec.model_type != 2:  # BPE
         raise ModelFormatError(f"{base} is not a BPE SentencePiece model (Llama-2's is); tiblocal extends BPE bases")

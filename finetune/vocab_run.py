@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .vocab_extend import ExtendConfig, extend_vocabulary
+from tiblocal.jsonout import print_json
 
 
 def parse_weights(weights: list[str]) -> tuple[tuple[str, float], ...]:
@@ -54,7 +53,7 @@ def run_extend(
 
         r = extend_vocabulary(base, corpus, out, cfg, eval_files=eval_files, force=force, progress=report)
     if as_json:
-        sys.stdout.write(json.dumps(r.report, ensure_ascii=False) + "\n")
+        print_json(r.report, ensure_ascii=False)
         return 0
     ev = r.report["eval"]
     table = Table(title=f"{out}: {r.base_pieces} + {r.added} pieces", title_justify="left")

@@ -120,7 +120,7 @@ def quantize_gguf(
     if len(paths) > 1 and "{type}" not in str(out):
         out.mkdir(parents=True, exist_ok=True)
     for p in paths.values():
-        check_output_path(p, force=force)
+        check_output_path(p, force=force, inputs=[inp, imatrix if isinstance(imatrix, (str, Path)) else None])
     lib = bindings.load(verbose)
     im_args = None
     if im is not None:
@@ -144,7 +144,7 @@ def quantize_gguf(
             params.kv_overrides = im_args.kv_overrides
         bindings.take_errors()
         t0 = time.perf_counter()
-        with atomic_path(path) as tmp:
+        with atomic_path(path, replace=force) as tmp:
             rc = _run_blocking(
                 lambda: lib.llama_model_quantize(str(inp).encode(), str(tmp).encode(), params),
                 meanwhile=(lambda: on_start(qtype, path)) if on_start else None,

@@ -13,12 +13,12 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.jsonout import print_json, stdout_to_stderr
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tiblocal_vocab.json")
 # GPTQ on the CPU: measured with the demo model (12.4 M parameters in its decoder layers, 128 windows of 512) on
@@ -177,19 +177,21 @@ def gptq_quantize(
     from tiblocal.fsutil import atomic_dir, check_output_path
 
     hf_dir, out = Path(hf_dir), Path(out)
-    check_output_path(out, force=force)
+    check_output_path(out, force=force, folder=True, inputs=[hf_dir, *calib])
     device, texts, windows = preflight(hf_dir, bits=bits, group_size=group_size, calib=calib, samples=samples,
                                        seq_len=seq_len, device=device)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 8)))
-    try:
-        from gptqmodel import GPTQModel, QuantizeConfig
-    except ImportError:
-        raise TiblocalError(NEEDS_GPTQMODEL) from None
+    # gptqmodel reports on stdout, its banner at import too; keep stdout for our own result (--json), down to the
+    # file descriptor; its per-module logs go to a scratch folder instead of ./logs in whatever folder the command
+    # was run from
+    with stdout_to_stderr():
+        try:
+            from gptqmodel import GPTQModel, QuantizeConfig
+        except ImportError:
+            raise TiblocalError(NEEDS_GPTQMODEL) from None
     say = progress or (lambda m: None)
     t0 = time.perf_counter()
-    # gptqmodel reports on stdout; keep stdout for our own result (--json); its per-module logs go to a scratch
-    # folder instead of ./logs in whatever folder the command was run from
-    with atomic_dir(out, replace=force) as tmp, contextlib.redirect_stdout(sys.stderr), _gptqmodel_logs_elsewhere():
+    with atomic_dir(out, replace=force) as tmp, stdout_to_stderr(), _gptqmodel_logs_elsewhere():
         say(f"loading {hf_dir}")
         qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, lm_head=lm_head)
         model = GPTQModel.load(str(hf_dir), qcfg, device=device)
@@ -238,7 +240,7 @@ def run_gptq(hf_dir: Path, out: Path, *, as_json: bool, **kw) -> int:
     summary = {"out": str(r.out), "bits": r.bits, "group_size": r.group_size, "samples": r.samples, "seq_len": r.seq_len,
                "seconds": round(r.seconds, 1), "size_bytes": r.size}
     if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
+        print_json(summary)
     else:
         err.print(f"wrote {r.out} (GPTQ {r.bits}-bit, group {r.group_size}, {r.size / 2**20:.1f} MiB, {r.seconds:.0f} s)")
     return 0

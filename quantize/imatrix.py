@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.jsonout import print_json
 
 KV_DATASETS, KV_CHUNK_COUNT, KV_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 # in every matrix tiblocal writes: whether it was measured in a rotated basis (the seeds then under ROTATION_KEY)
@@ -195,6 +196,14 @@ class QuantizeImatrixArgs:
                 o.value.val_i64 = int(value)
         self.kv_overrides = ctypes.cast(over, ctypes.POINTER(lib.llama_model_kv_override))
         self._over = over
+
+
+def check_device(device: str | None, option: str = "--device") -> None:
+    """Refuse a torch device name tiblocal does not run on, before torch is asked (it accepts odd names late)."""
+    import re
+
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise TiblocalError(f"{option} {device!r}: expected cpu, cuda, cuda:N or mps")
 
 
 def write_imatrix(path: Path, im: Imatrix, counts: dict[str, int], chunk_size: int) -> None:
@@ -404,8 +413,6 @@ def _rotated_hooks(model, conv, turned: list[tuple[int, int]], add, rows, output
 
 def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx: int, device: str | None,
                 force: bool, as_json: bool, output: bool = True, dtype: str = "f32", rotate: int | None = None) -> int:
-    import json
-    import sys
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -416,7 +423,8 @@ def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx:
 
     if chunks < 1 or ctx < 2:
         raise TiblocalError(f"--chunks {chunks} --ctx {ctx}: expected at least 1 window of at least 2 tokens")
-    check_output_path(Path(out), force=force)
+    check_device(device)
+    check_output_path(Path(out), force=force, inputs=[hf_dir, *texts])
     texts = calibration_texts(texts, "--text")
     err = Console(stderr=True, highlight=False)
     columns = (TextColumn("imatrix"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -429,7 +437,7 @@ def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx:
     summary = {"out": str(out), "entries": len(im.entries), "chunks": im.chunk_count, "ctx": ctx,
                "tokens": max(counts.values()), "datasets": im.datasets, "rotation_seed": rotate}
     if as_json:
-        sys.stdout.write(json.dumps(summary) + "\n")
+        print_json(summary)
     else:
         err.print(f"wrote {out}: {len(im.entries)} matrices, {im.chunk_count} chunks of {ctx} tokens"
                   + (f", in {basis_name([rotate])}" if rotate is not None else ""))

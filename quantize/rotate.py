@@ -110,7 +110,7 @@ def rotate_gguf(
     Matrices are written as F16 when the input's are all F16, else as F32 (a bf16 input's rotated values are not
     bf16 numbers, and f16 could overflow where bf16 did not)."""
     inp, out = Path(inp), Path(out)
-    check_output_path(out, force=force)
+    check_output_path(out, force=force, inputs=[inp])
     try:
         reader = gguf.GGUFReader(inp)
     except (ValueError, OSError) as e:
@@ -201,7 +201,7 @@ def rotate_gguf(
         return int(np.prod(shape_of(name))) * (2 if type_of(name) == GGMLQuantizationType.F16 else 4)
 
     total = sum(nbytes(n) for n in names)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, replace=force) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         if "general.alignment" in meta:
             w.data_alignment = int(meta["general.alignment"].contents())
@@ -321,7 +321,7 @@ def quantize_rotated(
     if len(paths) > 1 and "{type}" not in str(out):
         out.mkdir(parents=True, exist_ok=True)
     for p in paths.values():
-        check_output_path(p, force=force)
+        check_output_path(p, force=force, inputs=[inp, *(calib or [])])
     first = next(iter(paths.values()))
     parent = first.parent if str(first.parent) else Path(".")
     work = Path(tempfile.mkdtemp(prefix=f".{first.name}.rotate-", suffix=".partial", dir=parent))

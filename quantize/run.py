@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 from .gguf_quant import parse_types, quantize_gguf
+from tiblocal.jsonout import print_json
 
 
 class _Display:
@@ -85,7 +85,7 @@ def run_quantize(
             row["trials"] = [{"seed": t.seed, "calib_ppl": t.calib_ppl} for t in trials if t.type == r.type]
         rows.append(row)
     if as_json:
-        sys.stdout.write(json.dumps(rows) + "\n")
+        print_json(rows)
         return 0
     err = _stderr()
     for r, row in zip(results, rows):
@@ -127,7 +127,7 @@ def run_eval(
     for s in sources:
         s.close()
     if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
+        print_json(result)
         return 0
     table = Table(show_header=False, title=f"eval {action}", title_justify="left")
     for k, v in result.items():
@@ -160,7 +160,7 @@ def run_report(
             f.write(report_markdown(rows, title))
         err.print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     if as_json:
-        sys.stdout.write(json.dumps(rows) + "\n")
+        print_json(rows)
         return 0
     table = Table(title=title, title_justify="left")
     for _, label, _ in REPORT_COLUMNS:

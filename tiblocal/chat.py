@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .engine import Engine, EngineConfig, Generation, Sampling
 from .errors import TiblocalError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, check_output_path
 from .models import resolve_model
 from .templates import TASKS, TEMPLATES, ChatTemplate, get_task, get_template, resolve_chat_template
 from .text import count_syllables
@@ -112,11 +112,12 @@ class ChatSession:
         self.engine.reset()
 
     def save(self, path: Path) -> int:
-        path = Path(path)
-        if path.exists():
+        path = Path(path).expanduser()
+        if path.exists() or path.is_symlink():
             raise TiblocalError(f"{path} already exists; /save to a new file name")
+        check_output_path(path, inputs=[self.engine.path], option="/save")
         lines = [json.dumps(m, ensure_ascii=False) for m in self.messages()]
-        with atomic_write_text(path) as f:
+        with atomic_write_text(path, replace=False) as f:
             f.write("\n".join(lines) + ("\n" if lines else ""))
         return len(lines)
 

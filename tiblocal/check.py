@@ -8,15 +8,15 @@ rows of token_embd / output and the special ids. Each disagreement names the fil
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from rich.console import Console
 
-from .checkpoint import HFCheckpoint
+from .checkpoint import HFCheckpoint, llama_tensor_problems
 from .errors import InputFileError, TiblocalError
 from .gguf_file import read_gguf
 from .gguf_vocab import load_sentencepiece
+from tiblocal.jsonout import print_json
 
 
 def check_hf(path: Path) -> tuple[dict, list[str]]:
@@ -36,6 +36,9 @@ def check_hf(path: Path) -> tuple[dict, list[str]]:
         problems.append(f"{path / 'config.json'}: vocab_size is {cfg_vocab} but embed_tokens has {rows} rows; set vocab_size to {rows}")
     if head is not None and rows is not None and head.shape[0] != rows:
         problems.append(f"{path}: lm_head has {head.shape[0]} rows but embed_tokens has {rows}; resize both (model.resize_token_embeddings)")
+    if ckpt.architecture in ("LlamaForCausalLM", "LLaMAForCausalLM"):
+        # (lm_head's rows against the embedding's: said above)
+        problems += [f"{path}: {p}" for p in llama_tensor_problems(ckpt) if not p.startswith("tensor lm_head.weight")]
     if ckpt.tokenizer_model is None:
         problems.append(f"{path} has no tokenizer.model; copy the SentencePiece tokenizer the model was trained with into it")
     else:
@@ -95,7 +98,7 @@ def run_check(path: Path, *, as_json: bool) -> int:
         raise InputFileError(f"{path}: no such file or folder; give a model folder or a .gguf file")
     facts, problems = check_hf(path) if path.is_dir() else check_gguf(path)
     if as_json:
-        sys.stdout.write(json.dumps({"path": str(path), **facts, "problems": problems}) + "\n")
+        print_json({"path": str(path), **facts, "problems": problems})
     else:
         con = Console(highlight=False)
         con.print(", ".join(f"{k} {v}" for k, v in facts.items()), markup=False)

@@ -9,6 +9,7 @@ JSON header (dtype, shape, byte range per tensor) and the raw data
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,22 +97,41 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelFormatError(f"{path} has a damaged safetensors header ({e}); save or download it again") from None
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path} has a damaged safetensors header (a JSON {type(header).__name__}, expected an "
+                               "object of tensors); save or download it again")
     base = 8 + n
     refs = {}
     for name, spec in header.items():
         if name == "__metadata__":
             continue
+        damaged = f"{path} has a damaged safetensors header: tensor {name!r}"
+        if not isinstance(spec, dict):
+            raise ModelFormatError(f"{damaged} is {spec!r}, expected {{dtype, shape, data_offsets}}; save or download it again")
         dtype = spec.get("dtype")
         if dtype not in _ST_DTYPES:
             raise ModelFormatError(f"{path}: tensor {name!r} has dtype {dtype!r}, which tiblocal cannot read")
-        start, end = (base + int(o) for o in spec["data_offsets"])
+        offsets, shape = spec.get("data_offsets"), spec.get("shape")
+        if not (_ints(offsets) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+            raise ModelFormatError(f"{damaged} has data_offsets {offsets!r}, expected [start, end] with 0 <= start "
+                                   "<= end; save or download it again")
+        if not (_ints(shape) and len(shape) <= 8 and all(d >= 0 for d in shape)):
+            raise ModelFormatError(f"{damaged} has shape {shape!r}, expected a list of sizes; save or download it again")
+        if math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize != offsets[1] - offsets[0]:
+            raise ModelFormatError(f"{damaged} has shape {shape} of {dtype} but {offsets[1] - offsets[0]} bytes; "
+                                   "save or download it again")
+        start, end = base + offsets[0], base + offsets[1]
         if end > size:
             raise ModelFormatError(
                 f"{path} is truncated: tensor {name!r} needs bytes up to {end} but the file has {size}; "
                 "save or download it again"
             )
-        refs[name] = TensorRef(path, name, dtype, tuple(int(d) for d in spec["shape"]), start, end)
+        refs[name] = TensorRef(path, name, dtype, tuple(shape), start, end)
     return refs
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 @dataclass(frozen=True)
@@ -222,9 +242,88 @@ def load_config(path: Path) -> dict[str, Any]:
     if not cfg.is_file():
         raise InputFileError(f"{path} has no config.json; give a Hugging Face model folder")
     try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
+        config = json.loads(cfg.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFormatError(f"{cfg} is not valid JSON ({e}); fix or re-save the model") from None
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"{cfg} is a JSON {type(config).__name__}; a config.json is an object of settings: "
+                               "fix or re-save the model")
+    problems = config_problems(config)
+    if problems:
+        raise ModelFormatError(f"{cfg}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                               + "; fix it or re-save the model")
+    return config
+
+
+# config.json's numbers that tiblocal reads: the kind each must be, when present (Llama-family names)
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "head_dim")
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+_LLAMA_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_MAX_DIM = 1 << 24  # far beyond any Llama's size: a value past it is damage, and sizes multiply
+
+
+def config_problems(config: dict) -> list[str]:
+    """What is wrong with config.json's values that tiblocal reads (types, ranges, the Llama family's required sizes
+    and the rules between them)."""
+    problems = []
+    for key in _POSITIVE_INTS:
+        v = config.get(key)
+        if key in config and v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= _MAX_DIM):
+            problems.append(f"{key} is {v!r}, expected a whole number from 1 to {_MAX_DIM}")
+    for key in _POSITIVE_FLOATS:
+        v = config.get(key)
+        if key in config and v is not None and not (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            problems.append(f"{key} is {v!r}, expected a positive number")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        problems.append(f"architectures is {archs!r}, expected a list of names, e.g. [\"LlamaForCausalLM\"]")
+    elif archs and archs[0] in ("LlamaForCausalLM", "LLaMAForCausalLM"):
+        problems += [f"{k} is missing (the Llama family needs it)" for k in _LLAMA_REQUIRED if config.get(k) is None]
+    if not problems:
+        heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+        if heads and kv and heads % kv:
+            problems.append(f"num_key_value_heads {kv} does not divide num_attention_heads {heads}")
+        hidden = config.get("hidden_size")
+        if heads and hidden and "head_dim" not in config and hidden % heads:
+            problems.append(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    for key in ("tie_word_embeddings",):
+        if key in config and not isinstance(config[key], bool):
+            problems.append(f"{key} is {config[key]!r}, expected true or false")
+    return problems
+
+
+def llama_tensor_problems(ckpt: HFCheckpoint) -> list[str]:
+    """The tensors a Llama model needs that the checkpoint lacks or has in another shape (config.json's sizes)."""
+    c = ckpt.config
+    hidden, ffn, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or hidden // heads
+    kv = (c.get("num_key_value_heads") or heads) * head_dim
+    rows = ckpt.tensors.get("model.embed_tokens.weight")
+    vocab = rows.shape[0] if rows is not None and len(rows.shape) == 2 else vocab  # check reports a vocab_size mismatch
+    need = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    # lm_head may be absent: llama.cpp then uses the embedding as the output, as with tied embeddings
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        need |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                 p + "self_attn.q_proj.weight": (heads * head_dim, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                 p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                 p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+                 p + "mlp.down_proj.weight": (hidden, ffn)}
+    missing = [n for n in need if n not in ckpt.tensors]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the model needs are missing: {', '.join(missing[:3])}"
+                        + (", ..." if len(missing) > 3 else ""))
+    if "lm_head.weight" in ckpt.tensors:
+        need["lm_head.weight"] = (vocab, hidden)
+    for name, shape in need.items():
+        ref = ckpt.tensors.get(name)
+        if ref is not None and tuple(ref.shape) != shape:
+            problems.append(f"tensor {name} has shape {list(ref.shape)}, config.json's sizes make it {list(shape)}")
+    return problems
 
 
 def find_shards(path: Path) -> list[Path]:

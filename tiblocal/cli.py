@@ -16,6 +16,27 @@ from pathlib import Path
 from . import __version__
 from .errors import TiblocalError
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of windows, samples, slots)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected a whole number of at least 1")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: expected a whole number of at least 0")
+    return value
+
+
 IMATRIX_DTYPES = ("f32", "bf16", "f16")  # quantize.imatrix.DTYPES, named here so the CLI starts without that stage
 
 
@@ -300,8 +321,8 @@ def _gptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, help="columns sharing a scale (default 128; -1: one group a row)")
     p.add_argument("--calib", nargs="+", type=Path, default=[], metavar="FILE",
                    help="calibration text, plain or .xz (default: the Tibetan excerpt bundled in the package)")
-    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens a window (default 512)")
+    p.add_argument("--samples", type=positive_int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens a window (default 512)")
     p.add_argument("--desc-act", action="store_true", help="quantize columns in order of decreasing activation")
     p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (kept unquantized by default)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when torch sees a GPU)")
@@ -330,7 +351,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     for q in (ppl, cmp, rep):
         q.add_argument("--text", type=Path, nargs="+", required=True, help="text files (plain or .xz)")
         q.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512, as llama-perplexity)")
-        q.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+        q.add_argument("--max-windows", type=positive_int, default=None, help="score at most this many windows")
         q.add_argument("--threads", type=int, default=None)
         q.add_argument("--n-gpu-layers", type=int, default=0, metavar="N")
         q.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
@@ -360,7 +381,7 @@ def _vocab_args(p: argparse.ArgumentParser) -> None:
     ext.add_argument("--add", type=int, required=True, help="pieces to add")
     ext.add_argument("--out", type=Path, required=True, help="output folder")
     ext.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    ext.add_argument("--sample-chars", type=int, default=50_000_000, help="memory budget of the training sample (characters)")
+    ext.add_argument("--sample-chars", type=positive_int, default=50_000_000, help="memory budget of the training sample (characters)")
     ext.add_argument("--weight", action="append", default=[], metavar="NAME=FACTOR",
                      help="sample a corpus file more or less, e.g. derge_kangyur=0.3 (repeatable)")
     ext.add_argument("--eval", type=Path, nargs="+", default=None, help="held-out text for the report (default: unsampled corpus lines)")
@@ -375,7 +396,7 @@ def _vocab_args(p: argparse.ArgumentParser) -> None:
         q.add_argument("tokenizer", help="a tokenizer.model, its folder, or 'bundled'")
         q.add_argument("--text", type=Path, nargs="+", required=True, help="text files, plain or .xz")
         q.add_argument("--json", dest="as_json", action="store_true")
-    par.add_argument("--show", type=int, default=20, help="mismatching lines to show (default 20)")
+    par.add_argument("--show", type=nonnegative_int, default=20, help="mismatching lines to show (default 20)")
 
 
 def _vocab(a: argparse.Namespace) -> int:
@@ -416,7 +437,7 @@ def _release_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", nargs="+", type=Path, default=[], metavar="FILE",
                    help="text (plain or .xz) on which to measure ΔPPL, KL and top-1 of each quant against f16")
     p.add_argument("--ctx", type=int, default=512, help="evaluation window (default 512)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="evaluate at most this many windows")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
                    help="layers llama.cpp runs on the GPU for the --eval-text measurements (-1: all; needs a GPU build "
@@ -536,6 +557,51 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Optional dependencies, by the top-level module a verb imports, and the extra that installs them.
+EXTRAS = {"torch": "train", "transformers": "train", "peft": "train", "accelerate": "train", "google": "train",
+          "yaml": "train", "gptqmodel": "gptq", "optimum": "gptq"}
+PACKAGES = {"google": "protobuf", "yaml": "pyyaml"}  # modules whose package has another name
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def crash_report(argv: list[str]) -> Path | None:
+    """Write the traceback being handled, with the command line and versions, to a file of its own; its path, or None
+    when no place could be written."""
+    import os
+    import platform
+    import time
+    import traceback
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiblocal" / "crashes"
+    text = (f"tiblocal {__version__}, Python {platform.python_version()}, {platform.platform()}\n"
+            f"command: tiblocal {' '.join(argv)}\n\n{traceback.format_exc()}")
+    for folder in (base, Path(__import__("tempfile").gettempdir()) / "tiblocal-crashes"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """One line on stderr; under --json, a JSON error object on stdout too (and nothing else there)."""
+    message = _one_line(message)
+    print(f"tiblocal: error: {message}", file=sys.stderr)
+    if getattr(args, "as_json", False):
+        from .jsonout import print_json, printed
+
+        if not printed():  # a verb that printed its result and then failed (verify, check) said it there
+            print_json({"error": message}, ensure_ascii=False)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
@@ -545,13 +611,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except TiblocalError as e:
-        print(f"tiblocal: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(args, str(e))
     except KeyboardInterrupt:
         print("tiblocal: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `tiblocal generate ... | head`
         return 0
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRAS:
+            return _last_resort(args, argv, e)
+        return _fail(args, f"tiblocal {args.verb} needs {PACKAGES.get(top, top)}, which is not installed here; "
+                           f"install it with pip install 'tiblocal[{EXTRAS[top]}]'")
+    except MemoryError:
+        return _fail(args, f"tiblocal {args.verb} ran out of memory; use a smaller input or a machine with more")
+    except Exception as e:  # the last resort: a bug shows up as a report, not a dump
+        return _last_resort(args, argv, e)
+
+
+def _last_resort(args: argparse.Namespace, argv: list[str], e: BaseException) -> int:
+    report = crash_report(argv)
+    where = f"the traceback is in {report}" if report else "no traceback file could be written"
+    return _fail(args, f"unexpected {type(e).__name__} in tiblocal {args.verb}: {e} (a bug in tiblocal: {where}; "
+                       f"please report it with that file)")
 
 
 if __name__ == "__main__":  # pragma: no cover

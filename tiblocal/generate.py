@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .chat import render_prompt
 from .engine import Engine, EngineConfig, Generation, Sampling
 from .errors import InputFileError, PromptTooLongError, TiblocalError
+from . import jsonout
 from .fsutil import atomic_write_text, check_output_path
 from .models import resolve_model
 from .templates import ChatTemplate, resolve_chat_template
@@ -34,6 +35,18 @@ def _decode_line(raw: bytes, where: str) -> str:
         raise InputFileError(
             f"{where} is not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the file as UTF-8"
         ) from None
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8: bytes that were not UTF-8 on the command line (Python keeps them
+    as lone surrogates), or a JSON string's unpaired \\ud800-style escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raw = bad.encode("utf-8", "surrogateescape") if "\udc80" <= bad <= "\udcff" else None
+        what = f"the byte {raw[0]:#04x}, which is not UTF-8" if raw else f"an unpaired surrogate (U+{ord(bad):04X})"
+        raise InputFileError(f"{where} holds {what} at character {e.start}; give the text in UTF-8") from None
 
 
 def read_prompts(path: Path) -> list[PromptItem]:
@@ -69,6 +82,8 @@ def read_prompts(path: Path) -> list[PromptItem]:
         if isinstance(extra, str) and extra.strip():
             text = f"{text}\n{extra}"  # Chinese-Alpaca joins instruction and input with a newline
         system = obj.get("system") if isinstance(obj.get("system"), str) else None
+        for value in (text, system or ""):
+            check_text(value, where)
         items.append(PromptItem(len(items), text, system, where))
     if not items:
         raise InputFileError(f"{name} holds no prompts")
@@ -120,9 +135,12 @@ def run_generate(
     """``sampling``: the settings given on the command line, over the model's suggested ones."""
     if (prompt is None) == (file is None):
         raise TiblocalError("give exactly one of --prompt TEXT or --file PROMPTS")
+    for option, value in (("--prompt", prompt), ("--system", system)):
+        if value is not None:
+            check_text(value, option)
     items = [PromptItem(0, prompt, None, "--prompt")] if prompt is not None else read_prompts(Path(file))
     if out is not None:
-        check_output_path(out, force=force)
+        check_output_path(out, force=force, inputs=[model, file])
     err = Console(stderr=True, highlight=False)
     with Engine(resolve_model(model), engine_config) as engine:
         tmpl, notice = resolve_chat_template(engine.chat_template, template)
@@ -133,7 +151,7 @@ def run_generate(
     failed = [r for r in records if "error" in r]
 
     if out is not None:
-        with atomic_write_text(out) as f:
+        with atomic_write_text(out, replace=force) as f:
             _write_jsonl(f, records)
         err.print(f"wrote {len(records)} results to {out}")
     elif prompt is not None and not as_json:
@@ -142,6 +160,7 @@ def run_generate(
         sys.stdout.write(records[0]["text"] + "\n")
     else:
         _write_jsonl(sys.stdout, records)
+        jsonout.mark_printed()
     for r in failed:
         err.print(f"[yellow]prompt {r['index']} ({items[r['index']].source}) skipped:[/] {r['error']}")
     return 1 if failed else 0
@@ -162,6 +181,6 @@ def _run_all(engine, tmpl, items, sampling, system, err: Console, *, show_progre
 
 def _write_jsonl(f: TextIO, records: list[dict[str, Any]]) -> None:
     for r in records:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.write(jsonout.dumps(r, ensure_ascii=False) + "\n")
     f.flush()
 

@@ -6,6 +6,7 @@ and a 55k-token vocabulary is scanned in tens of milliseconds.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from collections import Counter
@@ -188,7 +189,7 @@ class _Scanner:
         self.off = off
         return out if keep else n
 
-    def value(self, vtype: int, keep: bool = True):
+    def value(self, vtype: int, keep: bool = True, depth: int = 0):
         vtype = GGUFValueType(vtype)
         if vtype == GGUFValueType.STRING:
             return self.string(keep)
@@ -198,7 +199,9 @@ class _Scanner:
             if itype == GGUFValueType.STRING:
                 return self.strings(n, keep)
             if itype == GGUFValueType.ARRAY:
-                return [self.value(itype, keep) for _ in range(n)]
+                if depth >= _MAX_NESTING:
+                    raise ValueError(f"arrays nested more than {_MAX_NESTING} deep")
+                return [self.value(itype, keep, depth + 1) for _ in range(n)]
             width = np.dtype(_NUMPY[itype]).itemsize
             if self.off + n * width > self.size:
                 raise _Truncated("its header ends early")
@@ -209,6 +212,8 @@ class _Scanner:
 
 
 _SKIPPED = (Keys.Tokenizer.SCORES, Keys.Tokenizer.MERGES)
+_MAX_NESTING = 4  # arrays of arrays: no key of llama.cpp's nests at all
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 def read_gguf(path: Path, *, with_tokens: bool = True) -> GGUFInfo:
@@ -221,7 +226,7 @@ def read_gguf(path: Path, *, with_tokens: bool = True) -> GGUFInfo:
             return _parse(path, size, _Scanner(buf), with_tokens)
     except _Truncated as e:
         raise ModelFormatError(f"{path} is truncated: {e} ({size} bytes); download or convert it again") from None
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, UnicodeDecodeError, struct.error, OverflowError) as e:
         raise ModelFormatError(f"{path} is not a valid GGUF file ({e}); download or convert it again") from None
 
 
@@ -250,15 +255,19 @@ def _parse(path: Path, size: int, sc: _Scanner, with_tokens: bool) -> GGUFInfo:
     for _ in range(n_tensors):
         name = sc.string()
         n_dims = sc.take("<I")
+        if n_dims > _MAX_DIMS:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions, more than llama.cpp's {_MAX_DIMS}")
         dims = tuple(sc.take("<Q") for _ in range(n_dims))
         qtype = GGMLQuantizationType(sc.take("<I"))
         infos.append((name, dims, qtype, sc.take("<Q")))
-    align = int(metadata.get(Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
+    align = metadata.get(Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
+        raise ValueError(f"{Keys.General.ALIGNMENT} is {align!r}; expected a power of two (llama.cpp's default: 32)")
     data_start = sc.off + (-sc.off % align)
     tensors = []
     for name, dims, qtype, offset in infos:
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        n_el = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        n_el = math.prod(dims)  # Python integers: dimensions whose product overflows 64 bits stay exact
         n_bytes = n_el * type_size // block
         end = data_start + offset + n_bytes
         if end > size:

@@ -4,7 +4,6 @@ headers only (a matrix is read whole: it is small)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from .checkpoint import HFCheckpoint
 from .errors import InputFileError
 from .gguf_file import read_gguf
 from .templates import template_name_of
+from tiblocal.jsonout import print_json
 
 
 def describe_gguf(path: Path, info=None) -> dict[str, Any]:
@@ -139,7 +139,7 @@ def _human(n: int) -> str:
 def run_inspect(path: Path, *, as_json: bool) -> int:
     d = describe(path)
     if as_json:
-        sys.stdout.write(json.dumps(d, ensure_ascii=False, indent=2) + "\n")
+        print_json(d, ensure_ascii=False, indent=2)
         return 0
     console = Console(highlight=False)
     table = Table(title=str(path), show_header=False, title_justify="left")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .engine import Sampling
 from .errors import InputFileError, TiblocalError
+from tiblocal.jsonout import print_json
 
 # Ollama's Go template for each built-in chat template (the same text the Jinja renders for one turn)
 OLLAMA_TEMPLATES = {
@@ -170,9 +171,9 @@ def release(
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
-    from tiblocal.quantize.imatrix import check_dtype, is_gguf, load_imatrix
+    from tiblocal.quantize.imatrix import check_device, check_dtype, is_gguf, load_imatrix
 
-    from .fsutil import atomic_dir, check_output_path
+    from .fsutil import atomic_dir, check_file_name, check_output_path
     from .gguf_file import read_gguf
     from .templates import get_template
     from .verify import write_sha256sums
@@ -191,12 +192,19 @@ def release(
     if extra := sorted(set(rotated) - set(names)):
         raise TiblocalError(f"--rotate {','.join(rotated)}: {', '.join(extra)} is not among --types {','.join(names)}; "
                             "name types the release makes")
-    check_output_path(out, force=force)
+    check_output_path(out, force=force, folder=True,
+                      inputs=[hf_dir, notes, imatrix, *eval_text, *imatrix_text])
+    if name is not None:
+        check_file_name(name, "--name")
+    check_device(device)
     notes_text = None
     if notes is not None:
         if not Path(notes).is_file():
             raise InputFileError(f"{notes}: no such notes file (Markdown for the model card's 'How it was made')")
-        notes_text = Path(notes).read_text(encoding="utf-8")
+        try:
+            notes_text = Path(notes).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputFileError(f"{notes} is not UTF-8 text (byte {e.start}); save the notes as UTF-8") from None
     text = read_text(list(eval_text)) if eval_text else None
     if text is not None and n_gpu_layers:
         from .engine import check_gpu_offload
@@ -318,7 +326,6 @@ def release(
 
 
 def run_release(hf_dir: Path, out: Path, *, as_json: bool, **kw) -> int:
-    import sys
 
     from rich.console import Console
 
@@ -326,7 +333,7 @@ def run_release(hf_dir: Path, out: Path, *, as_json: bool, **kw) -> int:
     with err.status("releasing") as status:
         r = release(hf_dir, out, progress=lambda m: status.update(m), **kw)
     if as_json:
-        sys.stdout.write(json.dumps({"out": str(r.out), "files": r.files, "rows": r.rows}) + "\n")
+        print_json({"out": str(r.out), "files": r.files, "rows": r.rows})
     else:
         err.print(f"wrote {r.out}: {', '.join(r.files)}")
     return 0

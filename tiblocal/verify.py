@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from rich.console import Console
 
 from .errors import InputFileError, TiblocalError
+from tiblocal.jsonout import print_json
 
 
 def sha256_file(path: Path) -> str:
@@ -49,14 +48,25 @@ def verify(folder: Path) -> dict[str, str]:
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
         raise InputFileError(f"{folder} has no SHA256SUMS; it was not written by tiblocal merge (or release)")
+    try:
+        text = sums.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"{sums} is not UTF-8 text (byte {e.start}); write the folder again") from None
     listed: dict[str, str] = {}
-    for n, line in enumerate(sums.read_text(encoding="utf-8").splitlines(), 1):
+    inside = folder.resolve()
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64:
+        name = name.lstrip("*")
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digest) or not name:
             raise InputFileError(f"{sums} line {n} is not 'SHA256  NAME'; write the folder again")
-        listed[name.lstrip("*")] = digest
+        # sha256sum -c would read any path; a folder's list names files in the folder, nothing else
+        if (PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts or "\\" in name or "\0" in name
+                or not (folder / name).resolve().is_relative_to(inside)):
+            raise InputFileError(f"{sums} line {n} names {name!r}, outside {folder}; a SHA256SUMS lists the files in "
+                                 "its own folder: get the folder again from where it was made")
+        listed[name] = digest.lower()
     present = [name for name in listed if (folder / name).is_file()]
     found = dict(zip(present, sha256_files([folder / name for name in present])))
     status = {name: "missing" if name not in found else ("ok" if found[name] == digest else "changed")
@@ -71,7 +81,7 @@ def run_verify(folder: Path, *, as_json: bool) -> int:
     status = verify(folder)
     bad = {k: v for k, v in status.items() if v in ("missing", "changed")}
     if as_json:
-        sys.stdout.write(json.dumps(status) + "\n")
+        print_json(status)
     else:
         con = Console(highlight=False)
         for name, s in status.items():

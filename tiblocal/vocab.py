@@ -90,8 +90,8 @@ def read_lines(paths: Iterable[Path]) -> Iterator[str]:
                     yield line.rstrip("\n")
         except UnicodeDecodeError as e:
             raise InputFileError(f"{p} is not valid UTF-8 (byte offset {e.start}); save it as UTF-8") from None
-        except lzma.LZMAError as e:
-            raise InputFileError(f"{p} is not a valid .xz file ({e})") from None
+        except (lzma.LZMAError, EOFError) as e:  # EOFError: an .xz file cut short
+            raise InputFileError(f"{p} is not a valid .xz file ({e}); download or compress it again") from None
 
 
 @dataclass

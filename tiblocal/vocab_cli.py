@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +10,7 @@ from rich.table import Table
 
 from .gguf_vocab import load_sentencepiece
 from .vocab import base_pieces, load_hf_tokenizer, parity, read_lines, token_stats, tokenizer_dir, tokenizer_model, truncated_model
+from tiblocal.jsonout import print_json
 
 
 def run_stats(tokenizer: str, text: list[Path], *, as_json: bool) -> int:
@@ -24,7 +23,7 @@ def run_stats(tokenizer: str, text: list[Path], *, as_json: bool) -> int:
         rows["base"] = token_stats(truncated_model(model, n_base), lines).as_dict()
     out = {"tokenizer": str(model), "pieces": sp.vocab_size(), "base_pieces": n_base, "stats": rows}
     if as_json:
-        sys.stdout.write(json.dumps(out) + "\n")
+        print_json(out)
         return 0
     t = Table(title=f"{model} ({sp.vocab_size()} pieces)", title_justify="left")
     for col in ("", "tokens/syllable", "chars/token", "byte fallback", "tokens", "syllables"):
@@ -66,7 +65,7 @@ def run_parity(tokenizer: str, text: list[Path], *, as_json: bool, show: int) ->
         "mismatches": [m.__dict__ for m in report],
     }
     if as_json:
-        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+        print_json(result, ensure_ascii=False)
     else:
         con = Console(highlight=False)
         t = Table(title=f"parity with SentencePiece on {len(lines)} lines", title_justify="left")

@@ -9,7 +9,7 @@ GGML_CUDA_DISABLE_GRAPHS=1), as docs/serving.md reports.
 
     LLAMA_CPP_LIB_PATH=build/bin python benchmarks/device/decode_probe.py MODEL.gguf THREADS N_GPU_LAYERS
 """
-import ctypes, random, sys, time, collections
+import random, sys, time, collections
 import tiblocal.engine as te
 from tiblocal.engine import Engine, EngineConfig, Sampling
 from tiblocal.serve.slots import Scheduler, Job
