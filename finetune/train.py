@@ -274,7 +274,12 @@ def _collate(examples, idx: list[int], pad_id: int):
 
 
 def _check_output_dir(cfg: TrainConfig, out: Path) -> bool:
-    """True when ``out`` holds a checkpoint of this same run (resume); refuse a folder of another run."""
+    """True when ``out`` holds a checkpoint of this same run (resume); refuse a folder of another run, and one that
+    is, contains or lies inside an input (the base model, the tokenizer, the text)."""
+    from tiblocal.fsutil import check_not_an_input
+
+    inputs = [None if cfg.base_model == "scratch" else cfg.base_model, cfg.tokenizer, *cfg.train_files, *cfg.eval_files]
+    check_not_an_input(out, inputs, option="output_dir")
     saved = out / "run_config.yaml"
     if not saved.is_file():
         if out.exists() and any(out.iterdir()):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -138,25 +137,29 @@ def run_eval(
 
 def run_report(
     ref: Path, quants: list[Path], *, text: list[Path], ctx: int, max_windows: int | None, threads: int | None,
-    n_gpu_layers: int, out: Path | None, as_json: bool,
+    n_gpu_layers: int, out: Path | None, as_json: bool, force: bool = False,
 ) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tiblocal.fsutil import atomic_write_text
+    from tiblocal.fsutil import atomic_write_text, check_output_path
+    from tiblocal.jsonout import dumps
 
     from .evaluate import REPORT_COLUMNS, format_cell, quant_report, read_text, report_markdown
 
     err = Console(stderr=True, highlight=False)
+    if out is not None:  # before the measuring, which takes minutes
+        for path in (out.with_suffix(".json"), out.with_suffix(".md")):
+            check_output_path(path, force=force, inputs=[ref, *quants, *text])
     body = read_text(text)
     with err.status("measuring") as status:
         rows = quant_report(ref, quants, body, ctx, max_windows=max_windows, threads=threads, n_gpu_layers=n_gpu_layers,
                             progress=lambda m: status.update(f"measuring {Path(m).name}"))
     title = f"What quantization cost on {', '.join(p.name for p in text)} (ctx {ctx}, against {ref.name})"
     if out is not None:
-        with atomic_write_text(out.with_suffix(".json")) as f:
-            json.dump({"title": title, "text": [str(t) for t in text], "ctx": ctx, "rows": rows}, f, indent=2)
-        with atomic_write_text(out.with_suffix(".md")) as f:
+        with atomic_write_text(out.with_suffix(".json"), replace=force) as f:
+            f.write(dumps({"title": title, "text": [str(t) for t in text], "ctx": ctx, "rows": rows}, indent=2) + "\n")
+        with atomic_write_text(out.with_suffix(".md"), replace=force) as f:
             f.write(report_markdown(rows, title))
         err.print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     if as_json:

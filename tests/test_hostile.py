@@ -456,3 +456,30 @@ def test_a_dangling_symlink_as_the_output_is_an_existing_name(work) -> None:
     assert p.returncode == 0, p.stderr
     assert (work / "dangling.jsonl").is_file() and not (work / "dangling.jsonl").is_symlink()
     assert not (work / "nowhere").exists()
+
+
+def test_eval_report_never_replaces_its_text_and_asks_for_force(work) -> None:
+    """`eval report --out OUT` writes OUT.json and OUT.md: a text file named OUT.md is an input, and an existing report
+    is kept without --force; both refused before the minutes of measuring."""
+    (work / "notes.md").write_text("བོད་ཀྱི་ཡིག་ཆ། " * 50, encoding="utf-8")
+    before = snapshot(work)
+    line = one_line_error(run_cli("eval", "report", "m.gguf", "m.gguf", "--text", "notes.md", "--out", "notes",
+                                  "--force", cwd=work))
+    assert "is the input notes.md" in line
+    (work / "r.json").write_text("{}")
+    line = one_line_error(run_cli("eval", "report", "m.gguf", "m.gguf", "--text", "notes.md", "--out", "r", cwd=work))
+    assert "r.json already exists; pass --force" in line
+    assert snapshot(work) == before | snapshot(work / "r.json")
+
+
+def test_a_training_output_dir_holding_its_text_is_refused(tmp_path) -> None:
+    pytest.importorskip("torch")
+    data = tmp_path / "data"
+    data.mkdir()
+    text = data / "t.txt"
+    text.write_text(Path("tests/data/tibetan_sample.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    before = snapshot(data)
+    line = one_line_error(run_cli("pretrain", "tiny-pretrain", f"output_dir={data}", f"train_files=[{text}]",
+                                  f"eval_files=[{text}]", timeout=300))
+    assert "output_dir" in line and "contains the input" in line
+    assert snapshot(data) == before

@@ -348,6 +348,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     rep = sub.add_parser("report", help="a table of size, bits/weight, ΔPPL, KL, top-1 and tokens/s per quant type")
     rep.add_argument("models", type=Path, nargs="+", metavar="MODEL", help="the f16 GGUF, then its quantizations")
     rep.add_argument("--out", type=Path, default=None, help="also write OUT.json and OUT.md")
+    rep.add_argument("--force", action="store_true", help="overwrite OUT.json and OUT.md if they exist")
     for q in (ppl, cmp, rep):
         q.add_argument("--text", type=Path, nargs="+", required=True, help="text files (plain or .xz)")
         q.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512, as llama-perplexity)")
@@ -365,7 +366,7 @@ def _eval(a: argparse.Namespace) -> int:
             raise TiblocalError("eval report needs the reference GGUF and at least one quantization of it")
         return run_report(
             a.models[0], a.models[1:], text=a.text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads,
-            n_gpu_layers=a.n_gpu_layers, out=a.out, as_json=a.as_json,
+            n_gpu_layers=a.n_gpu_layers, out=a.out, as_json=a.as_json, force=a.force,
         )
     return run_eval(
         a.action, a.models, text=a.text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads,
