@@ -3,7 +3,7 @@
     python benchmarks/bench_release.py HF_DIR --types Q4_K_M,Q8_0 --make-imatrix --imatrix-dtype bf16 --device cuda \
         --work /tmp/w --json release.json
 
-Runs ``tiblocal.release.release`` once in a child process, which stamps each progress message with the time since
+Runs ``tiblocal.pipelines.release.release`` once in a child process, which stamps each progress message with the time since
 the call began: the checks, the f16 conversion, the importance matrix (when made), each quantization, GPTQ and the
 measurements (when asked), and the model card, Modelfile and ``SHA256SUMS`` over every file with the rename into place. Reports
 the seconds of each stage, the whole call and the child process, its peak resident memory, the GPU memory torch
@@ -28,7 +28,7 @@ from tiblocal.quantize.imatrix import DTYPES
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from tiblocal.release import release
+from tiblocal.pipelines.release import release
 kw = json.loads(sys.argv[3])
 stamps = []
 t0 = time.perf_counter()

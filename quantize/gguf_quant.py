@@ -7,6 +7,7 @@ progress display.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from gguf import GGMLQuantizationType
 
 from tiblocal import bindings
@@ -22,7 +24,7 @@ from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import check_supported_architecture, read_gguf
 
 if TYPE_CHECKING:
-    from .imatrix import Imatrix
+    from tiblocal.imatrix_file import Imatrix
 
 UNQUANTIZED = ("ALL_F32", "F16", "BF16")
 
@@ -112,7 +114,7 @@ def quantize_gguf(
     emb_tt = tensor_type(token_embedding_type, "--token-embedding-type")
     im = None
     if imatrix is not None:  # read before anything is written; the module only where a matrix is given
-        from .imatrix import Imatrix, QuantizeImatrixArgs, load_imatrix
+        from tiblocal.imatrix_file import Imatrix, load_imatrix
 
         im = imatrix if isinstance(imatrix, Imatrix) else load_imatrix(imatrix)
         check_imatrix_basis(im, inp, info.rotation_seeds)
@@ -158,7 +160,7 @@ def quantize_gguf(
 def check_imatrix_basis(im: Imatrix, model: Path, seeds: list[int]) -> None:
     """Refuse a matrix tiblocal measured in another basis than the model's (``seeds``: the rotations the model
     was written in, [] for none); llama-imatrix's files do not say, and pass."""
-    from .imatrix import basis_name
+    from tiblocal.imatrix_file import basis_name
 
     if im.rotation is None or im.rotation == seeds:
         return
@@ -193,3 +195,37 @@ def _run_blocking(fn: Callable[[], int], meanwhile: Callable[[], None] | None = 
     while worker.is_alive():
         worker.join(0.2)
     return box[0]
+
+
+class QuantizeImatrixArgs:
+    """The ctypes arrays for ``llama_model_quantize_params``: imatrix entries and the ``quantize.imatrix.*`` keys.
+
+    Holds every buffer the C side points into, so they live as long as this object."""
+
+    def __init__(self, lib, im: Imatrix) -> None:
+        self._arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in im.entries.values()]
+        self._names = [n.encode() for n in im.entries]
+        data = (lib.llama_model_imatrix_data * (len(self._arrays) + 1))()  # the last one, all zero, ends the list
+        for i, (name, arr) in enumerate(zip(self._names, self._arrays)):
+            data[i].name = name
+            data[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            data[i].size = arr.size
+        self.imatrix = ctypes.cast(data, ctypes.POINTER(lib.llama_model_imatrix_data))
+        self._data = data
+        kvs: list[tuple[str, object]] = [("quantize.imatrix.file", str(im.path))]
+        if im.datasets:
+            kvs.append(("quantize.imatrix.dataset", im.datasets[0]))
+        kvs.append(("quantize.imatrix.entries_count", len(im.entries)))
+        if im.chunk_count > 0:
+            kvs.append(("quantize.imatrix.chunks_count", im.chunk_count))
+        over = (lib.llama_model_kv_override * (len(kvs) + 1))()  # an empty key ends the list
+        for o, (key, value) in zip(over, kvs):
+            o.key = key.encode()
+            if isinstance(value, str):
+                o.tag = lib.LLAMA_KV_OVERRIDE_TYPE_STR
+                o.value.val_str = value.encode()[:127]
+            else:
+                o.tag = lib.LLAMA_KV_OVERRIDE_TYPE_INT
+                o.value.val_i64 = int(value)
+        self.kv_overrides = ctypes.cast(over, ctypes.POINTER(lib.llama_model_kv_override))
+        self._over = over

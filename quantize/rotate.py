@@ -286,7 +286,7 @@ def quantize_rotated(
         from tiblocal.gguf_file import read_gguf
 
         from .gguf_quant import check_imatrix_basis
-        from .imatrix import Imatrix, load_imatrix
+        from tiblocal.imatrix_file import Imatrix, load_imatrix
 
         if trials > 1:
             raise TiblocalError(f"--imatrix with --rotate-trials {trials}: a matrix fits one rotation only; give "

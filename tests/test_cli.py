@@ -260,3 +260,64 @@ def test_inspect_hf_folder(tiny_hf) -> None:
 
 def test_inspect_missing_path(tmp_path: Path) -> None:
     assert "no such file or folder" in _one_line_error(run_cli("inspect", str(tmp_path / "x")))
+
+
+def test_inspect_and_check_take_bundled_and_agree_on_the_vocabulary(tiny_hf, tmp_path) -> None:
+    """`bundled` names the bundled model for inspect and check, as it names the bundled tokenizer elsewhere; both count
+    a tokenizer.json's ids the same way (inspect counted the added special tokens twice); inspect shows the sampling
+    the model suggests."""
+    from tiblocal.check import check_hf
+    from tiblocal.inspect_model import describe_hf
+
+    p = run_cli("inspect", "bundled", "--json")
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["name"] == "tiblocal-demo" and d["suggested_sampling"]["temp"] == pytest.approx(0.8)
+    p = run_cli("check", "bundled", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["problems"] == []
+    import shutil
+
+    from tiblocal.vocab import write_tokenizer_json
+
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_hf, folder)
+    write_tokenizer_json(folder)  # its added_tokens repeat the vocabulary's special pieces
+    facts, _ = check_hf(folder)
+    assert describe_hf(folder)["tokenizer"]["tokenizer_json_vocab"] == facts["tokenizer_json_vocab"]
+    assert facts["tokenizer_json_vocab"] == facts["tokenizer_pieces"]
+
+
+def test_tables_written_to_a_pipe_keep_their_numbers() -> None:
+    """Piped or logged (no terminal, no COLUMNS), rich laid tables out for 80 columns and cut the long cells."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    p = subprocess.run([sys.executable, "-m", "tiblocal", "inspect", "bundled"], capture_output=True, env=env)
+    assert p.returncode == 0
+    assert "temp 0.8, top_k 40, top_p 0.9, penalty_repeat 1.1" in p.stdout.decode()
+
+
+def test_pretrain_and_sft_help_show_their_own_example() -> None:
+    assert "e.g. tiny-sft" in run_cli("sft", "--help").stdout.decode()
+    assert "e.g. tiny-pretrain" in run_cli("pretrain", "--help").stdout.decode()
+
+
+def test_every_option_has_help() -> None:
+    import argparse
+
+    from tiblocal.cli import build_parser
+
+    missing = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, prefix + [name])
+            elif not action.help and action.dest != "help":
+                missing.append(f"{' '.join(prefix)} {action.option_strings or action.dest}")
+
+    walk(build_parser(), [])
+    assert not missing, missing

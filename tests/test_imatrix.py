@@ -14,7 +14,7 @@ from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.gguf_quant import quantize_gguf
 from tiblocal.quantize.imatrix import DTYPES, Imatrix, compute_imatrix, load_imatrix, write_imatrix
-from tiblocal.release import release
+from tiblocal.pipelines.release import release
 
 
 def _weights(model: Path) -> dict[str, int]:

@@ -121,7 +121,7 @@ def test_release_rotates_the_types_it_is_told_to(tiny_hf: Path, tmp_path: Path) 
 def test_release_refuses_gpu_layers_without_a_gpu_build_before_any_work(tiny_hf: Path, tmp_path: Path, monkeypatch) -> None:
     from tiblocal.convert import hf_to_gguf
     from tiblocal.engine import EngineError, gpu_offload_supported
-    from tiblocal.release import release
+    from tiblocal.pipelines.release import release
 
     if gpu_offload_supported():
         pytest.skip("this llama-cpp-python build has a GPU backend")

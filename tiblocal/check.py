@@ -93,7 +93,9 @@ def check_gguf(path: Path) -> tuple[dict, list[str]]:
 
 
 def run_check(path: Path, *, as_json: bool) -> int:
-    path = Path(path)
+    from .models import resolve_model
+
+    path = resolve_model(path)
     if not path.exists():
         raise InputFileError(f"{path}: no such file or folder; give a model folder or a .gguf file")
     facts, problems = check_hf(path) if path.is_dir() else check_gguf(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
-IMATRIX_DTYPES = ("f32", "bf16", "f16")  # quantize.imatrix.DTYPES, named here so the CLI starts without that stage
+IMATRIX_DTYPES = ("f32", "bf16", "f16")
+WIDE = 200  # the width of tables written to a pipe or a file  # quantize.imatrix.DTYPES, named here so the CLI starts without that stage
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -304,7 +306,7 @@ def _imatrix_args(p: argparse.ArgumentParser) -> None:
                    help="measure the model as `tiblocal quantize --rotate SEED` turns it (seed default 0), for "
                         "quantize --rotate SEED --imatrix")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--json", dest="as_json", action="store_true")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
 
 
 def _imatrix(a: argparse.Namespace) -> int:
@@ -316,7 +318,7 @@ def _imatrix(a: argparse.Namespace) -> int:
 
 def _gptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("hf_dir", type=Path, help="a merged Hugging Face model folder")
-    p.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    p.add_argument("--bits", type=int, choices=[4, 8], required=True, help="bits a weight: 4 or 8")
     p.add_argument("--out", type=Path, required=True, help="the GPTQ model folder to write")
     p.add_argument("--group-size", type=int, default=128, help="columns sharing a scale (default 128; -1: one group a row)")
     p.add_argument("--calib", nargs="+", type=Path, default=[], metavar="FILE",
@@ -327,7 +329,7 @@ def _gptq_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (kept unquantized by default)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when torch sees a GPU)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--json", dest="as_json", action="store_true")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
 
 
 def _gptq(a: argparse.Namespace) -> int:
@@ -342,7 +344,7 @@ def _gptq(a: argparse.Namespace) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ppl = sub.add_parser("ppl", help="perplexity of a GGUF or a Hugging Face / GPTQ folder on a text")
-    ppl.add_argument("models", type=Path, nargs=1, metavar="MODEL")
+    ppl.add_argument("models", type=Path, nargs=1, metavar="MODEL", help="a GGUF, or a Hugging Face or GPTQ folder")
     cmp = sub.add_parser("compare", help="ΔPPL, KL divergence and top-1 agreement of QUANT against REF")
     cmp.add_argument("models", type=Path, nargs=2, metavar="MODEL", help="REF then QUANT")
     rep = sub.add_parser("report", help="a table of size, bits/weight, ΔPPL, KL, top-1 and tokens/s per quant type")
@@ -353,8 +355,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         q.add_argument("--text", type=Path, nargs="+", required=True, help="text files (plain or .xz)")
         q.add_argument("--ctx", type=int, default=512, help="window size in tokens (default 512, as llama-perplexity)")
         q.add_argument("--max-windows", type=positive_int, default=None, help="score at most this many windows")
-        q.add_argument("--threads", type=int, default=None)
-        q.add_argument("--n-gpu-layers", type=int, default=0, metavar="N")
+        q.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+        q.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU; -1 for all (default 0)")
         q.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
 
 
@@ -381,7 +383,7 @@ def _vocab_args(p: argparse.ArgumentParser) -> None:
     ext.add_argument("--corpus", type=Path, nargs="+", required=True, help="text files, plain or .xz")
     ext.add_argument("--add", type=int, required=True, help="pieces to add")
     ext.add_argument("--out", type=Path, required=True, help="output folder")
-    ext.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    ext.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="SentencePiece model of the new pieces (default bpe, as Llama-2's)")
     ext.add_argument("--sample-chars", type=positive_int, default=50_000_000, help="memory budget of the training sample (characters)")
     ext.add_argument("--weight", action="append", default=[], metavar="NAME=FACTOR",
                      help="sample a corpus file more or less, e.g. derge_kangyur=0.3 (repeatable)")
@@ -389,14 +391,14 @@ def _vocab_args(p: argparse.ArgumentParser) -> None:
     ext.add_argument("--curve", default=None, metavar="N,N,...", help="also measure these sizes (bpe), e.g. 8000,16000,24000,32000")
     ext.add_argument("--no-split-whitespace", dest="split_by_whitespace", action="store_false",
                      help="let pieces span spaces (the '། །' of verse): about 3%% fewer tokens on Tibetan text")
-    ext.add_argument("--force", action="store_true")
-    ext.add_argument("--json", dest="as_json", action="store_true")
+    ext.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ext.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
     stats = sub.add_parser("stats", help="tokens per Tibetan syllable, characters per token, byte fallback")
     par = sub.add_parser("parity", help="do sentencepiece, llama.cpp and Hugging Face give the same ids?")
     for q in (stats, par):
         q.add_argument("tokenizer", help="a tokenizer.model, its folder, or 'bundled'")
         q.add_argument("--text", type=Path, nargs="+", required=True, help="text files, plain or .xz")
-        q.add_argument("--json", dest="as_json", action="store_true")
+        q.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
     par.add_argument("--show", type=nonnegative_int, default=20, help="mismatching lines to show (default 20)")
 
 
@@ -418,7 +420,7 @@ def _vocab(a: argparse.Namespace) -> int:
 
 def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=Path, help="a Hugging Face model folder or a .gguf file")
-    p.add_argument("--json", dest="as_json", action="store_true")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
 
 
 def _check(a: argparse.Namespace) -> int:
@@ -465,11 +467,11 @@ def _release_args(p: argparse.ArgumentParser) -> None:
                         "--imatrix they do not")
     p.add_argument("--rotate-seed", type=int, default=0, metavar="SEED", help="the rotation's seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--json", dest="as_json", action="store_true")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
 
 
 def _release(a: argparse.Namespace) -> int:
-    from .release import run_release
+    from .pipelines.release import run_release
 
     return run_release(
         a.hf_dir, a.out, as_json=a.as_json, types=a.types.split(","), name=a.name, template=a.template,
@@ -483,7 +485,7 @@ def _release(a: argparse.Namespace) -> int:
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", type=Path, help="a folder with SHA256SUMS (from tiblocal merge or release)")
-    p.add_argument("--json", dest="as_json", action="store_true")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
 
 
 def _verify(a: argparse.Namespace) -> int:
@@ -492,10 +494,16 @@ def _verify(a: argparse.Namespace) -> int:
     return run_verify(a.folder, as_json=a.as_json)
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a YAML recipe, or a name in finetune/configs (e.g. tiny-pretrain)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="change a setting, e.g. output_dir=runs/x lora.r=16")
-    p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
+def _train_args(stage: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The options of `tiblocal pretrain` or `tiblocal sft`, each with its own example."""
+
+    def configure(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help=f"a YAML recipe, or a name in finetune/configs (e.g. tiny-{stage})")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="change a setting, e.g. output_dir=runs/x lora.r=16")
+        p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
+
+    return configure
 
 
 def _pretrain(a: argparse.Namespace) -> int:
@@ -526,8 +534,8 @@ VERBS = (
     Verb("inspect", "show what a GGUF file, importance matrix or Hugging Face folder holds", _inspect_args, _inspect),
     Verb("vocab", "extend a tokenizer for Tibetan, and check its figures and its parity across runtimes", _vocab_args, _vocab),
     Verb("check", "check that tokenizer, config, weights (or a GGUF) agree on the vocabulary", _check_args, _check),
-    Verb("pretrain", "continued pretraining (LoRA or full) from a YAML recipe; runs under accelerate launch", _train_args, _pretrain),
-    Verb("sft", "instruction tuning from a YAML recipe; runs under accelerate launch", _train_args, _sft),
+    Verb("pretrain", "continued pretraining (LoRA or full) from a YAML recipe; runs under accelerate launch", _train_args("pretrain"), _pretrain),
+    Verb("sft", "instruction tuning from a YAML recipe; runs under accelerate launch", _train_args("sft"), _sft),
     Verb("merge", "merge LoRA adapters into a base model, shard by shard", _merge_args, _merge),
     Verb("release", "f16 + quantized GGUFs, quality table, model card, Ollama Modelfile, SHA256SUMS", _release_args, _release),
     Verb("verify", "check a folder's files against its SHA256SUMS", _verify_args, _verify),
@@ -606,6 +614,9 @@ def _fail(args: argparse.Namespace, message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        # rich lays tables out for 80 columns when it cannot ask a terminal: piped or logged, they lost their numbers
+        os.environ["COLUMNS"] = str(WIDE)
     named = next((a for a in argv if not a.startswith("-")), "")  # the verb: top-level options take no value
     parser = build_parser(only=named)
     args = parser.parse_args(argv)

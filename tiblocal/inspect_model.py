@@ -42,6 +42,9 @@ def describe_gguf(path: Path, info=None) -> dict[str, Any]:
         "special_ids": info.special_ids(),
         "add_bos": info.metadata.get("tokenizer.ggml.add_bos_token"),
         "add_eos": info.metadata.get("tokenizer.ggml.add_eos_token"),
+        # the sampling the model suggests (llama.cpp's general.sampling.*; chat, generate and serve use it)
+        "suggested_sampling": {k.removeprefix("general.sampling."): v for k, v in info.metadata.items()
+                               if k.startswith("general.sampling.")},
         "chat_template_name": template_name_of(template) or ("custom" if template else None),
         "chat_template": template,
         "tensor_types": info.tensor_type_counts(),
@@ -55,7 +58,7 @@ def describe_imatrix(path: Path) -> dict[str, Any]:
     """An importance matrix (``tiblocal imatrix`` or llama-imatrix, GGUF or legacy .dat): what it was measured on
     and in which basis (``rotation_seeds``: [] the model as converted, seeds for ``quantize --rotate``, None where
     the file does not say)."""
-    from tiblocal.quantize.imatrix import is_gguf, load_imatrix
+    from .imatrix_file import is_gguf, load_imatrix
 
     im = load_imatrix(path)
     return {
@@ -83,8 +86,11 @@ def describe_hf(path: Path) -> dict[str, Any]:
     if tj.is_file():
         try:
             data = json.loads(tj.read_text(encoding="utf-8"))
-            tokenizer["tokenizer_json_vocab"] = len(data.get("model", {}).get("vocab", {})) + len(data.get("added_tokens", []))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            # the ids it defines: its added tokens are mostly the vocabulary's own special pieces, counted once
+            ids = set(data.get("model", {}).get("vocab", {}).values())
+            ids |= {t.get("id") for t in data.get("added_tokens", []) if isinstance(t, dict)}
+            tokenizer["tokenizer_json_vocab"] = len(ids)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
             tokenizer["tokenizer_json_vocab"] = "unreadable"
     emb = ckpt.tensors.get("model.embed_tokens.weight")
     keys = (
@@ -137,6 +143,9 @@ def _human(n: int) -> str:
 
 
 def run_inspect(path: Path, *, as_json: bool) -> int:
+    from .models import resolve_model
+
+    path = resolve_model(path)
     d = describe(path)
     if as_json:
         print_json(d, ensure_ascii=False, indent=2)
@@ -172,6 +181,8 @@ def run_inspect(path: Path, *, as_json: bool) -> int:
             ("special ids", ", ".join(f"{k} {v}" for k, v in d["special_ids"].items())),
             ("add bos/eos", f"{d['add_bos']} / {d['add_eos']}"),
             ("chat template", d["chat_template_name"] or "none"),
+            ("suggested sampling", ", ".join(f"{k} {_num(v)}" for k, v in d["suggested_sampling"].items())
+             or "none (tiblocal's defaults: temp 0.2, top-k 40, top-p 0.9, repeat penalty 1.1)"),
             *([("rotation", f"seed {', '.join(map(str, d['rotation_seeds']))} (tiblocal quantize --rotate)")]
               if d["rotation_seeds"] else []),
             ("tensors", f"{d['n_tensors']}: " + ", ".join(f"{k} {v}" for k, v in d["tensor_types"].items())),

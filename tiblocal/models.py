@@ -19,5 +19,9 @@ def default_model() -> Path:
     )
 
 
-def resolve_model(model: Path | None) -> Path:
-    return Path(model) if model is not None else default_model()
+def resolve_model(model: Path | str | None) -> Path:
+    """The model a command was given: a path; None or 'bundled' (unless a file of that name is here) is the bundled
+    model, as 'bundled' names the bundled tokenizer."""
+    if model is None or (str(model) == "bundled" and not Path(model).exists()):
+        return default_model()
+    return Path(model)

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import Sampling
-from .errors import InputFileError, TiblocalError
+from tiblocal.engine import Sampling
+from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.jsonout import print_json
 
 # Ollama's Go template for each built-in chat template (the same text the Jinja renders for one turn)
@@ -51,7 +51,7 @@ def _ollama_string(text: str) -> str:
 
 
 def modelfile(gguf_name: str, template_name: str, meta: dict) -> str:
-    from .templates import get_template
+    from tiblocal.templates import get_template
 
     template = get_template(template_name)
     default_system = template.render([], add_generation_prompt=False, bos_token="", eos_token="")
@@ -76,7 +76,7 @@ def _model_summary(hf_dir: Path) -> dict:
 
 def _file_record(path: Path) -> dict:
     """A text the release was measured on, by name, size and digest: not by its path on the machine that made it."""
-    from .verify import sha256_file
+    from tiblocal.verify import sha256_file
 
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
@@ -100,7 +100,7 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
                rotated_imatrix: dict | None = None) -> str:
     """``chat_file``: the GGUF the card's "Run it" commands name (the Modelfile's); ``rotated_imatrix``: the matrix
     the ``rotated`` files were made with (measured in their basis), if any."""
-    from .templates import get_template
+    from tiblocal.templates import get_template
 
     from tiblocal.quantize.evaluate import report_markdown
 
@@ -173,10 +173,10 @@ def release(
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
     from tiblocal.quantize.imatrix import check_device, check_dtype, is_gguf, load_imatrix
 
-    from .fsutil import atomic_dir, check_file_name, check_output_path
-    from .gguf_file import read_gguf
-    from .templates import get_template
-    from .verify import write_sha256sums
+    from tiblocal.fsutil import atomic_dir, check_file_name, check_output_path
+    from tiblocal.gguf_file import read_gguf
+    from tiblocal.templates import get_template
+    from tiblocal.verify import write_sha256sums
 
     hf_dir, out = Path(hf_dir), Path(out)
     if not (hf_dir / "config.json").is_file():
@@ -207,7 +207,7 @@ def release(
             raise InputFileError(f"{notes} is not UTF-8 text (byte {e.start}); save the notes as UTF-8") from None
     text = read_text(list(eval_text)) if eval_text else None
     if text is not None and n_gpu_layers:
-        from .engine import check_gpu_offload
+        from tiblocal.engine import check_gpu_offload
 
         check_gpu_offload(n_gpu_layers)
     make_imatrix = make_imatrix or bool(imatrix_text)
@@ -300,7 +300,7 @@ def release(
         if rows:
             from tiblocal.quantize.evaluate import SPEED_TOKENS
 
-            from .engine import default_threads
+            from tiblocal.engine import default_threads
 
             speed = {"tokens": SPEED_TOKENS, "threads": threads or default_threads(), "n_gpu_layers": n_gpu_layers}
         meta = read_gguf(quants[0], with_tokens=False).metadata
