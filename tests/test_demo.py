@@ -73,12 +73,21 @@ def test_answers_are_tibetan_without_loops() -> None:
 
 
 def test_generate_uses_the_bundled_model_and_its_sampling() -> None:
-    p = run_cli("generate", "--prompt", "ལྷ་ས་ནི་ག་པར་ཡོད།", "--max-tokens", "16", "--seed", "1", "--json")
-    assert p.returncode == 0, p.stderr.decode()
+    """No model given: the bundled one, sampled with the settings it suggests (temperature 0.8, top-k 40, top-p 0.9,
+    repeat penalty 1.1 in its GGUF): the same answer as naming the file and those settings, seed for seed, and not
+    the answer at tiblocal's own default temperature (0.2)."""
     import json
 
-    row = json.loads(p.stdout)
+    def answer(*args: str) -> dict:
+        p = run_cli("generate", *args, "--prompt", "ལྷ་ས་ནི་ག་པར་ཡོད།", "--max-tokens", "16", "--seed", "1", "--json")
+        assert p.returncode == 0, p.stderr.decode()
+        return json.loads(p.stdout)
+
+    row = answer()
     assert row["text"] and row["completion_tokens"] <= 16
+    explicit = answer(str(BUNDLED_MODEL), "--temp", "0.8", "--top-k", "40", "--top-p", "0.9", "--repeat-penalty", "1.1")
+    assert explicit["text"] == row["text"]
+    assert answer(str(BUNDLED_MODEL), "--temp", "0.2")["text"] != row["text"]
 
 
 def test_chat_on_the_bundled_model_in_a_terminal() -> None:

@@ -89,6 +89,7 @@ def test_packed_blocks_keep_every_token(sp) -> None:
     assert len(stream) - len(blocks) * 64 < 64
 
 
+@pytest.mark.shared_data
 def test_instruction_set_from_shared_data(tmp_path: Path) -> None:
     from tiblocal.finetune.instructions import main
 

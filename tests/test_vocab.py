@@ -141,6 +141,7 @@ def test_pieces_that_span_spaces_keep_parity_and_the_base(tmp_path: Path, tiny_t
     assert used & set(spans)  # the runtimes do reach them (the dev-split gain is measured in the README)
 
 
+@pytest.mark.shared_data
 def test_llama2_extension_parity_on_dev_text_and_llama_cpp_vectors(llama2_ext, tmp_path: Path) -> None:
     sp = load_sentencepiece(llama2_ext / "tokenizer.model")
     lines = _dev_lines() + _llama_cpp_test_vectors() + MIXED + NON_TIBETAN
@@ -148,6 +149,7 @@ def test_llama2_extension_parity_on_dev_text_and_llama_cpp_vectors(llama2_ext, t
     assert counts == {k: 0 for k in counts}, report[:3]
 
 
+@pytest.mark.shared_data
 def test_llama2_extension_keeps_english_and_chinese(llama2_ext) -> None:
     base = load_sentencepiece(shared_data("tokenizers", "llama2", "tokenizer.model"))
     ext = load_sentencepiece(llama2_ext / "tokenizer.model")
@@ -158,6 +160,7 @@ def test_llama2_extension_keeps_english_and_chinese(llama2_ext) -> None:
     assert all(derived.encode(l) == base.encode(l) for l in _dev_lines(20))
 
 
+@pytest.mark.shared_data
 def test_llama2_extension_report(llama2_ext) -> None:
     report = json.loads((llama2_ext / "report.json").read_text())
     assert report["base_pieces"] == 32000 and report["added_pieces"] == 2000
@@ -271,12 +274,19 @@ def test_check_finds_vocabulary_disagreements(tmp_path: Path, tiny_hf, tiny_gguf
     assert "has 1000 pieces but embed_tokens has 700 rows" in json.loads(p.stdout)["problems"][0]
 
 
-def test_bundled_tokenizer_if_installed(tmp_path: Path) -> None:
-    try:
-        folder = tokenizer_dir("bundled")
-    except InputFileError:
-        pytest.skip("this checkout has no bundled tokenizer yet")
+def test_bundled_tokenizer_gives_the_same_ids_in_every_runtime(tmp_path: Path) -> None:
+    """SentencePiece, llama.cpp and Hugging Face give the bundled tokenizer's ids on Tibetan excerpts shipped with the
+    tests, llama.cpp's own tokenizer test texts (a copy in tests/data), mixed and non-Tibetan lines; and on 100 lines
+    of each dev file where the shared data folder is present."""
+    folder = tokenizer_dir("bundled")
     sp = load_sentencepiece(folder / "tokenizer.model")
-    lines = _dev_lines(100) + _llama_cpp_test_vectors() + MIXED + NON_TIBETAN
-    counts, report = parity(sp, lines, _runtimes(folder, tmp_path))
+    shipped = [l for l in TIBETAN.read_text(encoding="utf-8").splitlines() if l.strip()]
+    shipped += (DATA / "english_sample.txt").read_text(encoding="utf-8").splitlines()
+    vectors = (DATA / "llama_cpp_vocab_vectors.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    try:
+        shipped += _dev_lines(100)
+    except pytest.skip.Exception:
+        pass  # without ../shared: the shipped lines alone
+    counts, report = parity(sp, shipped + vectors + MIXED + NON_TIBETAN, _runtimes(folder, tmp_path))
     assert counts == {k: 0 for k in counts}, report[:3]
+    assert len(shipped) > 300

@@ -29,6 +29,7 @@ def positive_int(text: str) -> int:
 
 
 def nonnegative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
     try:
         value = int(text)
     except ValueError:
@@ -38,8 +39,8 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
-IMATRIX_DTYPES = ("f32", "bf16", "f16")
-WIDE = 200  # the width of tables written to a pipe or a file  # quantize.imatrix.DTYPES, named here so the CLI starts without that stage
+IMATRIX_DTYPES = ("f32", "bf16", "f16")  # quantize.imatrix.DTYPES, named here so the CLI starts without that stage
+WIDE = 200  # the width of tables written to a pipe or a file
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -580,7 +581,6 @@ def _one_line(text: str, limit: int = 600) -> str:
 def crash_report(argv: list[str]) -> Path | None:
     """Write the traceback being handled, with the command line and versions, to a file of its own; its path, or None
     when no place could be written."""
-    import os
     import platform
     import time
     import traceback

@@ -112,9 +112,8 @@ def remove_partials(path: Path) -> list[Path]:
                 stale.unlink()
             removed.append(stale)
     if removed:
-        size = sum(1 for _ in removed)
-        log.warning("removed %d partial output%s that an interrupted run left beside %s: %s", size,
-                    "" if size == 1 else "s", path, ", ".join(p.name for p in removed))
+        log.warning("removed %d partial output%s that an interrupted run left beside %s: %s", len(removed),
+                    "" if len(removed) == 1 else "s", path, ", ".join(p.name for p in removed))
     return removed
 
 
