@@ -359,11 +359,35 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         q.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
         q.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU; -1 for all (default 0)")
         q.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    mcq = sub.add_parser("mcq", help="TLUE multiple choice (Ti-MMLU rows): log-likelihood and generation accuracy")
+    mcq.add_argument("model", nargs="?", type=Path, default=None,
+                     help="a GGUF or a Hugging Face / GPTQ folder (default: the bundled model)")
+    mcq.add_argument("--data", type=Path, required=True, help="questions as JSON lines (.jsonl or .jsonl.xz): subject, "
+                     "loc, polished_ti_content, answer")
+    mcq.add_argument("--fewshot", type=Path, default=None, help="solved examples of each subject, the same format")
+    mcq.add_argument("--shots", type=int, choices=[0, 5], default=0, help="examples before each question (default 0)")
+    mcq.add_argument("--limit", type=positive_int, default=None, help="the first N questions only")
+    mcq.add_argument("--out", type=Path, default=None, help="write one JSON line per question (index, choice, "
+                     "answer, correct, the options' log-likelihoods, the generated answer)")
+    mcq.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    mcq.add_argument("--ctx", type=positive_int, default=None, help="context in tokens; longer prompts are skipped "
+                     "and counted (default: the context the model was trained on)")
+    mcq.add_argument("--max-tokens", type=positive_int, default=16, help="tokens of each generated answer (default 16)")
+    mcq.add_argument("--template", default=None, help="chat template (default: the GGUF's own, else alpaca)")
+    mcq.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    mcq.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU; -1 for all (default 0)")
+    mcq.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
 
 
 def _eval(a: argparse.Namespace) -> int:
     from .quantize.run import run_eval, run_report
 
+    if a.action == "mcq":
+        from .quantize.mcq import run_mcq
+
+        return run_mcq(a.model, data=a.data, fewshot=a.fewshot, shots=a.shots, limit=a.limit, out=a.out, force=a.force,
+                       ctx=a.ctx, threads=a.threads, n_gpu_layers=a.n_gpu_layers, template=a.template,
+                       max_tokens=a.max_tokens, as_json=a.as_json)
     if a.action == "report":
         if len(a.models) < 2:
             raise TiblocalError("eval report needs the reference GGUF and at least one quantization of it")
