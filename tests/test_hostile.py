@@ -73,6 +73,7 @@ def test_an_error_under_json_is_a_json_object_on_stdout(tmp_path) -> None:
 
 @pytest.mark.parametrize("module, package, argv", [
     ("torch", "torch", ["imatrix", "hf", "--out", "x.gguf"]),
+    ("rouge_score", "rouge-score", ["eval", "tasks", "--task", "qa", "--data", "c.txt"]),
     ("google", "protobuf", ["vocab", "extend", "--base", "bundled", "--corpus", "c.txt", "--add", "20", "--out", "v"]),
 ])
 def test_a_missing_extra_names_what_to_install(tmp_path, module, package, argv) -> None:
@@ -87,7 +88,8 @@ def test_a_missing_extra_names_what_to_install(tmp_path, module, package, argv) 
     p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, timeout=300, cwd=tmp_path,
                        env=dict(os.environ, PYTHONIOENCODING="utf-8"))
     line = one_line_error(p)
-    assert f"needs {package}, which is not installed" in line and "pip install 'tiblocal[train]'" in line
+    assert f"needs {package}, which is not installed" in line or f"{module} is not installed" in line
+    assert f"pip install 'tiblocal[{'eval' if module == 'rouge_score' else 'train'}]'" in line
     assert snapshot(tmp_path) == before
 
 

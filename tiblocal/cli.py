@@ -377,11 +377,34 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     mcq.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
     mcq.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU; -1 for all (default 0)")
     mcq.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    tasks = sub.add_parser("tasks", help="Tibetan generation tasks: reading comprehension (qa), verb tenses (tense)")
+    tasks.add_argument("model", nargs="?", type=Path, default=None,
+                       help="a GGUF or a Hugging Face / GPTQ folder (default: the bundled model)")
+    tasks.add_argument("--task", required=True, choices=["qa", "tense"],
+                       help="qa: TibetanQA rows (context, question, answer); tense: verb rows (present, past, future, "
+                            "imperative)")
+    tasks.add_argument("--data", type=Path, required=True, help="the task's rows as JSON lines (.jsonl or .jsonl.xz)")
+    tasks.add_argument("--limit", type=positive_int, default=None, help="the first N rows only")
+    tasks.add_argument("--out", type=Path, default=None, help="write one JSON line per row: the answer and its scores")
+    tasks.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    tasks.add_argument("--ctx", type=positive_int, default=None, help="context in tokens; longer prompts are skipped "
+                       "and counted (default: the context the model was trained on)")
+    tasks.add_argument("--max-tokens", type=positive_int, default=64, help="tokens of each answer (default 64)")
+    tasks.add_argument("--template", default=None, help="chat template (default: the GGUF's own, else alpaca)")
+    tasks.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+    tasks.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU; -1 for all (default 0)")
+    tasks.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
 
 
 def _eval(a: argparse.Namespace) -> int:
     from .quantize.run import run_eval, run_report
 
+    if a.action == "tasks":
+        from .quantize.tasks import run_tasks
+
+        return run_tasks(a.model, task=a.task, data=a.data, limit=a.limit, out=a.out, force=a.force, ctx=a.ctx,
+                         threads=a.threads, n_gpu_layers=a.n_gpu_layers, template=a.template,
+                         max_tokens=a.max_tokens, as_json=a.as_json)
     if a.action == "mcq":
         from .quantize.mcq import run_mcq
 
@@ -593,8 +616,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 # Optional dependencies, by the top-level module a verb imports, and the extra that installs them.
 EXTRAS = {"torch": "train", "transformers": "train", "peft": "train", "accelerate": "train", "google": "train",
-          "yaml": "train", "gptqmodel": "gptq", "optimum": "gptq"}
-PACKAGES = {"google": "protobuf", "yaml": "pyyaml"}  # modules whose package has another name
+          "yaml": "train", "gptqmodel": "gptq", "optimum": "gptq", "rouge_score": "eval", "sacrebleu": "eval"}
+PACKAGES = {"google": "protobuf", "yaml": "pyyaml", "rouge_score": "rouge-score"}  # modules whose package has another name
 
 
 def _one_line(text: str, limit: int = 600) -> str:

@@ -1,0 +1,218 @@
+"""Tibetan generation tasks (`tiblocal eval tasks`): reading comprehension and verb tenses, scored over syllables.
+
+- ``qa``: extractive reading comprehension (TibetanQA rows: ``context``, ``question``, ``answer``); the model reads the
+  context and the question and answers greedily; the first line of its answer is scored against the reference with
+  exact match and F1 over Tibetan syllables, as SQuAD scores words, ROUGE-L over syllables and chrF.
+- ``tense``: Tibetan-Alpaca's verb-tense prompt (``{present}-བྱ་ཚིག་འདིའི་དུས་གསུམ་ནི་གང་དག་ཡིན།``) on the verb
+  database's rows (``present``, ``past``, ``future``, ``imperative``); each reference form found among the answer's
+  syllables counts (a form written with an optional letter, ``ཀེར༼ད༽``, matches with or without it), all three
+  found is an exact match, and ROUGE-L and chrF compare the answer with the three forms.
+
+Syllables: Tibetan text split at the tsheg (་, ༌) and at white space, the shad and other Tibetan punctuation removed,
+Latin letters lowercased. ROUGE-L is rouge-score's with that tokenizer (its default tokenizer drops non-Latin script);
+chrF is sacrebleu's, on the text as it is (it needs no tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from tiblocal.errors import InputFileError, TiblocalError
+
+TASK_NAMES = ("qa", "tense")
+FORMS = ("past", "future", "imperative")  # the verb forms the tense task asks for
+_PUNCT = re.compile(r"[\u0f04-\u0f0a\u0f0d-\u0f14\u0f3a-\u0f3d\u0f7f\u0f85\u0fd0-\u0fd4\u0fd9\u0fda.,;:!?\"'()\[\]{}«»“”‘’、。，：；！？]")
+_TSHEG = re.compile(r"[\u0f0b\u0f0c\s]+")
+
+
+def syllables(text: str) -> list[str]:
+    """The text's syllables for scoring: split at tsheg and white space, punctuation removed, Latin lowercased."""
+    return [s for s in _TSHEG.split(_PUNCT.sub(" ", text.lower())) if s]
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return float(syllables(pred) == syllables(ref))
+
+
+def f1(pred: str, ref: str) -> float:
+    """SQuAD's F1, over syllables instead of words."""
+    p, r = syllables(pred), syllables(ref)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+class _SyllableTokenizer:
+    def tokenize(self, text: str) -> list[str]:
+        return syllables(text)
+
+
+def _scorers():
+    try:
+        from rouge_score import rouge_scorer
+        from sacrebleu.metrics import CHRF
+    except ImportError as e:
+        raise TiblocalError(f"eval tasks needs rouge-score and sacrebleu ({e.name} is not installed here); install them "
+                            "with pip install 'tiblocal[eval]'") from None
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_SyllableTokenizer()), CHRF()
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    return _scorers()[0].score(ref, pred)["rougeL"].fmeasure
+
+
+def chrf(preds: list[str], refs: list[str]) -> float:
+    return _scorers()[1].corpus_score(preds, [refs]).score / 100
+
+
+def form_variants(form: str) -> set[str]:
+    """A dictionary form with an optional part in ༼ ༽ (ཀེར༼ད༽): with and without it, as syllable strings."""
+    bare = re.sub(r"\u0f3c[^\u0f3d]*\u0f3d", "", form)
+    full = form.replace("\u0f3c", "").replace("\u0f3d", "")
+    return {"་".join(syllables(v)) for v in (bare, full) if syllables(v)}
+
+
+def read_rows(path: Path, task: str) -> tuple[list[dict], int]:
+    """The task's rows, each checked, and how many verbs were left out for having no form to ask for."""
+    from tiblocal.vocab import read_lines
+
+    need = {"qa": ("context", "question", "answer"), "tense": ("present",)}[task]
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"--data {path}: no such file; give the task's rows as JSON lines")
+    rows: list[dict] = []
+    skipped_no_forms: list[int] = []
+    for n, line in enumerate(read_lines([path]), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"{where} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputFileError(f"{where}: expected an object with {', '.join(need)}")
+        missing = [k for k in need if not isinstance(row.get(k), str) or not row[k].strip()]
+        if missing:
+            raise InputFileError(f"{where} has no {', '.join(missing)} (the {task} task's rows: {', '.join(need)}"
+                                 + (", and past, future or imperative)" if task == "tense" else ")"))
+        if task == "tense" and not any(isinstance(row.get(k), str) and row[k].strip() for k in FORMS):
+            skipped_no_forms.append(n)  # a verb the database gives no other form of: nothing to score
+            continue
+        rows.append(row)
+    if not rows:
+        raise InputFileError(f"--data {path} holds no rows")
+    return rows, len(skipped_no_forms)
+
+
+def prompt_of(task: str, row: dict) -> str:
+    from tiblocal.templates import get_task
+
+    if task == "qa":
+        return f"{row['context']}\n{row['question']}"
+    return get_task("tense").wrap(row["present"])
+
+
+def score_row(task: str, row: dict, answer: str) -> dict:
+    if task == "qa":
+        first = next((line for line in answer.splitlines() if line.strip()), "")
+        return {"prediction": first, "exact_match": exact_match(first, row["answer"]), "f1": f1(first, row["answer"]),
+                "rouge_l": rouge_l(first, row["answer"]), "reference": row["answer"]}
+    said = "་".join(syllables(answer))
+    forms = {k: row[k] for k in FORMS if isinstance(row.get(k), str) and row[k].strip()}
+    found = {k: any(f"་{v}་" in f"་{said}་" for v in form_variants(form)) for k, form in forms.items()}
+    reference = " ".join(sorted(form_variants(f))[0] for f in forms.values())
+    return {"prediction": answer, "found": found, "exact_match": float(all(found.values())),
+            "rouge_l": rouge_l(answer, reference), "reference": reference}
+
+
+def evaluate_task(source, template, task: str, rows: list[dict], *, max_tokens: int, progress=None) -> dict:
+    """Greedy answers and their scores; ``source`` answers as eval mcq's sources do."""
+    _scorers()  # before the first answer: the libraries are there
+    records, skipped = [], 0
+    for done, row in enumerate(rows, 1):
+        text = template.render([{"role": "user", "content": prompt_of(task, row)}], bos_token="", eos_token="")
+        ids = [source.bos_id, *source.tokenize(text)]
+        if len(ids) + max_tokens > source.ctx:
+            skipped += 1
+        else:
+            answer = source.answer(ids, max_tokens)
+            records.append({"index": done - 1, **score_row(task, row, answer)})
+        if progress:
+            progress(done, len(rows))
+    n = len(records)
+    result: dict = {"task": task, "n": n, "skipped_too_long": skipped}
+    if n:
+        result["exact_match"] = sum(r["exact_match"] for r in records) / n
+        result["rouge_l"] = sum(r["rouge_l"] for r in records) / n
+        result["chrf"] = chrf([r["prediction"] for r in records], [r["reference"] for r in records])
+        if task == "qa":
+            result["f1"] = sum(r["f1"] for r in records) / n
+        else:
+            for k in FORMS:
+                with_form = [r for r in records if k in r["found"]]
+                result[f"{k}_found"] = sum(r["found"][k] for r in with_form) / len(with_form) if with_form else None
+    return {"result": result, "records": records}
+
+
+def run_tasks(model: Path | None, *, task: str, data: Path, limit: int | None, out: Path | None, force: bool,
+              ctx: int | None, threads: int | None, n_gpu_layers: int, template: str | None, max_tokens: int,
+              as_json: bool) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from tiblocal.fsutil import atomic_write_text, check_output_path
+    from tiblocal.jsonout import dumps, print_json
+    from tiblocal.models import resolve_model
+    from tiblocal.templates import get_template, resolve_chat_template
+
+    from .mcq import open_mcq_source
+
+    if task not in TASK_NAMES:
+        raise TiblocalError(f"--task {task!r}: expected one of {', '.join(TASK_NAMES)}")
+    _scorers()  # the libraries first: no reading or loading for nothing
+    rows, no_forms = read_rows(data, task)
+    rows = rows[:limit] if limit else rows
+    path = resolve_model(model)
+    if out is not None:
+        check_output_path(out, force=force, inputs=[path, data])
+    source = open_mcq_source(path, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers)
+    try:
+        if template is not None:
+            tmpl = get_template(template)
+        elif getattr(source, "engine", None) is not None:
+            tmpl, _ = resolve_chat_template(source.engine.chat_template, None)
+        else:
+            tmpl = get_template("alpaca")
+        err = Console(stderr=True, highlight=False)
+        columns = (TextColumn(f"eval {task}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            t = bar.add_task(task, total=len(rows))
+            done = evaluate_task(source, tmpl, task, rows, max_tokens=max_tokens,
+                                 progress=lambda d, total: bar.update(t, completed=d))
+    finally:
+        source.close()
+    if out is not None:
+        with atomic_write_text(out, replace=force) as f:
+            for rec in done["records"]:
+                f.write(dumps(rec, ensure_ascii=False) + "\n")
+    result = done["result"]
+    if task == "tense":
+        result["skipped_no_forms"] = no_forms
+    if as_json:
+        print_json(result, ensure_ascii=False)
+        return 0
+    table = Table(title=f"{path.name}: {task} on {Path(data).name}, {result['n']} rows", title_justify="left",
+                  show_header=False)
+    for k, v in result.items():
+        table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    Console(highlight=False).print(table)
+    return 0
