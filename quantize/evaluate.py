@@ -41,6 +41,9 @@ class LogitSource:
     def logits(self, ids: list[int]) -> np.ndarray:  # (len(ids), n_vocab) float32
         raise NotImplementedError
 
+    def next_logits(self, ids: list[int]) -> np.ndarray:  # (n_vocab,) float32: after the last id
+        return self.logits(ids)[-1]
+
     def close(self) -> None:
         pass
 
@@ -57,6 +60,9 @@ class GGUFSource(LogitSource):
 
     def logits(self, ids: list[int]) -> np.ndarray:
         return self.engine.eval_logits(ids)
+
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        return self.engine.next_logits(ids)
 
     def close(self) -> None:
         self.engine.close()
@@ -90,6 +96,11 @@ class HFSource(LogitSource):
     def logits(self, ids: list[int]) -> np.ndarray:
         with self.torch.no_grad():
             out = self.model(self.torch.tensor([ids], device=self.device)).logits[0]
+        return out.float().cpu().numpy()
+
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        with self.torch.no_grad():  # the output layer for the last position only
+            out = self.model(self.torch.tensor([ids], device=self.device), logits_to_keep=1).logits[0, -1]
         return out.float().cpu().numpy()
 
 

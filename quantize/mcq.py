@@ -49,14 +49,14 @@ class Question:
     answer: str
 
 
-def read_questions(path: Path, what: str = "--data") -> list[Question]:
-    """TLUE rows from a .jsonl (or .jsonl.xz) file, each checked: one line names the file, the line and the problem."""
+def json_rows(path: Path, what: str, expected: str):
+    """(where, row) for each JSON object of a .jsonl (or .jsonl.xz) file: ``where`` names the file and the line for
+    the caller's own checks; a missing file, a line that is not JSON or not an object is one error naming it."""
     from tiblocal.vocab import read_lines
 
     path = Path(path)
     if not path.is_file():
-        raise InputFileError(f"{what} {path}: no such file; give TLUE's Ti-MMLU rows as JSON lines")
-    rows = []
+        raise InputFileError(f"{what} {path}: no such file; give {expected} as JSON lines")
     for n, line in enumerate(read_lines([path]), 1):
         if not line.strip():
             continue
@@ -66,7 +66,14 @@ def read_questions(path: Path, what: str = "--data") -> list[Question]:
         except json.JSONDecodeError as e:
             raise InputFileError(f"{where} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise InputFileError(f"{where}: expected an object with subject, loc, polished_ti_content and answer")
+            raise InputFileError(f"{where}: expected an object with {expected}")
+        yield where, row
+
+
+def read_questions(path: Path, what: str = "--data") -> list[Question]:
+    """TLUE rows from a .jsonl (or .jsonl.xz) file, each checked: one line names the file, the line and the problem."""
+    rows = []
+    for where, row in json_rows(path, what, "subject, loc, polished_ti_content and answer"):
         missing = [k for k in ("polished_ti_content", "answer") if not isinstance(row.get(k), str)
                    or (k == "answer" and not row[k].strip())]
         if missing:
@@ -158,7 +165,7 @@ def option_loglikelihoods(source, prompt_ids: list[int], prompt_text: str) -> li
         cont = full[len(body):] if full[: len(body)] == body else source.tokenize(" " + letter)
         conts.append(cont or source.tokenize(letter))
     if all(len(c) == 1 for c in conts):  # one pass: the next-token distribution after the prompt
-        logits = source.logits(prompt_ids)[-1].astype(np.float64)
+        logits = source.next_logits(prompt_ids).astype(np.float64)
         logp = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
         return [float(logp[c[0]]) for c in conts]
     out = []
@@ -264,7 +271,6 @@ def run_mcq(model: Path | None, *, data: Path, fewshot: Path | None, shots: int,
     from tiblocal.fsutil import atomic_write_text, check_output_path
     from tiblocal.jsonout import dumps, print_json
     from tiblocal.models import resolve_model
-    from tiblocal.templates import get_template, resolve_chat_template
 
     if shots not in (0, 5):
         raise TiblocalError(f"--shots {shots}: TLUE uses 0 or 5")
@@ -277,12 +283,7 @@ def run_mcq(model: Path | None, *, data: Path, fewshot: Path | None, shots: int,
         check_output_path(out, force=force, inputs=[path, data, fewshot])
     source = open_mcq_source(path, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers)
     try:
-        if template is not None:
-            tmpl = get_template(template)
-        elif getattr(source, "engine", None) is not None:
-            tmpl, _ = resolve_chat_template(source.engine.chat_template, None)
-        else:
-            tmpl = get_template("alpaca")
+        tmpl = chat_template_of(source, template)
         err = Console(stderr=True, highlight=False)
         columns = (TextColumn("eval mcq"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=True) as bar:
@@ -321,6 +322,17 @@ def run_mcq(model: Path | None, *, data: Path, fewshot: Path | None, shots: int,
 
 
 # --- sources that can also answer --------------------------------------------------------------------------------
+
+
+def chat_template_of(source, name: str | None):
+    """``--template NAME``, else the GGUF's own template, else alpaca (an HF folder's prompts)."""
+    from tiblocal.templates import get_template, resolve_chat_template
+
+    if name is not None:
+        return get_template(name)
+    if getattr(source, "engine", None) is not None:
+        return resolve_chat_template(source.engine.chat_template, None)[0]
+    return get_template("alpaca")
 
 
 def trained_context(path: Path) -> int:

@@ -15,12 +15,13 @@ chrF is sacrebleu's, on the text as it is (it needs no tokenizer).
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
 
 from tiblocal.errors import InputFileError, TiblocalError
+
+from .mcq import json_rows
 
 TASK_NAMES = ("qa", "tense")
 FORMS = ("past", "future", "imperative")  # the verb forms the tense task asks for
@@ -81,35 +82,21 @@ def form_variants(form: str) -> set[str]:
 
 def read_rows(path: Path, task: str) -> tuple[list[dict], int]:
     """The task's rows, each checked, and how many verbs were left out for having no form to ask for."""
-    from tiblocal.vocab import read_lines
-
     need = {"qa": ("context", "question", "answer"), "tense": ("present",)}[task]
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"--data {path}: no such file; give the task's rows as JSON lines")
     rows: list[dict] = []
-    skipped_no_forms: list[int] = []
-    for n, line in enumerate(read_lines([path]), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputFileError(f"{where} is not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise InputFileError(f"{where}: expected an object with {', '.join(need)}")
+    no_forms = 0
+    for where, row in json_rows(path, "--data", ", ".join(need)):
         missing = [k for k in need if not isinstance(row.get(k), str) or not row[k].strip()]
         if missing:
             raise InputFileError(f"{where} has no {', '.join(missing)} (the {task} task's rows: {', '.join(need)}"
                                  + (", and past, future or imperative)" if task == "tense" else ")"))
         if task == "tense" and not any(isinstance(row.get(k), str) and row[k].strip() for k in FORMS):
-            skipped_no_forms.append(n)  # a verb the database gives no other form of: nothing to score
+            no_forms += 1  # a verb the database gives no other form of: nothing to score
             continue
         rows.append(row)
     if not rows:
         raise InputFileError(f"--data {path} holds no rows")
-    return rows, len(skipped_no_forms)
+    return rows, no_forms
 
 
 def prompt_of(task: str, row: dict) -> str:
@@ -172,9 +159,8 @@ def run_tasks(model: Path | None, *, task: str, data: Path, limit: int | None, o
     from tiblocal.fsutil import atomic_write_text, check_output_path
     from tiblocal.jsonout import dumps, print_json
     from tiblocal.models import resolve_model
-    from tiblocal.templates import get_template, resolve_chat_template
 
-    from .mcq import open_mcq_source
+    from .mcq import chat_template_of, open_mcq_source
 
     if task not in TASK_NAMES:
         raise TiblocalError(f"--task {task!r}: expected one of {', '.join(TASK_NAMES)}")
@@ -186,12 +172,7 @@ def run_tasks(model: Path | None, *, task: str, data: Path, limit: int | None, o
         check_output_path(out, force=force, inputs=[path, data])
     source = open_mcq_source(path, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers)
     try:
-        if template is not None:
-            tmpl = get_template(template)
-        elif getattr(source, "engine", None) is not None:
-            tmpl, _ = resolve_chat_template(source.engine.chat_template, None)
-        else:
-            tmpl = get_template("alpaca")
+        tmpl = chat_template_of(source, template)
         err = Console(stderr=True, highlight=False)
         columns = (TextColumn(f"eval {task}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=err, transient=True) as bar:

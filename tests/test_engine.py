@@ -313,3 +313,18 @@ def test_backend_sampling_leaves_settings_that_need_every_candidate_on_the_cpu(t
         for _ in e.generate_tokens(prompt, Sampling(temperature=0.8, top_k=0, seed=1, max_tokens=5), Generation()):
             seen.append(len(e._attached))
         assert seen and set(seen) == {0}
+
+
+def test_next_logits_are_the_last_row_of_eval_logits_and_reuse_the_cache(tiny_gguf) -> None:
+    """next_logits computes only the last position, after the cache's common prefix: the same numbers as the last row
+    of eval_logits (which evaluates every position from an empty cache)."""
+    with Engine(tiny_gguf, EngineConfig(ctx=256, threads=1)) as e:
+        a = e.tokenize(LINES[0])
+        b = a + e.tokenize(" བཀྲ་ཤིས", add_bos=False)
+        full = e.eval_logits(b)[-1]
+        first = e.next_logits(a)
+        assert np.allclose(first, e.eval_logits(a)[-1], atol=1e-4)
+        e.next_logits(a)
+        after = e.next_logits(b)  # a's tokens stay in the cache
+        assert e._past == list(b)
+        assert np.allclose(after, full, atol=1e-4)

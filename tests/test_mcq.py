@@ -71,6 +71,9 @@ class AnswerInPrompt:
         out[-1, self.vocab[key]] = 20.0
         return out
 
+    def next_logits(self, ids: list[int]) -> np.ndarray:
+        return self.logits(ids)[-1]
+
     def answer(self, ids: list[int], max_tokens: int) -> str:
         return f"ལན་ནི། {self.key}"
 

@@ -17,26 +17,23 @@ from pathlib import Path
 from . import __version__
 from .errors import TiblocalError
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (a count of windows, samples, slots)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected a whole number of at least 1")
-    return value
+def _int_at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: expected a whole number of at least {least}")
+        return value
+
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """An argparse type: a whole number of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: expected a whole number of at least 0")
-    return value
+positive_int = _int_at_least(1)  # counts of windows, samples, questions
+nonnegative_int = _int_at_least(0)
 
 
 IMATRIX_DTYPES = ("f32", "bf16", "f16")  # quantize.imatrix.DTYPES, named here so the CLI starts without that stage
@@ -360,40 +357,31 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         q.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU; -1 for all (default 0)")
         q.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
     mcq = sub.add_parser("mcq", help="TLUE multiple choice (Ti-MMLU rows): log-likelihood and generation accuracy")
-    mcq.add_argument("model", nargs="?", type=Path, default=None,
-                     help="a GGUF or a Hugging Face / GPTQ folder (default: the bundled model)")
     mcq.add_argument("--data", type=Path, required=True, help="questions as JSON lines (.jsonl or .jsonl.xz): subject, "
                      "loc, polished_ti_content, answer")
     mcq.add_argument("--fewshot", type=Path, default=None, help="solved examples of each subject, the same format")
     mcq.add_argument("--shots", type=int, choices=[0, 5], default=0, help="examples before each question (default 0)")
-    mcq.add_argument("--limit", type=positive_int, default=None, help="the first N questions only")
-    mcq.add_argument("--out", type=Path, default=None, help="write one JSON line per question (index, choice, "
-                     "answer, correct, the options' log-likelihoods, the generated answer)")
-    mcq.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    mcq.add_argument("--ctx", type=positive_int, default=None, help="context in tokens; longer prompts are skipped "
-                     "and counted (default: the context the model was trained on)")
-    mcq.add_argument("--max-tokens", type=positive_int, default=16, help="tokens of each generated answer (default 16)")
-    mcq.add_argument("--template", default=None, help="chat template (default: the GGUF's own, else alpaca)")
-    mcq.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
-    mcq.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU; -1 for all (default 0)")
-    mcq.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
     tasks = sub.add_parser("tasks", help="Tibetan generation tasks: reading comprehension (qa), verb tenses (tense)")
-    tasks.add_argument("model", nargs="?", type=Path, default=None,
-                       help="a GGUF or a Hugging Face / GPTQ folder (default: the bundled model)")
     tasks.add_argument("--task", required=True, choices=["qa", "tense"],
                        help="qa: TibetanQA rows (context, question, answer); tense: verb rows (present, past, future, "
                             "imperative)")
     tasks.add_argument("--data", type=Path, required=True, help="the task's rows as JSON lines (.jsonl or .jsonl.xz)")
-    tasks.add_argument("--limit", type=positive_int, default=None, help="the first N rows only")
-    tasks.add_argument("--out", type=Path, default=None, help="write one JSON line per row: the answer and its scores")
-    tasks.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    tasks.add_argument("--ctx", type=positive_int, default=None, help="context in tokens; longer prompts are skipped "
+    for q, tokens, out in ((mcq, 16, "index, choice, answer, correct, the options' log-likelihoods, the generated "
+                                     "answer"), (tasks, 64, "the answer and its scores")):
+        q.add_argument("model", nargs="?", type=Path, default=None,
+                       help="a GGUF or a Hugging Face / GPTQ folder (default: the bundled model)")
+        q.add_argument("--limit", type=positive_int, default=None, help="the first N rows only")
+        q.add_argument("--out", type=Path, default=None, help=f"write one JSON line per row: {out}")
+        q.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+        q.add_argument("--ctx", type=positive_int, default=None, help="context in tokens; longer prompts are skipped "
                        "and counted (default: the context the model was trained on)")
-    tasks.add_argument("--max-tokens", type=positive_int, default=64, help="tokens of each answer (default 64)")
-    tasks.add_argument("--template", default=None, help="chat template (default: the GGUF's own, else alpaca)")
-    tasks.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
-    tasks.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers on the GPU; -1 for all (default 0)")
-    tasks.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+        q.add_argument("--max-tokens", type=positive_int, default=tokens,
+                       help=f"tokens of each generated answer (default {tokens})")
+        q.add_argument("--template", default=None, help="chat template (default: the GGUF's own, else alpaca)")
+        q.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
+        q.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
+                       help="layers on the GPU; -1 for all (default 0)")
+        q.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
 
 
 def _eval(a: argparse.Namespace) -> int:

@@ -522,6 +522,14 @@ class Engine:
         self._decode(tokens[keep:])
         return keep
 
+    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """The logits after ``tokens`` (float32, n_vocab): only the last position's are computed, and the cache's
+        common prefix with the tokens is kept (questions that share their few-shot examples evaluate them once)."""
+        self.check_fits(len(tokens), room=0)
+        self._prefill(tokens)
+        ptr = _llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits at every position of ``tokens`` (float32, shape (len, n_vocab)), from an empty cache."""
         lib = _llama_cpp
