@@ -109,7 +109,8 @@ _SCHEMA: dict[str, tuple[str, float | None]] = {
     "template": ("str", None), "scheduler": ("str", None), "dtype": ("str", None), "mixed_precision": ("str", None),
     "extended": ("bool", None), "group_by_length": ("bool", None), "gradient_checkpointing": ("bool", None),
     "compile": ("bool", None), "tensorboard": ("bool", None),
-    "block_size": ("int", 2), "batch_size": ("int", 1), "grad_accum": ("int", None),  # its range: below "micro_tokens": ("int?", 2),
+    "block_size": ("int", 2), "batch_size": ("int", 1), "grad_accum": ("int", None),  # (its range: a rule below)
+    "micro_tokens": ("int?", 2),
     "max_steps": ("int", 1), "warmup_steps": ("int", 0), "eval_every": ("int", 1), "eval_blocks": ("int", 1),
     "save_every": ("int", 1), "log_every": ("int", 1), "seed": ("int", 0),
     "lr": ("positive", None), "embed_lr": ("positive?", None), "weight_decay": ("number", 0),

@@ -328,3 +328,20 @@ def test_next_logits_are_the_last_row_of_eval_logits_and_reuse_the_cache(tiny_gg
         after = e.next_logits(b)  # a's tokens stay in the cache
         assert e._past == list(b)
         assert np.allclose(after, full, atol=1e-4)
+
+
+def test_backend_sampling_without_the_bindings_support_samples_on_the_cpu(tiny_gguf, monkeypatch, caplog) -> None:
+    """An older llama-cpp-python (no llama_set_sampler): a notice, then the same tokens, sampled on the CPU."""
+    import tiblocal.engine as te
+
+    with Engine(tiny_gguf, EngineConfig(ctx=256, threads=1)) as e:
+        prompt = e.tokenize(LINES[0])
+        expected = list(e.generate_tokens(prompt, BACKEND_SETTINGS[2], Generation()))
+    monkeypatch.delattr(te._llama_cpp, "llama_set_sampler")
+    with caplog.at_level("WARNING"), Engine(tiny_gguf, EngineConfig(ctx=256, threads=1, backend_sampling=True)) as e:
+        assert "has no backend sampling" in caplog.text
+        got = []
+        for t in e.generate_tokens(prompt, BACKEND_SETTINGS[2], Generation()):
+            got.append(t)
+            assert not e._attached
+    assert got == expected

@@ -277,6 +277,7 @@ def test_imatrix_device_is_checked(work) -> None:
     ("pretrain", ["lr=.nan"], ["lr is nan, expected a number above 0"]),
     ("pretrain", ["batch_size=four"], ["batch_size is 'four', expected a whole number"]),
     ("sft", ["lora.dropout=1.5", "lora.r=0"], ["lora.dropout is 1.5", "lora.r is 0"]),
+    ("sft", ["micro_tokens=many", "grad_accum=1"], ["micro_tokens is 'many'"]),
 ])
 def test_recipe_values_are_checked_all_at_once(tmp_path, verb, overrides, found) -> None:
     pytest.importorskip("yaml")

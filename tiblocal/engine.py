@@ -389,6 +389,9 @@ class Engine:
         self.n_batch = lib.llama_n_batch(self._ctx)
         self.parallel = lib.llama_n_seq_max(self._ctx)
         self.backend_sampling = config.backend_sampling
+        if self.backend_sampling and not hasattr(lib, "llama_set_sampler"):
+            log.warning("--backend-sampling: this llama-cpp-python has no backend sampling (llama_set_sampler); "
+                        "sampling runs on the CPU, with the same choices")
         self._attached: dict[int, object] = {}  # sequence -> the sampler chain llama.cpp runs in its graph for it
         self.n_ctx_train = n_ctx_train
         self._notice_beyond_training(config)
@@ -628,7 +631,10 @@ class Engine:
         """Let llama.cpp run ``chain``'s first cut in its graph for sequence ``seq``'s outputs (a chain made with
         ``device=True``), from the next decode on; False when it cannot (the chain stays usable on the CPU).
         Detach it (``detach_sampler``) before freeing it."""
-        if not _llama_cpp.llama_set_sampler(self._ctx, seq, chain):
+        set_sampler = getattr(_llama_cpp, "llama_set_sampler", None)
+        if set_sampler is None:  # llama-cpp-python before backend sampling: the chain runs on the CPU, the same choices
+            return False
+        if not set_sampler(self._ctx, seq, chain):
             return False
         self._attached[seq] = chain
         return True
