@@ -55,6 +55,8 @@ def json_rows(path: Path, what: str, expected: str):
     from tiblocal.vocab import read_lines
 
     path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"{what} {path} is a folder; give the file of {expected} (JSON lines)")
     if not path.is_file():
         raise InputFileError(f"{what} {path}: no such file; give {expected} as JSON lines")
     for n, line in enumerate(read_lines([path]), 1):
@@ -111,6 +113,16 @@ def pick_shots(q: Question, pool: dict[str, list[Question]], shots: int) -> list
         raise InputFileError(f"the few-shot file has {len(same)} examples of subject {q.subject!r}, fewer than "
                              f"--shots {shots}; give a few-shot file with {shots} per subject, or --shots 0")
     return same[:shots]
+
+
+def shot_pool(questions: list[Question], fewshot: list[Question], shots: int) -> dict[str, list[Question]]:
+    """The few-shot examples by subject, every question's subject checked to have ``shots`` of them."""
+    pool: dict[str, list[Question]] = defaultdict(list)
+    for e in fewshot:
+        pool[e.subject].append(e)
+    for q in questions if shots else ():
+        pick_shots(q, pool, shots)
+    return pool
 
 
 # --- TLUE's answer extraction ------------------------------------------------------------------------------------
@@ -211,12 +223,7 @@ def evaluate_mcq(source, template, questions: list[Question], fewshot: list[Ques
                  max_tokens: int = 16, generate: bool = True, progress=None) -> McqResult:
     """Score every question with both scorers. ``source``: a LogitSource that can also ``answer(ids, max_tokens)``
     greedily; ``template``: the chat template the prompt goes into."""
-    pool: dict[str, list[Question]] = defaultdict(list)
-    for e in fewshot:
-        pool[e.subject].append(e)
-    if shots:
-        for q in questions:  # every subject is checked before the first forward pass
-            pick_shots(q, pool, shots)
+    pool = shot_pool(questions, fewshot, shots)
     r = McqResult()
     per = defaultdict(lambda: [0, 0])
     rules = {"direct": extract_direct, "concern_all": extract_concern_all}
@@ -278,6 +285,7 @@ def run_mcq(model: Path | None, *, data: Path, fewshot: Path | None, shots: int,
     examples = read_questions(fewshot, "--fewshot") if fewshot is not None else []
     if shots and not examples:
         raise TiblocalError(f"--shots {shots} needs --fewshot FILE (TLUE's 5-shot rows of each subject)")
+    shot_pool(questions, examples, shots)  # before the model loads
     path = resolve_model(model)
     if out is not None:
         check_output_path(out, force=force, inputs=[path, data, fewshot])

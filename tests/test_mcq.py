@@ -162,10 +162,13 @@ def test_bad_rows_are_one_line(tmp_path, tiny_gguf, rows, match) -> None:
 def test_too_few_shots_and_a_fewshot_file_without_the_subject(tmp_path, tiny_gguf) -> None:
     data = _write(tmp_path / "q.jsonl", ROWS)
     few = _write(tmp_path / "s.jsonl", [_example(ROWS[0], i) for i in range(5)])
-    p = run_cli("eval", "mcq", str(tiny_gguf), "--data", str(data), "--fewshot", str(few), "--shots", "5")
-    assert p.returncode == 1 and "0 examples of subject 'arts', fewer than --shots 5" in p.stderr.decode()
-    p = run_cli("eval", "mcq", str(tiny_gguf), "--data", str(data), "--shots", "5")
-    assert p.returncode == 1 and "--shots 5 needs --fewshot FILE" in p.stderr.decode()
+    for args, match in ((["--fewshot", str(few)], "0 examples of subject 'arts', fewer than --shots 5"),
+                        ([], "--shots 5 needs --fewshot FILE"),
+                        (["--fewshot", str(tmp_path)], "is a folder; give the file")):
+        p = run_cli("eval", "mcq", str(tiny_gguf), "--data", str(data), "--shots", "5", *args)
+        err = p.stderr.decode()
+        # one line, before the model loads (no notice of llama.cpp's, no progress bar's blank line)
+        assert p.returncode == 1 and err.count("\n") == 1 and match in err, err
 
 
 def test_a_prompt_longer_than_the_context_is_skipped_and_counted(tmp_path, tiny_gguf) -> None:
