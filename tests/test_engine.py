@@ -345,3 +345,16 @@ def test_backend_sampling_without_the_bindings_support_samples_on_the_cpu(tiny_g
             got.append(t)
             assert not e._attached
     assert got == expected
+
+
+def test_no_ctx_given_means_2048_or_the_trained_context_if_shorter(tiny_gguf) -> None:
+    """The command line's default: the tiny model (trained on 512) gets 512, with no notice about a context beyond
+    its training; a --ctx given beyond it keeps the notice."""
+    from conftest import run_cli
+
+    with Engine(tiny_gguf, EngineConfig(ctx=None, threads=1)) as e:
+        assert e.n_ctx == 512 == e.n_ctx_train and e.config.ctx == 512
+    p = run_cli("generate", str(tiny_gguf), "--prompt", "x", "--max-tokens", "2")
+    assert p.returncode == 0 and "beyond the" not in p.stderr.decode()
+    p = run_cli("generate", str(tiny_gguf), "--prompt", "x", "--max-tokens", "2", "--ctx", "1024")
+    assert p.returncode == 0 and "--ctx 1024 is beyond the 512 tokens" in p.stderr.decode()

@@ -45,7 +45,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("engine")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
-    g.add_argument("--ctx", type=int, default=2048, help="context window in tokens (default: 2048)")
+    g.add_argument("--ctx", type=int, default=None,
+                   help="context window in tokens (default: 2048, or the context the model was trained on if shorter)")
     g.add_argument(
         "--n-gpu-layers", type=int, default=0, metavar="N",
         help="layers to offload to the GPU; -1 for all (needs a CUDA/Metal build of llama-cpp-python)",

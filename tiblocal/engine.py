@@ -118,13 +118,16 @@ def physical_memory() -> int | None:
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama.h's enum llama_flash_attn_type (AUTO, DISABLED, ENABLED)
 ROPE_SCALING = ("none", "linear", "yarn")  # llama.h's enum llama_rope_scaling_type, in its order from 0
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
+DEFAULT_CTX = 2048  # the context when none is given, unless the model was trained on a shorter one
 SAMPLER_PREFIX_END = 1e30  # the top-n-sigma that ends a chain's graph-side prefix (Engine.sampler, device=True)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     threads: int | None = None  # None: every core this process may use
-    ctx: int = 2048  # tokens of each sequence (llama.cpp rounds it up to a multiple of 256)
+    # tokens of each sequence (llama.cpp rounds it up to a multiple of 256); None: 2048, or the context the model was
+    # trained on where that is shorter (the command line's default)
+    ctx: int | None = 2048
     n_gpu_layers: int = 0  # -1: all layers
     batch: int = 512
     verbose: bool = False  # show llama.cpp's own log on stderr
@@ -335,6 +338,11 @@ class Engine:
         self.config = config
         self.info: GGUFInfo = read_gguf(path, with_tokens=False)
         check_supported_architecture(self.info)
+        if config.ctx is None:
+            trained = self.info.metadata.get(f"{self.info.architecture}.context_length")
+            config = replace(config, ctx=min(DEFAULT_CTX, trained) if isinstance(trained, int) and trained > 0
+                             else DEFAULT_CTX)
+            self.config = config
         lib = _bindings(config.verbose)
         check_gpu_offload(config.n_gpu_layers, lib)
         if config.ctx < 16:
