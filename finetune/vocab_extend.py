@@ -311,7 +311,10 @@ def write_hf_files(folder: Path) -> None:
 
     ``tokenizer.json`` carries the merges in SentencePiece's order; ``PreTrainedTokenizerFast`` loads it
     as it is (transformers 5's LlamaTokenizer would rebuild the pipeline with its own pre-tokenizer,
-    which drops the dummy prefix before a leading space).
+    which drops the dummy prefix before a leading space). ``split_special_tokens``: a text holding the
+    literal ``<s>`` or ``</s>`` is text, as SentencePiece and llama.cpp read it; without it transformers turns
+    the literal into the special token (a user's text could end a sequence). BOS and EOS still come from
+    ``add_special_tokens`` and from the ids.
     """
     write_tokenizer_json(folder)
     config = {
@@ -323,6 +326,7 @@ def write_hf_files(folder: Path) -> None:
         "unk_token": "<unk>",
         "pad_token": None,
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
         "model_max_length": 4096,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

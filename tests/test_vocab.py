@@ -35,6 +35,8 @@ NON_TIBETAN = [
     "Führer ½ émigré",
 ]
 MIXED = ["བཀྲ་ཤིས་བདེ་ལེགས། Hello 2024!", "ང་ཚོ་ལྷ་སར་  འགྲོ་གི་ཡོད།", " བོད་ཡིག", "ཀྵ་ཧཱུྃ་ཨོཾ"]
+# the special tokens' literal text is text to SentencePiece and llama.cpp; Hugging Face must agree
+SPECIAL_LITERALS = ["<s>", "</s>", "<unk>", "a </s> b", "བོད་<s>ཡིག</s>", " <s>", "<s><s>", "</s>\n<s>"]
 
 
 def _proto(path: Path):
@@ -116,7 +118,7 @@ def test_lines_without_tibetan_tokenize_as_with_the_base(small_ext, tiny_tokeniz
 
 def test_parity_on_the_small_extension(small_ext, tmp_path: Path) -> None:
     sp = load_sentencepiece(small_ext / "tokenizer.model")
-    lines = TIBETAN.read_text(encoding="utf-8").splitlines() + MIXED + NON_TIBETAN
+    lines = TIBETAN.read_text(encoding="utf-8").splitlines() + MIXED + NON_TIBETAN + SPECIAL_LITERALS
     counts, report = parity(sp, lines, _runtimes(small_ext, tmp_path))
     assert "huggingface" in counts
     assert counts == {k: 0 for k in counts}, report[:3]
@@ -135,7 +137,7 @@ def test_pieces_that_span_spaces_keep_parity_and_the_base(tmp_path: Path, tiny_t
     sp, sp_base = load_sentencepiece(out / "tokenizer.model"), load_sentencepiece(tiny_tokenizer)
     for line in NON_TIBETAN + ENGLISH.read_text(encoding="utf-8").splitlines():
         assert sp.encode(line) == sp_base.encode(line), line
-    lines = TIBETAN.read_text(encoding="utf-8").splitlines() + MIXED + NON_TIBETAN
+    lines = TIBETAN.read_text(encoding="utf-8").splitlines() + MIXED + NON_TIBETAN + SPECIAL_LITERALS
     assert all(sp.decode(sp.encode(line)) == line for line in lines)
     counts, report = parity(sp, lines, _runtimes(out, tmp_path))
     assert counts == {k: 0 for k in counts} and "huggingface" in counts, report[:3]
@@ -146,7 +148,7 @@ def test_pieces_that_span_spaces_keep_parity_and_the_base(tmp_path: Path, tiny_t
 @pytest.mark.shared_data
 def test_llama2_extension_parity_on_dev_text_and_llama_cpp_vectors(llama2_ext, tmp_path: Path) -> None:
     sp = load_sentencepiece(llama2_ext / "tokenizer.model")
-    lines = _dev_lines() + _llama_cpp_test_vectors() + MIXED + NON_TIBETAN
+    lines = _dev_lines() + _llama_cpp_test_vectors() + MIXED + NON_TIBETAN + SPECIAL_LITERALS
     counts, report = parity(sp, lines, _runtimes(llama2_ext, tmp_path))
     assert counts == {k: 0 for k in counts}, report[:3]
 
@@ -291,6 +293,20 @@ def test_bundled_tokenizer_gives_the_same_ids_in_every_runtime(tmp_path: Path) -
         shipped += _dev_lines(100)
     except pytest.skip.Exception:
         pass  # without ../shared: the shipped lines alone
-    counts, report = parity(sp, shipped + vectors + MIXED + NON_TIBETAN, _runtimes(folder, tmp_path))
+    counts, report = parity(sp, shipped + vectors + MIXED + NON_TIBETAN + SPECIAL_LITERALS, _runtimes(folder, tmp_path))
     assert counts == {k: 0 for k in counts}, report[:3]
     assert len(shipped) > 300
+
+
+def test_special_token_literals_are_text_in_hugging_face_too() -> None:
+    """A line holding the literal "<s>" or "</s>" is text to SentencePiece and llama.cpp; AutoTokenizer on the bundled
+    folder reads it the same way (tokenizer_config's split_special_tokens), and BOS and EOS still come as ids."""
+    transformers = pytest.importorskip("transformers")
+    folder = tokenizer_dir("bundled")
+    sp = load_sentencepiece(folder / "tokenizer.model")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for line in SPECIAL_LITERALS:
+        assert hf(line, add_special_tokens=False)["input_ids"] == sp.encode(line), line
+        assert 1 not in sp.encode(line) and 2 not in sp.encode(line)
+    assert hf("བོད་")["input_ids"][0] == sp.bos_id() == hf.bos_token_id
+    assert hf.eos_token_id == sp.eos_id() and hf.decode([sp.bos_id(), *sp.encode("བོད་"), sp.eos_id()], skip_special_tokens=True) == "བོད་"
