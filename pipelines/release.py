@@ -97,7 +97,7 @@ def _imatrix_line(info: dict, files: str = "The quantized GGUFs") -> str:
 def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict], text_names: list[str], ctx: int,
                template_name: str, meta: dict, notes: str | None, *, chat_file: str, imatrix: dict | None = None,
                speed: dict | None = None, rotated: list[str] = (), rotate_seed: int = 0,
-               rotated_imatrix: dict | None = None) -> str:
+               rotated_imatrix: dict | None = None, task_rows: list[dict] = ()) -> str:
     """``chat_file``: the GGUF the card's "Run it" commands name (the Modelfile's); ``rotated_imatrix``: the matrix
     the ``rotated`` files were made with (measured in their basis), if any."""
     from tiblocal.templates import get_template
@@ -129,6 +129,8 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
             out += [f"tokens/s: llama.cpp decoding {speed['tokens']} tokens {where}, {speed['threads']} threads.", ""]
     else:
         out += ["Quantization quality was not measured (no --eval-text given).", ""]
+    if task_rows:
+        out += [tasks_markdown(task_rows)]
     vocab = hf_dir / "tiblocal_vocab.json"
     if vocab.is_file():
         v = json.loads(vocab.read_text(encoding="utf-8"))
@@ -152,13 +154,78 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
     return "\n".join(out)
 
 
+# each task's headline figure in the model card (all of them are in evaluation.json)
+_HEADLINE = {"mcq": ("accuracy", "TLUE accuracy (log-likelihood)"), "qa": ("f1", "QA F1"),
+             "tense": ("exact_match", "tense exact match"), "news": ("rouge_l", "news ROUGE-L"),
+             "continue": ("rouge_l", "continuation ROUGE-L"), "classify": ("exact_match", "kind of text")}
+
+
+def _task_specs(eval_tasks: list[str], eval_mcq: Path | None, limit: int | None) -> list[tuple[str, Path, list]]:
+    """(task, file, rows) for --eval-mcq and each --eval-task NAME=FILE, every file read and checked."""
+    from tiblocal.quantize.tasks import TASK_NAMES, _scorers, read_rows
+
+    specs = []
+    if eval_mcq is not None:
+        from tiblocal.quantize.mcq import read_questions
+
+        specs.append(("mcq", Path(eval_mcq), read_questions(Path(eval_mcq), "--eval-mcq")[:limit]))
+    for item in eval_tasks:
+        name, sep, file = item.partition("=")
+        if not sep or name not in TASK_NAMES or not file:
+            raise TiblocalError(f"--eval-task {item!r}: expected NAME=FILE with NAME one of {', '.join(TASK_NAMES)}, "
+                                "e.g. tense=heldout_tense.jsonl")
+        if any(n == name for n, _, _ in specs):
+            raise TiblocalError(f"--eval-task {name} is given twice; give each task once")
+        _scorers()
+        specs.append((name, Path(file), read_rows(Path(file), name)[0][:limit]))
+    return specs
+
+
+def _score_tasks(models: list[Path], specs: list, *, threads: int | None, n_gpu_layers: int, say) -> list[dict]:
+    """One row per model: each task's figures, greedy, through the model's own chat template."""
+    from tiblocal.quantize.mcq import chat_template_of, evaluate_mcq, open_mcq_source
+    from tiblocal.quantize.tasks import evaluate_task
+
+    rows = []
+    for model in models if specs else []:
+        source = open_mcq_source(model, ctx=None, threads=threads, n_gpu_layers=n_gpu_layers)
+        try:
+            template = chat_template_of(source, None)
+            row: dict = {"model": model.name}
+            for name, file, items in specs:
+                say(f"{name} on {model.name}: {len(items)} rows")
+                if name == "mcq":
+                    r = evaluate_mcq(source, template, items, [], shots=0, max_tokens=16).as_dict()
+                else:
+                    r = evaluate_task(source, template, name, items, max_tokens=64 if name in ("qa", "tense") else
+                                      16 if name == "classify" else 128)["result"]
+                row[name] = {"file": file.name, **{k: v for k, v in r.items() if k not in ("by_subject", "predictions")}}
+            rows.append(row)
+        finally:
+            source.close()
+    return rows
+
+
+def tasks_markdown(rows: list[dict]) -> str:
+    names = [k for k in rows[0] if k != "model"]
+    head = ["model", *(f"{_HEADLINE[n][1]} ({rows[0][n]['file']}, {rows[0][n]['n']})" for n in names)]
+    lines = ["## Tibetan tasks (greedy, the model's chat template; tiblocal eval mcq / eval tasks)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"]] + [f"{r[n][_HEADLINE[n][0]]:.1%}" if isinstance(r[n].get(_HEADLINE[n][0]), float) else "—"
+                                for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def release(
     hf_dir: Path, out: Path, *, types: list[str], name: str | None = None, template: str = "alpaca",
     eval_text: list[Path] = (), ctx: int = 512, max_windows: int | None = None, threads: int | None = None,
     notes: Path | None = None, gptq_bits: int | None = None, gptq_group_size: int = 128, force: bool = False,
     imatrix: Path | None = None, make_imatrix: bool = False, imatrix_text: list[Path] = (), imatrix_chunks: int = 100,
     imatrix_dtype: str = "f32", device: str | None = None, n_gpu_layers: int = 0, rotate: list[str] = (),
-    rotate_seed: int = 0, progress: Callable[[str], None] | None = None,
+    rotate_seed: int = 0, eval_mcq: Path | None = None, eval_tasks: list[str] = (), eval_limit: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ReleaseResult:
     """``imatrix``: an importance matrix file to quantize with; ``make_imatrix`` (implied by ``imatrix_text``): make
     one from the model on ``imatrix_text`` (default: the bundled Tibetan calibration excerpt), ``imatrix_chunks``
@@ -167,7 +234,10 @@ def release(
     (-1: all); it needs bindings built with a GPU backend, checked before any work. ``rotate``: the types quantized
     in a rotated basis (``tiblocal quantize --rotate``, seed ``rotate_seed``); with ``make_imatrix`` they take a
     matrix measured in that basis in the same pass, a given ``imatrix`` (measured on the model as converted) they
-    do not take. The shipped f16 GGUF stays as converted, and the measurements compare against it."""
+    do not take. The shipped f16 GGUF stays as converted, and the measurements compare against it. ``eval_mcq``
+    (TLUE rows) and ``eval_tasks`` (``NAME=FILE``, `tiblocal eval tasks`' tasks and rows) are scored on every GGUF
+    of the release (``eval_limit``: the first N rows of each), one table row per file in the model card, so what a
+    quantization costs on the Tibetan tasks shows beside what it costs in perplexity."""
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
@@ -192,8 +262,9 @@ def release(
     if extra := sorted(set(rotated) - set(names)):
         raise TiblocalError(f"--rotate {','.join(rotated)}: {', '.join(extra)} is not among --types {','.join(names)}; "
                             "name types the release makes")
+    task_specs = _task_specs(eval_tasks, eval_mcq, eval_limit)  # every file read and checked before the long work
     check_output_path(out, force=force, folder=True,
-                      inputs=[hf_dir, notes, imatrix, *eval_text, *imatrix_text])
+                      inputs=[hf_dir, notes, imatrix, *eval_text, *imatrix_text, eval_mcq, *(f for _, f, _ in task_specs)])
     if name is not None:
         check_file_name(name, "--name")
     check_device(device)
@@ -295,6 +366,9 @@ def release(
                                 n_gpu_layers=n_gpu_layers, progress=lambda m: say(f"measuring {Path(m).name}"))
             for r in rows:
                 r["model"] = Path(r["model"]).name + ("/" if Path(r["model"]).is_dir() else "")
+        task_rows = _score_tasks([f16, *quants], task_specs, threads=threads, n_gpu_layers=n_gpu_layers, say=say)
+        if task_rows:
+            (tmp / "evaluation.json").write_text(json.dumps(task_rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         say("writing the model card, Modelfile and SHA256SUMS")
         speed = None
         if rows:
@@ -318,7 +392,7 @@ def release(
         card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text,
                           chat_file=quants[0].name, imatrix=im_info, speed=speed,
                           rotated=[p.name for p, t in zip(quants, names) if t in rotated], rotate_seed=rotate_seed,
-                          rotated_imatrix=rot_info)
+                          rotated_imatrix=rot_info, task_rows=task_rows)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)
         listing = sorted(p.name for p in tmp.iterdir())

@@ -191,6 +191,58 @@ def perplexity_of_ids(
     return PPLResult(source.name, math.exp(nll / count), count, len(wins), ctx)
 
 
+@dataclass
+class SyllablePPLResult:
+    model: str
+    ppl_syllable: float  # exp(total negative log-likelihood / Tibetan syllables)
+    bits_per_syllable: float
+    ppl_token: float
+    syllables: int
+    tokens_scored: int
+    lines: int
+    ctx: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def perplexity_per_syllable(
+    source: LogitSource, lines: list[str], ctx: int, *, progress: Callable[[int, int], None] | None = None,
+) -> SyllablePPLResult:
+    """Perplexity per Tibetan syllable: each line (a paragraph) is a document, BOS then every token of the line scored
+    once; the total negative log-likelihood is divided by the lines' syllables (tiblocal.text.count_syllables), so
+    models with different tokenizers compare on the same text. A line longer than the window is scored in windows
+    that overlap by half (BOS in each window's first place, as llama-perplexity's windows): every token after the
+    first window has at least half a window before it."""
+    from tiblocal.text import count_syllables
+
+    if ctx < 8:
+        raise TiblocalError(f"--ctx {ctx} is too small for perplexity; use at least 8 (512 is usual)")
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise TiblocalError("the text has no lines to score; give a text file with Tibetan paragraphs")
+    nll, count, syllables, stride = 0.0, 0, 0, ctx // 2
+    for i, line in enumerate(lines):
+        ids = [source.bos_id, *source.tokenize(line)]
+        done, start = 1, 0  # done: the next position whose token is scored
+        while done < len(ids):
+            win = list(ids[start : start + ctx])
+            win[0] = source.bos_id
+            first = done - start - 1  # the row that predicts ids[done]
+            logp = _log_softmax(source.logits(win)[first : len(win) - 1])
+            targets = np.asarray(win[first + 1 :])
+            nll -= float(logp[np.arange(len(targets)), targets].sum())
+            count += len(targets)
+            done, start = start + len(win), start + stride
+        syllables += count_syllables(line)
+        if progress:
+            progress(i + 1, len(lines))
+    if syllables == 0:
+        raise TiblocalError("the text has no Tibetan syllables; perplexity per syllable needs Tibetan text")
+    return SyllablePPLResult(source.name, math.exp(nll / syllables), nll / syllables / math.log(2), math.exp(nll / count),
+                             syllables, count, len(lines), ctx)
+
+
 def compare(
     ref: LogitSource, quant: LogitSource, text: str, ctx: int, *, max_windows: int | None = None,
     progress: Callable[[int, int], None] | None = None,

@@ -101,16 +101,21 @@ def run_quantize(
 
 def run_eval(
     action: str, models: list[Path], *, text: list[Path], ctx: int, max_windows: int | None, threads: int | None,
-    n_gpu_layers: int, as_json: bool,
+    n_gpu_layers: int, as_json: bool, per_syllable: bool = False,
 ) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from .evaluate import compare, open_source, perplexity, read_text
+    from tiblocal.vocab import read_lines
+
+    from .evaluate import compare, open_source, perplexity, perplexity_per_syllable, read_text
 
     err = Console(stderr=True, highlight=False)
     body = read_text(text)
+    if per_syllable:
+        lines = [line for line in read_lines(text) if line.strip()]
+        lines = lines if max_windows is None else lines[:max_windows]
     sources = [open_source(m, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers) for m in models]
     columns = (TextColumn(f"eval {action}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as progress:
@@ -119,7 +124,9 @@ def run_eval(
         def report(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        if action == "ppl":
+        if per_syllable:
+            result = perplexity_per_syllable(sources[0], lines, ctx, progress=report).as_dict()
+        elif action == "ppl":
             result = perplexity(sources[0], body, ctx, max_windows=max_windows, progress=report).as_dict()
         else:
             result = compare(sources[0], sources[1], body, ctx, max_windows=max_windows, progress=report).as_dict()

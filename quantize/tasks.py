@@ -7,6 +7,13 @@
   database's rows (``present``, ``past``, ``future``, ``imperative``); each reference form found among the answer's
   syllables counts (a form written with an optional letter, ``ཀེར༼ད༽``, matches with or without it), all three
   found is an exact match, and ROUGE-L and chrF compare the answer with the three forms.
+- ``news``, ``continue``, ``classify``: the Tibetan-Alpaca prompts with references taken from the corpus itself (the
+  rows ``python -m tiblocal.finetune.instructions`` writes from corpus/dev): a headline and its article (``title``,
+  ``article``), the first sentences of a paragraph and the rest (``text``, ``continuation``), a paragraph and the kind
+  of text its source holds (``text``, ``label``: news, essay, speech, children's story, Kangyur). The whole answer is
+  compared with the article or the continuation (ROUGE-L, chrF); for classify the first line of the answer is an
+  exact match when its syllables are the label's. Summary and define have no honest references in the shared data
+  (no summaries, no dictionary), so they are not offered.
 
 Syllables: Tibetan text split at the tsheg (་, ༌) and at white space, the shad and other Tibetan punctuation removed,
 Latin letters lowercased. ROUGE-L is rouge-score's with that tokenizer (its default tokenizer drops non-Latin script);
@@ -23,7 +30,10 @@ from tiblocal.errors import InputFileError, TiblocalError
 
 from .mcq import json_rows
 
-TASK_NAMES = ("qa", "tense")
+TASK_NAMES = ("qa", "tense", "news", "continue", "classify")
+# each task's fields, and the one the answer is scored against
+TASK_FIELDS = {"qa": ("context", "question", "answer"), "tense": ("present",), "news": ("title", "article"),
+               "continue": ("text", "continuation"), "classify": ("text", "label")}
 FORMS = ("past", "future", "imperative")  # the verb forms the tense task asks for
 _PUNCT = re.compile(r"[\u0f04-\u0f0a\u0f0d-\u0f14\u0f3a-\u0f3d\u0f7f\u0f85\u0fd0-\u0fd4\u0fd9\u0fda.,;:!?\"'()\[\]{}«»“”‘’、。，：；！？]")
 _TSHEG = re.compile(r"[\u0f0b\u0f0c\s]+")
@@ -82,7 +92,7 @@ def form_variants(form: str) -> set[str]:
 
 def read_rows(path: Path, task: str) -> tuple[list[dict], int]:
     """The task's rows, each checked, and how many verbs were left out for having no form to ask for."""
-    need = {"qa": ("context", "question", "answer"), "tense": ("present",)}[task]
+    need = TASK_FIELDS[task]
     rows: list[dict] = []
     no_forms = 0
     for where, row in json_rows(path, "--data", ", ".join(need)):
@@ -104,7 +114,11 @@ def prompt_of(task: str, row: dict) -> str:
 
     if task == "qa":
         return f"{row['context']}\n{row['question']}"
-    return get_task("tense").wrap(row["present"])
+    if task == "tense":
+        return get_task("tense").wrap(row["present"])
+    if task == "news":
+        return get_task("news").wrap(row["title"].strip().rstrip("།"))
+    return get_task(task).wrap(row["text"].strip())
 
 
 def score_row(task: str, row: dict, answer: str) -> dict:
@@ -112,6 +126,14 @@ def score_row(task: str, row: dict, answer: str) -> dict:
         first = next((line for line in answer.splitlines() if line.strip()), "")
         return {"prediction": first, "exact_match": exact_match(first, row["answer"]), "f1": f1(first, row["answer"]),
                 "rouge_l": rouge_l(first, row["answer"]), "reference": row["answer"]}
+    if task in ("news", "continue"):
+        ref = row["article" if task == "news" else "continuation"]
+        return {"prediction": answer, "exact_match": exact_match(answer, ref), "rouge_l": rouge_l(answer, ref),
+                "reference": ref}
+    if task == "classify":
+        first = next((line for line in answer.splitlines() if line.strip()), "")
+        return {"prediction": first, "exact_match": exact_match(first, row["label"]),
+                "rouge_l": rouge_l(first, row["label"]), "reference": row["label"]}
     said = "་".join(syllables(answer))
     forms = {k: row[k] for k in FORMS if isinstance(row.get(k), str) and row[k].strip()}
     found = {k: any(f"་{v}་" in f"་{said}་" for v in form_variants(form)) for k, form in forms.items()}
@@ -142,7 +164,7 @@ def evaluate_task(source, template, task: str, rows: list[dict], *, max_tokens: 
         result["chrf"] = chrf([r["prediction"] for r in records], [r["reference"] for r in records])
         if task == "qa":
             result["f1"] = sum(r["f1"] for r in records) / n
-        else:
+        elif task == "tense":
             for k in FORMS:
                 with_form = [r for r in records if k in r["found"]]
                 result[f"{k}_found"] = sum(r["found"][k] for r in with_form) / len(with_form) if with_form else None

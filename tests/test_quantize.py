@@ -198,3 +198,58 @@ def test_atomic_output_is_created_by_the_writer(tmp_path: Path) -> None:
         os.umask(old)
     assert out.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [out]
     assert out.stat().st_mode & 0o777 == 0o640
+
+
+class _Successor(LogitSource):
+    """Logits that bet on the next id being this one + 1: a token scored against the wrong target costs 10 nats more."""
+
+    def __init__(self, ctx: int) -> None:
+        self.name, self.n_vocab, self.bos_id, self.ctx, self.calls = "succ", 16, 1, ctx, 0
+
+    def tokenize(self, text: str) -> list[int]:
+        return [2 + i % 10 for i, c in enumerate(text) if not c.isspace()]
+
+    def logits(self, ids):
+        import numpy as np
+
+        assert len(ids) <= self.ctx and ids[0] == self.bos_id
+        self.calls += 1
+        out = np.zeros((len(ids), self.n_vocab), dtype=np.float32)
+        out[np.arange(len(ids)), (np.asarray(ids) + 1) % self.n_vocab] = 10.0
+        return out
+
+
+def test_perplexity_per_syllable_scores_every_token_once_against_its_own_target() -> None:
+    import math
+
+    from tiblocal.quantize.evaluate import perplexity_per_syllable
+    from tiblocal.text import count_syllables
+
+    lines = ["བཀྲ་ཤིས་བདེ་ལེགས།", "", "ང་ཚོ་ལྷ་སར་འགྲོ་གི་ཡོད། " * 6, "ཀ"]  # the second line is 100 tokens: 8 windows of 24
+    src = _Successor(24)
+    r = perplexity_per_syllable(src, lines, 24)
+    nll, count = 0.0, 0
+    for line in filter(str.strip, lines):
+        ids = [1, *src.tokenize(line)]
+        for p in range(1, len(ids)):  # by hand: every token, the one before it as the model's input
+            hit = ids[p] == (ids[p - 1] + 1) % 16
+            nll -= (10.0 if hit else 0.0) - math.log(math.exp(10.0) + 15)
+            count += 1
+    assert r.tokens_scored == count and r.lines == 3 and src.calls > 3
+    assert r.syllables == sum(count_syllables(line) for line in lines)
+    assert r.ppl_syllable == pytest.approx(math.exp(nll / r.syllables), rel=1e-9)
+    assert r.ppl_token == pytest.approx(math.exp(nll / count), rel=1e-9)
+    assert r.bits_per_syllable == pytest.approx(nll / r.syllables / math.log(2), rel=1e-9)
+    with pytest.raises(TiblocalError, match="no Tibetan syllables"):
+        perplexity_per_syllable(src, ["hello world"], 24)
+    with pytest.raises(TiblocalError, match="no lines to score"):
+        perplexity_per_syllable(src, ["", "  "], 24)
+    with pytest.raises(TiblocalError, match="too small"):
+        perplexity_per_syllable(src, lines, 4)
+
+
+def test_ppl_per_syllable_cli(tiny256) -> None:
+    p = run_cli("eval", "ppl", str(tiny256[1]), "--text", str(TEXT), "--per-syllable", "--max-windows", "5", "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    r = json.loads(p.stdout)
+    assert r["lines"] == 5 and r["syllables"] > 0 and r["ppl_syllable"] > 1 and r["tokens_scored"] > 5

@@ -190,3 +190,51 @@ def test_release_with_gptq(tiny_hf: Path, tmp_path: Path) -> None:
     (out / "tiny-GPTQ-4bit" / "config.json").write_text("{}")
     v = run_cli("verify", str(out))
     assert v.returncode == 1 and "tiny-GPTQ-4bit/config.json is changed" in v.stderr.decode()
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_release_scores_the_tibetan_tasks_on_every_gguf(tiny_hf: Path, tmp_path: Path) -> None:
+    """--eval-mcq and --eval-task NAME=FILE: one row per GGUF (f16 and each quantization) in evaluation.json and in a
+    model card table beside the quantization table; --eval-limit takes the first rows."""
+    pytest.importorskip("rouge_score")
+    pytest.importorskip("sacrebleu")
+    mcq = _jsonl(tmp_path / "mcq.jsonl", [
+        {"subject": "arts", "loc": f"arts{i}", "polished_ti_content": "རི་མོ་གང་ཡིན།\nA. ཀ\nB. ཁ\nC. ག\nD. ང", "answer": "D"}
+        for i in range(3)])
+    tense = _jsonl(tmp_path / "tense.jsonl", [{"present": "སྒྲུབ", "past": "བསྒྲུབས", "future": "བསྒྲུབ", "imperative": "སྒྲུབས"}] * 3)
+    kinds = _jsonl(tmp_path / "kinds.jsonl", [{"text": "ལྷ་ས་ནི་རྒྱལ་ས་ཡིན།", "label": "གསར་འགྱུར།"}] * 2)
+    out = tmp_path / "rel"
+    p = run_cli("release", str(tiny_hf), "--out", str(out), "--types", "Q8_0", "--name", "tiny", "--eval-mcq", str(mcq),
+                "--eval-task", f"tense={tense}", "--eval-task", f"classify={kinds}", "--eval-limit", "2", "--threads", "2",
+                "--json", timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    rows = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
+    assert [r["model"] for r in rows] == ["tiny-f16.gguf", "tiny-Q8_0.gguf"]
+    for r in rows:
+        assert r["mcq"]["n"] == 2 and 0 <= r["mcq"]["accuracy"] <= 1 and r["mcq"]["file"] == "mcq.jsonl"
+        assert r["tense"]["n"] == 2 and "past_found" in r["tense"] and r["classify"]["n"] == 2
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "## Tibetan tasks" in card
+    assert "TLUE accuracy (log-likelihood) (mcq.jsonl, 2) | tense exact match (tense.jsonl, 2) | kind of text (kinds.jsonl, 2)" in card
+    assert "| tiny-Q8_0.gguf |" in card.split("## Tibetan tasks")[1]
+    assert "evaluation.json" in (out / "SHA256SUMS").read_text()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--eval-task", "summary=x.jsonl"], "--eval-task 'summary=x.jsonl': expected NAME=FILE with NAME one of qa, tense"),
+    (["--eval-task", "tense"], "--eval-task 'tense': expected NAME=FILE"),
+    (["--eval-task", "tense=MISSING"], "no such file"),
+    (["--eval-mcq", "MISSING"], "no such file"),
+    (["--eval-task", "tense=TENSE", "--eval-task", "tense=TENSE"], "--eval-task tense is given twice"),
+])
+def test_release_task_arguments_are_checked_before_any_work(tiny_hf: Path, tmp_path: Path, args, match) -> None:
+    tense = _jsonl(tmp_path / "tense.jsonl", [{"present": "སྒྲུབ", "past": "བསྒྲུབས"}])
+    args = [a.replace("MISSING", str(tmp_path / "none.jsonl")).replace("TENSE", str(tense)) for a in args]
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "rel"), "--types", "Q8_0", *args)
+    err = p.stderr.decode().strip()
+    assert p.returncode == 1 and match in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "rel").exists() and not list(tmp_path.glob(".rel.*"))

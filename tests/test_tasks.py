@@ -71,6 +71,26 @@ def test_a_model_that_answers_with_the_reference_scores_1() -> None:
     assert r["n"] == 2 and r["exact_match"] == r["f1"] == r["rouge_l"] == 1.0 and r["chrf"] == pytest.approx(1.0)
 
 
+def test_corpus_tasks_prompts_and_scores() -> None:
+    """news, continue, classify: the Tibetan-Alpaca prompt around the row's text, the whole answer against the article
+    or continuation, the first line of the answer against the kind of text; the reference given back scores 1."""
+    from tiblocal.quantize.tasks import prompt_of, score_row
+
+    news = {"title": "ལྷ་སར་ཆར་པ་བབས།", "article": "དེ་རིང་ལྷ་སར་ཆར་པ་ཆེན་པོ་བབས། མི་མང་པོ་ཁྱིམ་དུ་བསྡད།"}
+    cont = {"text": "ང་ཚོ་ལྷ་སར་འགྲོ།", "continuation": "དེ་ནས་ཕྱིར་ལོག་ཡོང་།"}
+    kind = {"text": "བཅོམ་ལྡན་འདས་མཉན་ཡོད་ན་བཞུགས་ཏེ།", "label": "བཀའ་འགྱུར།"}
+    assert prompt_of("news", news) == 'ཁ་བྱང་ནི་"ལྷ་སར་ཆར་པ་བབས"ཡིན་པའི་རྩོམ་ཐུང་ཞིག་འབྲི་རོགས།'
+    assert prompt_of("continue", cont).endswith("\nང་ཚོ་ལྷ་སར་འགྲོ།") and prompt_of("classify", kind).endswith(kind["text"])
+    half = score_row("news", news, "དེ་རིང་ལྷ་སར་ཆར་པ་ཆེན་པོ་བབས།")
+    assert half["exact_match"] == 0.0 and 0.3 < half["rouge_l"] < 1.0
+    assert score_row("continue", cont, cont["continuation"])["rouge_l"] == 1.0
+    assert score_row("classify", kind, "བཀའ་འགྱུར།\nམདོ་སྡེ།")["exact_match"] == 1.0  # the first line is the answer
+    assert score_row("classify", kind, "གསར་འགྱུར།")["exact_match"] == 0.0
+    rows = [news, news]
+    r = evaluate_task(Echo([news["article"]] * 2), Plain(), "news", rows, max_tokens=8)["result"]
+    assert r["n"] == 2 and r["exact_match"] == r["rouge_l"] == 1.0
+
+
 def _write(path: Path, rows) -> Path:
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     return path
@@ -91,6 +111,10 @@ def test_eval_tasks_command(tiny_gguf, tmp_path) -> None:
     assert p.returncode == 0, p.stderr.decode()
     d = json.loads(p.stdout)
     assert d["n"] == 1 and d["skipped_no_forms"] == 1 and {"past_found", "future_found", "imperative_found"} <= set(d)
+    kinds = _write(tmp_path / "k.jsonl", [{"text": "ལྷ་ས་ནི་རྒྱལ་ས་ཡིན།", "label": "གསར་འགྱུར།"}])
+    p = run_cli("eval", "tasks", str(tiny_gguf), "--task", "classify", "--data", str(kinds), "--max-tokens", "4", "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    assert json.loads(p.stdout)["n"] == 1
 
 
 @pytest.mark.parametrize("task, rows, match", [
@@ -98,6 +122,8 @@ def test_eval_tasks_command(tiny_gguf, tmp_path) -> None:
     ("qa", [[1, 2]], "expected an object"),
     ("tense", [{"past": "x"}], "line 1 has no present"),
     ("qa", [], "holds no rows"),
+    ("news", [{"title": "t"}], "line 1 has no article"),
+    ("classify", [{"text": "t", "label": " "}], "line 1 has no label"),
 ])
 def test_bad_rows_are_one_line(tiny_gguf, tmp_path, task, rows, match) -> None:
     data = _write(tmp_path / "d.jsonl", rows)

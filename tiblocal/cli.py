@@ -344,6 +344,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     ppl = sub.add_parser("ppl", help="perplexity of a GGUF or a Hugging Face / GPTQ folder on a text")
     ppl.add_argument("models", type=Path, nargs=1, metavar="MODEL", help="a GGUF, or a Hugging Face or GPTQ folder")
+    ppl.add_argument("--per-syllable", action="store_true",
+                     help="each line a document, every token scored; perplexity per Tibetan syllable (comparable across "
+                          "tokenizers); --max-windows then counts lines")
     cmp = sub.add_parser("compare", help="ΔPPL, KL divergence and top-1 agreement of QUANT against REF")
     cmp.add_argument("models", type=Path, nargs=2, metavar="MODEL", help="REF then QUANT")
     rep = sub.add_parser("report", help="a table of size, bits/weight, ΔPPL, KL, top-1 and tokens/s per quant type")
@@ -363,9 +366,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     mcq.add_argument("--fewshot", type=Path, default=None, help="solved examples of each subject, the same format")
     mcq.add_argument("--shots", type=int, choices=[0, 5], default=0, help="examples before each question (default 0)")
     tasks = sub.add_parser("tasks", help="Tibetan generation tasks: reading comprehension (qa), verb tenses (tense)")
-    tasks.add_argument("--task", required=True, choices=["qa", "tense"],
+    tasks.add_argument("--task", required=True, choices=["qa", "tense", "news", "continue", "classify"],
                        help="qa: TibetanQA rows (context, question, answer); tense: verb rows (present, past, future, "
-                            "imperative)")
+                            "imperative); news: title, article; continue: text, continuation; classify: text, label "
+                            "(the corpus tasks' held-out rows: python -m tiblocal.finetune.instructions)")
     tasks.add_argument("--data", type=Path, required=True, help="the task's rows as JSON lines (.jsonl or .jsonl.xz)")
     for q, tokens, out in ((mcq, 16, "index, choice, answer, correct, the options' log-likelihoods, the generated "
                                      "answer"), (tasks, 64, "the answer and its scores")):
@@ -409,7 +413,7 @@ def _eval(a: argparse.Namespace) -> int:
         )
     return run_eval(
         a.action, a.models, text=a.text, ctx=a.ctx, max_windows=a.max_windows, threads=a.threads,
-        n_gpu_layers=a.n_gpu_layers, as_json=a.as_json,
+        n_gpu_layers=a.n_gpu_layers, as_json=a.as_json, per_syllable=getattr(a, "per_syllable", False),
     )
 
 
@@ -503,6 +507,13 @@ def _release_args(p: argparse.ArgumentParser) -> None:
                         "--make-imatrix they take a matrix measured in that basis (NAME.rotated.imatrix.gguf), a given "
                         "--imatrix they do not")
     p.add_argument("--rotate-seed", type=int, default=0, metavar="SEED", help="the rotation's seed (default 0)")
+    p.add_argument("--eval-mcq", type=Path, default=None, metavar="FILE",
+                   help="TLUE multiple-choice rows to score every GGUF of the release on (as tiblocal eval mcq, 0-shot)")
+    p.add_argument("--eval-task", dest="eval_tasks", action="append", default=[], metavar="NAME=FILE",
+                   help="a tiblocal eval tasks task and its rows (qa, tense, news, continue, classify), scored on every "
+                        "GGUF; repeat for more tasks")
+    p.add_argument("--eval-limit", type=positive_int, default=None, metavar="N",
+                   help="score the first N rows of each --eval-mcq / --eval-task file")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", dest="as_json", action="store_true", help="print the result as JSON")
 
@@ -516,7 +527,8 @@ def _release(a: argparse.Namespace) -> int:
         gptq_bits=a.gptq, gptq_group_size=a.gptq_group_size, force=a.force, imatrix=a.imatrix,
         make_imatrix=a.make_imatrix, imatrix_text=a.imatrix_text, imatrix_chunks=a.imatrix_chunks,
         imatrix_dtype=a.imatrix_dtype, device=a.device, n_gpu_layers=a.n_gpu_layers,
-        rotate=[t for t in a.rotate.split(",") if t.strip()], rotate_seed=a.rotate_seed,
+        rotate=[t for t in a.rotate.split(",") if t.strip()], rotate_seed=a.rotate_seed, eval_mcq=a.eval_mcq,
+        eval_tasks=a.eval_tasks, eval_limit=a.eval_limit,
     )
 
 
