@@ -51,6 +51,9 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16: the weights' dtype
     mixed_precision: str = "no"  # no | bf16: autocast the compute to bf16 (fp32 weights stay the master copy)
     gradient_checkpointing: bool = False
+    # dropout on the embedding and on each attention and MLP output before it joins the residual stream (GPT-2's
+    # resid_pdrop; Llama's config has only attention dropout): a regulariser for text seen many times over
+    hidden_dropout: float = 0.0
     compile: bool = False  # torch.compile each decoder layer (fuses norms, rotary, activations, LoRA dropout)
     eval_every: int = 50
     eval_blocks: int = 32
@@ -113,6 +116,7 @@ _SCHEMA: dict[str, tuple[str, float | None]] = {
     "micro_tokens": ("int?", 2),
     "max_steps": ("int", 1), "warmup_steps": ("int", 0), "eval_every": ("int", 1), "eval_blocks": ("int", 1),
     "save_every": ("int", 1), "log_every": ("int", 1), "seed": ("int", 0),
+    "hidden_dropout": ("fraction", None),
     "lr": ("positive", None), "embed_lr": ("positive?", None), "weight_decay": ("number", 0),
     "train_files": ("paths", None), "eval_files": ("paths", None), "model_config": ("dict", None),
 }  # train_weights and generation: checked below, with examples

@@ -10,9 +10,16 @@
 - news articles from their titles (Tibet Times, in corpus/): the Tibetan-Alpaca ``news`` prompt around a
   headline, the article's first paragraph as the answer;
 - continuation (modern essays and written Tibetan, in corpus/): the ``continue`` prompt around the first
-  sentences of a paragraph, the rest of the paragraph as the answer.
+  sentences of a paragraph, the rest of the paragraph as the answer;
+- kind of text (news, essay, speech, children's story, Kangyur, in corpus/): the ``classify`` prompt around a
+  paragraph, the kind its source file holds as the answer (the label is the file's, not a model's guess).
 Verbs and QA are split by a hash of the verb / of the passage's document, so no passage is in both halves;
-the corpus tasks take their train half from corpus/train and their dev half from corpus/dev.
+the corpus tasks take their train half from corpus/train and their dev half from corpus/dev. The held-out
+verbs and QA rows are also written as they came (heldout_tense.jsonl, heldout_qa.jsonl), and the corpus tasks'
+dev rows in `tiblocal eval tasks`' fields (heldout_news.jsonl, heldout_continue.jsonl, heldout_classify.jsonl): a
+model tuned on this set is scored on rows it never saw.
+Each task is capped (MAX_PER_TASK) so that no task takes over the answers: a small model tuned mostly on one
+task answers every prompt in that task's shape.
 Nothing else in the shared data has answers that could be built honestly without a model.
 """
 
@@ -68,7 +75,15 @@ def qa_examples(rows: list[dict]) -> list[tuple[str, dict]]:
 
 NEWS_FILE = "tibnlp_modern_tibettimes_news.txt.xz"
 CONTINUE_FILES = ("tibnlp_modern_tibetcm.txt.xz", "esukhia_nanhai_written.txt.xz")
-MAX_NEWS, MAX_CONTINUE = 4000, 3000  # train examples of each corpus task (dev: a twentieth of it)
+MAX_PER_TASK = 2000  # train examples of each corpus task (dev: a twentieth of it); tense 2.4k and QA 1.4k in all
+# classify: the kind of text each source file holds, in Tibetan (news, essay, speech, children's story, Kangyur)
+KIND_FILES = (
+    ("tibnlp_modern_tibettimes_news.txt.xz", "གསར་འགྱུར།"),
+    ("tibnlp_modern_tibetcm.txt.xz", "རྩོམ་ཡིག"),
+    ("esukhia_webcrawl_speech.txt.xz", "ཁ་སྐད།"),
+    ("esukhia_childrens_stories.txt.xz", "བྱིས་པའི་སྒྲུང་།"),
+    ("derge_kangyur.txt.xz", "བཀའ་འགྱུར།"),
+)
 
 
 def _lines(path: Path) -> list[str]:
@@ -110,25 +125,53 @@ def continue_examples(lines: list[str], limit: int) -> list[dict]:
     return out
 
 
+def classify_examples(lines: list[str], label: str, limit: int) -> list[dict]:
+    """A paragraph of one source -> the kind of text that source holds; paragraphs spread over the file."""
+    task = get_task("classify")
+    paras = [p.strip() for p in lines if 150 <= len(p.strip()) <= 800]
+    step = max(1, len(paras) // limit) if limit else 1
+    return [{"instruction": task.wrap(p), "input": "", "output": label, "task": "classify"} for p in paras[::step][:limit]]
+
+
 def build(data: Path, out: Path) -> dict:
-    examples = tense_examples(_rows(data / "eval" / "verb_tense.jsonl.xz")) + qa_examples(_rows(data / "eval" / "tibetanqa.jsonl.xz"))
+    verbs, qa_rows = _rows(data / "eval" / "verb_tense.jsonl.xz"), _rows(data / "eval" / "tibetanqa.jsonl.xz")
+    examples = tense_examples(verbs) + qa_examples(qa_rows)
     for split, share in (("train", 1), ("dev", 20)):
         corpus = data / "corpus" / split
-        examples += [(split, ex) for ex in news_examples(_lines(corpus / NEWS_FILE), MAX_NEWS // share)]
+        examples += [(split, ex) for ex in news_examples(_lines(corpus / NEWS_FILE), MAX_PER_TASK // share)]
         for name in CONTINUE_FILES:
-            examples += [(split, ex) for ex in continue_examples(_lines(corpus / name), MAX_CONTINUE // len(CONTINUE_FILES) // share)]
+            examples += [(split, ex) for ex in continue_examples(_lines(corpus / name), MAX_PER_TASK // len(CONTINUE_FILES) // share)]
+        for name, label in KIND_FILES:
+            examples += [(split, ex) for ex in classify_examples(_lines(corpus / name), label, MAX_PER_TASK // len(KIND_FILES) // share)]
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "dev": 0}
+    tasks: dict[str, int] = {}
     files = {split: open(out / f"{split}.jsonl", "w", encoding="utf-8") for split in counts}
     try:
         for key, ex in examples:
             split = key if key in counts else "dev" if is_dev(key) else "train"
             files[split].write(json.dumps(ex, ensure_ascii=False) + "\n")
             counts[split] += 1
+            if split == "train":
+                tasks[ex["task"]] = tasks.get(ex["task"], 0) + 1
     finally:
         for f in files.values():
             f.close()
-    return counts
+    # the rows the tuned model never sees, as `tiblocal eval tasks` reads them
+    heldout = {"heldout_tense.jsonl": [r for r in verbs if isinstance(r.get("present"), str) and is_dev(r["present"])],
+               "heldout_qa.jsonl": [r for r in qa_rows if is_dev(f"doc:{r.get('doc_id')}")]}
+    # the corpus tasks' dev rows (from corpus/dev, which pretraining never reads) in `eval tasks`' fields
+    dev = [ex for key, ex in examples if key == "dev"]
+    heldout["heldout_news.jsonl"] = [{"title": t.partition('"')[2].rpartition('"')[0], "article": ex["output"]}
+                                     for ex in dev if ex["task"] == "news" for t in [ex["instruction"]]]
+    heldout["heldout_continue.jsonl"] = [{"text": ex["instruction"].split("\n", 1)[1], "continuation": ex["output"]}
+                                         for ex in dev if ex["task"] == "continue"]
+    heldout["heldout_classify.jsonl"] = [{"text": ex["instruction"].split("\n", 1)[1], "label": ex["output"]}
+                                         for ex in dev if ex["task"] == "classify"]
+    for name, rows in heldout.items():
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        counts[name.removesuffix(".jsonl")] = len(rows)
+    return {**counts, "train_tasks": tasks}
 
 
 def main(argv: list[str] | None = None) -> int:

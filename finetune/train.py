@@ -98,6 +98,8 @@ def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None, dev
         raise TiblocalError(f"the model has {rows} embedding rows, more than the tokenizer's {sp.vocab_size()} pieces")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.hidden_dropout:
+        add_hidden_dropout(model, cfg.hidden_dropout)
     if cfg.lora is not None:
         import peft
 
@@ -113,6 +115,23 @@ def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None, dev
     if cfg.compile:
         compile_layers(model)
     return model
+
+
+def add_hidden_dropout(model, p: float) -> None:
+    """Dropout (rate ``p``, training mode only) on the token embeddings and on every attention and MLP output
+    before the residual add, as forward hooks: the saved model and its config are unchanged."""
+    torch = _torch()
+
+    def drop(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.nn.functional.dropout(output[0], p, module.training), *output[1:])
+        return torch.nn.functional.dropout(output, p, module.training)
+
+    core = model.model
+    core.embed_tokens.register_forward_hook(drop)
+    for layer in core.layers:
+        layer.self_attn.register_forward_hook(drop)
+        layer.mlp.register_forward_hook(drop)
 
 
 def compile_layers(model) -> None:

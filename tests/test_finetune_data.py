@@ -97,9 +97,22 @@ def test_instruction_set_from_shared_data(tmp_path: Path) -> None:
     assert main(["--data", str(data), "--out", str(tmp_path)]) == 0
     train = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     dev = [json.loads(l) for l in (tmp_path / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
-    tasks = {t: sum(r["task"] == t for r in train) for t in ("tense", "qa", "news", "continue")}
-    assert 3500 < tasks["tense"] + tasks["qa"] <= 2491 + 1500 and 2000 < tasks["news"] <= 4000 and tasks["continue"] == 3000
+    tasks = {t: sum(r["task"] == t for r in train) for t in ("tense", "qa", "news", "continue", "classify")}
+    assert 3500 < tasks["tense"] + tasks["qa"] <= 2491 + 1500 and tasks["news"] == tasks["continue"] == tasks["classify"] == 2000
+    assert max(tasks.values()) / len(train) < 0.25  # balanced: no task takes over the answers
     assert 0.02 < len(dev) / (len(train) + len(dev)) < 0.1 and {r["task"] for r in dev} == set(tasks)
+    kinds = {r["output"] for r in train if r["task"] == "classify"}
+    assert len(kinds) == 5 and all(r["instruction"].startswith("ཚན་པ་འདིའི་ནང་དོན་") for r in train if r["task"] == "classify")
+    # the held-out rows, as `eval tasks` reads them, are none of the tuning set's
+    held_qa = [json.loads(l) for l in (tmp_path / "heldout_qa.jsonl").read_text(encoding="utf-8").splitlines()]
+    held_tense = [json.loads(l) for l in (tmp_path / "heldout_tense.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert 50 < len(held_qa) < 150 and 50 < len(held_tense) < 150
+    assert {r["context"].strip() for r in held_qa}.isdisjoint({r["input"] for r in train if r["task"] == "qa"})
+    for name, fields in (("news", {"title", "article"}), ("continue", {"text", "continuation"}), ("classify", {"text", "label"})):
+        held = [json.loads(l) for l in (tmp_path / f"heldout_{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert len(held) == sum(r["task"] == name for r in dev) > 50 and all(set(r) == fields for r in held)
+    trained_verbs = {r["instruction"].split("-བྱ་ཚིག")[0] for r in train if r["task"] == "tense"}
+    assert not {r["present"].strip() for r in held_tense} & trained_verbs
     news = next(r for r in train if r["task"] == "news")
     assert news["instruction"].startswith('ཁ་བྱང་ནི་"') and len(news["output"]) >= 250
     cont = next(r for r in train if r["task"] == "continue")

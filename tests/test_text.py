@@ -92,3 +92,13 @@ def test_syllables() -> None:
     assert count_syllables("") == 0
     assert tibetan_share("བོད abc") == pytest.approx(3 / 6)
     assert tibetan_share("   ") == 0.0
+
+
+def test_longest_phrase_run_finds_loops_of_three_or_more_syllables() -> None:
+    from tiblocal.text import longest_phrase_run
+
+    assert longest_phrase_run("ཀ་ཁ་ག་ཀ་ཁ་ག་ཀ་ཁ་ག།") == (3, "ཀ་ཁ་ག")
+    assert longest_phrase_run("ང་ཚོ་ལྷ་སར་འགྲོ། ང་ཚོ་ལྷ་སར་འགྲོ།")[0] == 2  # a phrase said twice is not a loop
+    assert longest_phrase_run("ཀ་ཀ་ཀ་ཀ་ཀ་ཀ།") == (2, "ཀ་ཀ་ཀ")  # single syllables repeating: six make a 3-syllable phrase twice
+    assert longest_phrase_run("བཀྲ་ཤིས་བདེ་ལེགས། ཞེས་ " * 5)[0] == 5  # the phrase across shad and spaces
+    assert longest_phrase_run("Hello hello hello") == (1, "") and longest_phrase_run("") == (1, "")

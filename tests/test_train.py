@@ -411,3 +411,32 @@ def test_generation_settings_reach_generation_config(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     gen = json.loads((out / "model" / "generation_config.json").read_text())
     assert gen["do_sample"] is True and gen["temperature"] == 0.7 and gen["top_k"] == 30
+
+
+def test_hidden_dropout_drops_in_training_only(tmp_path: Path) -> None:
+    """hidden_dropout: the embedding and every attention and MLP output are dropped while training; in eval mode the
+    model computes what it computes without the hooks, and a rate outside [0, 1] is refused."""
+    import torch
+    import transformers
+
+    from tiblocal.finetune.train import add_hidden_dropout
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    plain = transformers.LlamaForCausalLM(cfg)
+    dropped = transformers.LlamaForCausalLM(cfg)
+    dropped.load_state_dict(plain.state_dict())
+    add_hidden_dropout(dropped, 0.5)
+    ids = torch.arange(1, 17)[None]
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(ids).logits, dropped(ids).logits)
+    dropped.train()
+    seen = []
+    dropped.model.layers[0].mlp.register_forward_hook(lambda m, a, out: seen.append(out))  # after the dropout hook
+    a, b = dropped(ids).logits, dropped(ids).logits
+    assert not torch.equal(a, b) and not torch.allclose(a, plain(ids).logits)
+    assert 0.3 < float((seen[0] == 0).float().mean()) < 0.7
+    assert load_config("tiny-pretrain", ["hidden_dropout=0.1"]).hidden_dropout == 0.1
+    with pytest.raises(TiblocalError, match="hidden_dropout"):
+        load_config("tiny-pretrain", ["hidden_dropout=1.5"])

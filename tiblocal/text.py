@@ -22,6 +22,21 @@ def count_syllables(text: str) -> int:
     return sum(1 for _ in TIBETAN_SYLLABLE.finditer(text))
 
 
+def longest_phrase_run(text: str, min_syllables: int = 3) -> tuple[int, str]:
+    """How many times in a row the most repeated phrase of at least ``min_syllables`` Tibetan syllables occurs,
+    and that phrase ((1, "") when nothing repeats): "ཀ་ཁ་ག་ཀ་ཁ་ག་ཀ་ཁ་ག" gives (3, "ཀ་ཁ་ག"). Loops show as runs."""
+    syl = TIBETAN_SYLLABLE.findall(text)
+    best, phrase = 1, ""
+    for size in range(min_syllables, len(syl) // 2 + 1):
+        for i in range(len(syl) - 2 * size + 1):
+            k = 1
+            while syl[i + k * size : i + (k + 1) * size] == syl[i : i + size]:
+                k += 1
+            if k > best:
+                best, phrase = k, "་".join(syl[i : i + size])
+    return best, phrase
+
+
 def distinct_bigram_share(ids: list[int]) -> float:
     """Distinct token bigrams over all bigrams (1.0 for fewer than two tokens): low values mean loops."""
     pairs = list(zip(ids, ids[1:]))
