@@ -188,7 +188,7 @@ def _score_tasks(models: list[Path], specs: list, *, threads: int | None, n_gpu_
 
     rows = []
     for model in models if specs else []:
-        source = open_mcq_source(model, ctx=None, threads=threads, n_gpu_layers=n_gpu_layers)
+        source = open_mcq_source(model, ctx=None, threads=threads, n_gpu_layers=n_gpu_layers, parallel=4)
         try:
             template = chat_template_of(source, None)
             row: dict = {"model": model.name}

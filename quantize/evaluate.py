@@ -49,10 +49,11 @@ class LogitSource:
 
 
 class GGUFSource(LogitSource):
-    def __init__(self, path: Path, ctx: int, threads: int | None, n_gpu_layers: int) -> None:
+    def __init__(self, path: Path, ctx: int, threads: int | None, n_gpu_layers: int, parallel: int = 1) -> None:
         from tiblocal.engine import Engine, EngineConfig
 
-        self.engine = Engine(path, EngineConfig(threads=threads, ctx=ctx, n_gpu_layers=n_gpu_layers, batch=ctx))
+        self.engine = Engine(path, EngineConfig(threads=threads, ctx=ctx, n_gpu_layers=n_gpu_layers, batch=ctx,
+                                                parallel=parallel))
         self.n_vocab, self.bos_id, self.name = self.engine.n_vocab, self.engine.bos_id, str(path)
 
     def tokenize(self, text: str) -> list[int]:

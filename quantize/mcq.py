@@ -219,6 +219,12 @@ class McqResult:
                 "generation": self.generation}
 
 
+def answers(source, prompts: list[list[int]], max_tokens: int) -> list[str]:
+    """Greedy answers to ``prompts``: batched where the source can (``answer_many``), else one by one."""
+    many = getattr(source, "answer_many", None)
+    return many(prompts, max_tokens) if many else [source.answer(p, max_tokens) for p in prompts]
+
+
 def evaluate_mcq(source, template, questions: list[Question], fewshot: list[Question], *, shots: int,
                  max_tokens: int = 16, generate: bool = True, progress=None) -> McqResult:
     """Score every question with both scorers. ``source``: a LogitSource that can also ``answer(ids, max_tokens)``
@@ -251,6 +257,8 @@ def evaluate_mcq(source, template, questions: list[Question], fewshot: list[Ques
         per[q.subject][0] += 1
         per[q.subject][1] += choice == q.answer
         if generate:
+            # one at a time, not batched: the prompt is in the cache from the log-likelihoods, so only the answer's
+            # tokens are decoded (a batch would evaluate every prompt again: 20 s became 32 s on the 2-core CPU)
             reply = source.answer(ids, max_tokens)
             rec["generated"] = reply
             for name, rule in rules.items():
@@ -358,8 +366,10 @@ def trained_context(path: Path) -> int:
     return int(value) if isinstance(value, int) and value > 0 else 2048
 
 
-def open_mcq_source(path: Path, *, ctx: int | None, threads: int | None, n_gpu_layers: int):
-    """``ctx`` None: the context the model was trained on."""
+def open_mcq_source(path: Path, *, ctx: int | None, threads: int | None, n_gpu_layers: int, parallel: int = 1):
+    """``ctx`` None: the context the model was trained on. The source answers greedily, one prompt at a time
+    (``answer``) or several (``answer_many``: a GGUF decodes up to ``parallel`` answers in each llama_decode, each in
+    a cache of ``ctx`` tokens; a Hugging Face folder answers them one by one)."""
     from .evaluate import GGUFSource, HFSource
 
     path = Path(path)
@@ -377,9 +387,22 @@ def open_mcq_source(path: Path, *, ctx: int | None, threads: int | None, n_gpu_l
             return source.sp.decode(new)
 
         source.answer = answer
+        source.answer_many = lambda prompts, max_tokens: [answer(p, max_tokens) for p in prompts]
         return source
-    source = GGUFSource(path, ctx, threads, n_gpu_layers)
+    if parallel < 1:
+        raise TiblocalError(f"--parallel {parallel}: expected at least 1 answer at a time")
+    source = GGUFSource(path, ctx, threads, n_gpu_layers, parallel)
     source.ctx = source.engine.n_ctx
+
+    def answer_many(prompts: list[list[int]], max_tokens: int) -> list[str]:
+        from tiblocal.text import Utf8Stream
+
+        texts = []
+        for toks in source.engine.greedy_many(prompts, max_tokens):
+            stream = Utf8Stream()  # as stream() makes the text: the first piece without its leading space
+            texts.append("".join(stream.feed(source.engine.piece(t, lstrip=1 if i == 0 else 0))
+                                 for i, t in enumerate(toks)) + stream.finish())
+        return texts
 
     def answer(ids: list[int], max_tokens: int) -> str:
         from tiblocal.engine import Generation, Sampling
@@ -388,4 +411,6 @@ def open_mcq_source(path: Path, *, ctx: int | None, threads: int | None, n_gpu_l
         return "".join(source.engine.stream(ids, Sampling(temperature=0, max_tokens=max_tokens, repeat_penalty=1.0), (), g))
 
     source.answer = answer
+    source.answer_many = answer_many
+    source.parallel = source.engine.parallel
     return source

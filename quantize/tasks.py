@@ -144,18 +144,24 @@ def score_row(task: str, row: dict, answer: str) -> dict:
 
 def evaluate_task(source, template, task: str, rows: list[dict], *, max_tokens: int, progress=None) -> dict:
     """Greedy answers and their scores; ``source`` answers as eval mcq's sources do."""
+    from .mcq import answers
+
     _scorers()  # before the first answer: the libraries are there
-    records, skipped = [], 0
+    records, skipped, todo = [], 0, []
+    step = 4 * getattr(source, "parallel", 1)  # rows answered together (batched where the source can)
     for done, row in enumerate(rows, 1):
         text = template.render([{"role": "user", "content": prompt_of(task, row)}], bos_token="", eos_token="")
         ids = [source.bos_id, *source.tokenize(text)]
         if len(ids) + max_tokens > source.ctx:
             skipped += 1
         else:
-            answer = source.answer(ids, max_tokens)
-            records.append({"index": done - 1, **score_row(task, row, answer)})
-        if progress:
-            progress(done, len(rows))
+            todo.append((done - 1, row, ids))
+        if len(todo) >= step or done == len(rows):
+            for (index, r, _), answer in zip(todo, answers(source, [ids for _, _, ids in todo], max_tokens)):
+                records.append({"index": index, **score_row(task, r, answer)})
+            todo = []
+            if progress:
+                progress(done, len(rows))
     n = len(records)
     result: dict = {"task": task, "n": n, "skipped_too_long": skipped}
     if n:
@@ -173,7 +179,7 @@ def evaluate_task(source, template, task: str, rows: list[dict], *, max_tokens: 
 
 def run_tasks(model: Path | None, *, task: str, data: Path, limit: int | None, out: Path | None, force: bool,
               ctx: int | None, threads: int | None, n_gpu_layers: int, template: str | None, max_tokens: int,
-              as_json: bool) -> int:
+              as_json: bool, parallel: int = 1) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
@@ -192,7 +198,7 @@ def run_tasks(model: Path | None, *, task: str, data: Path, limit: int | None, o
     path = resolve_model(model)
     if out is not None:
         check_output_path(out, force=force, inputs=[path, data])
-    source = open_mcq_source(path, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers)
+    source = open_mcq_source(path, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, parallel=parallel)
     try:
         tmpl = chat_template_of(source, template)
         err = Console(stderr=True, highlight=False)

@@ -358,3 +358,27 @@ def test_no_ctx_given_means_2048_or_the_trained_context_if_shorter(tiny_gguf) ->
     assert p.returncode == 0 and "beyond the" not in p.stderr.decode()
     p = run_cli("generate", str(tiny_gguf), "--prompt", "x", "--max-tokens", "2", "--ctx", "1024")
     assert p.returncode == 0 and "--ctx 1024 is beyond the 512 tokens" in p.stderr.decode()
+
+
+def test_greedy_many_answers_as_one_prompt_at_a_time() -> None:
+    """Batched greedy answers (evaluation's): more prompts than sequences, prompts longer than the batch (evaluated in
+    chunks), a short limit; each answer equals the one-at-a-time greedy answer, and the cache is empty after."""
+    from tiblocal.engine import Engine, EngineConfig, Generation, Sampling
+    from tiblocal.models import BUNDLED_MODEL
+    from tiblocal.templates import get_template
+
+    t = get_template("alpaca")
+    texts = ["བཀྲ་ཤིས་བདེ་ལེགས།", "བོད་ཀྱི་ལོ་རྒྱུས་སྐོར་ལ་ཅུང་ཙམ་བཤད་རོགས།", "ལྷ་ས་ནི་ག་པར་ཡོད།",
+             "ང་ཚོ་ལྷ་སར་འགྲོ་གི་ཡོད། " * 12, "འགྲོ-བྱ་ཚིག་འདིའི་དུས་གསུམ་ནི་གང་དག་ཡིན།"]
+    with Engine(BUNDLED_MODEL, EngineConfig(ctx=512, threads=2, parallel=3, batch=64)) as e:
+        prompts = [e.tokenize(t.render([{"role": "user", "content": x}], add_generation_prompt=True)) for x in texts]
+        assert max(map(len, prompts)) > 64  # one prompt is evaluated in chunks of the batch
+        many = e.greedy_many(prompts, 24)
+        assert e.greedy_many(prompts[:2], 0) == [[], []]
+        one = []
+        for p in prompts:
+            one.append(list(e.generate_tokens(p, Sampling(temperature=0, max_tokens=24, repeat_penalty=1.0), Generation())))
+            e.reset()
+        with pytest.raises(PromptTooLongError):
+            e.greedy_many([[1] * 600], 4)
+    assert many == one and all(0 < len(a) <= 24 for a in many)

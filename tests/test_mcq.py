@@ -63,7 +63,10 @@ class AnswerInPrompt:
         self.vocab = {c: i + 2 for i, c in enumerate(LETTERS)}
 
     def tokenize(self, text: str) -> list[int]:
-        return [self.vocab.get(c, 10 + ord(c) % 5) for c in text if not c.isspace()]
+        ids = [self.vocab.get(c, 10 + ord(c) % 5) for c in text if not c.isspace()]
+        self.keys = getattr(self, "keys", {})
+        self.keys.setdefault(tuple(ids), self.key)  # the prompt's key, for its answer
+        return ids
 
     def logits(self, ids: list[int]) -> np.ndarray:
         out = np.zeros((len(ids), self.n_vocab), dtype=np.float32)
@@ -75,7 +78,7 @@ class AnswerInPrompt:
         return self.logits(ids)[-1]
 
     def answer(self, ids: list[int], max_tokens: int) -> str:
-        return f"ལན་ནི། {self.key}"
+        return f"ལན་ནི། {self.keys[tuple(ids[1:])]}"
 
 
 def test_a_model_given_the_answer_scores_100_percent(tmp_path) -> None:

@@ -111,6 +111,17 @@ def test_eval_tasks_command(tiny_gguf, tmp_path) -> None:
     assert p.returncode == 0, p.stderr.decode()
     d = json.loads(p.stdout)
     assert d["n"] == 1 and d["skipped_no_forms"] == 1 and {"past_found", "future_found", "imperative_found"} <= set(d)
+    # batched answers (--parallel 3) are the answers one at a time gives (--parallel 1): the same scores and predictions
+    many = _write(tmp_path / "many.jsonl", [{"context": f"ལྷ་ས་ནི་རྒྱལ་ས་ཡིན། {'ཀ་' * i}", "question": "གང་ཡིན།",
+                                              "answer": "ལྷ་ས"} for i in range(7)])
+    preds = {}
+    for n in ("1", "3"):
+        out_n = tmp_path / f"p{n}.jsonl"
+        p = run_cli("eval", "tasks", str(tiny_gguf), "--task", "qa", "--data", str(many), "--max-tokens", "6",
+                    "--parallel", n, "--out", str(out_n), "--json")
+        assert p.returncode == 0, p.stderr.decode()
+        preds[n] = (json.loads(p.stdout), out_n.read_text(encoding="utf-8"))
+    assert preds["1"] == preds["3"] and preds["1"][0]["n"] == 7
     kinds = _write(tmp_path / "k.jsonl", [{"text": "ལྷ་ས་ནི་རྒྱལ་ས་ཡིན།", "label": "གསར་འགྱུར།"}])
     p = run_cli("eval", "tasks", str(tiny_gguf), "--task", "classify", "--data", str(kinds), "--max-tokens", "4", "--json")
     assert p.returncode == 0, p.stderr.decode()
@@ -138,3 +149,11 @@ def test_the_shared_files_read(tmp_path) -> None:
     qa, _ = read_rows(shared_data("eval", "tibetanqa.jsonl.xz"), "qa")
     verbs, no_forms = read_rows(shared_data("eval", "verb_tense.jsonl.xz"), "tense")
     assert len(qa) == 1500 and len(verbs) + no_forms == 2491
+
+
+def test_parallel_below_one_is_refused(tiny_gguf) -> None:
+    from tiblocal.errors import TiblocalError
+    from tiblocal.quantize.mcq import open_mcq_source
+
+    with pytest.raises(TiblocalError, match="--parallel 0: expected at least 1"):
+        open_mcq_source(tiny_gguf, ctx=None, threads=2, n_gpu_layers=0, parallel=0)

@@ -371,6 +371,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                             "imperative); news: title, article; continue: text, continuation; classify: text, label "
                             "(the corpus tasks' held-out rows: python -m tiblocal.finetune.instructions)")
     tasks.add_argument("--data", type=Path, required=True, help="the task's rows as JSON lines (.jsonl or .jsonl.xz)")
+    tasks.add_argument("--parallel", type=positive_int, default=4, metavar="N",
+                       help="a GGUF answers N rows in each decode, each in a cache of --ctx tokens (default 4; 1: one "
+                            "at a time, the least memory)")
     for q, tokens, out in ((mcq, 16, "index, choice, answer, correct, the options' log-likelihoods, the generated "
                                      "answer"), (tasks, 64, "the answer and its scores")):
         q.add_argument("model", nargs="?", type=Path, default=None,
@@ -397,7 +400,7 @@ def _eval(a: argparse.Namespace) -> int:
 
         return run_tasks(a.model, task=a.task, data=a.data, limit=a.limit, out=a.out, force=a.force, ctx=a.ctx,
                          threads=a.threads, n_gpu_layers=a.n_gpu_layers, template=a.template,
-                         max_tokens=a.max_tokens, as_json=a.as_json)
+                         max_tokens=a.max_tokens, as_json=a.as_json, parallel=a.parallel)
     if a.action == "mcq":
         from .quantize.mcq import run_mcq
 

@@ -565,6 +565,70 @@ class Engine:
             lib.llama_batch_free(batch)
         return out
 
+    def greedy_many(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+        """Greedy answers (token ids, end of generation excluded) to several prompts, up to ``parallel`` of them in
+        each ``llama_decode``: evaluation's batched generation. Each prompt runs in a sequence of its own (its cache
+        cleared first), so the answers are those of one prompt at a time, up to the float differences of batched
+        kernels; an answer stops at end of generation, ``max_tokens`` or a full sequence. The cache is empty after."""
+        lib = _llama_cpp
+        for p in prompts:
+            self.check_fits(len(p))
+        out: list[list[int]] = [[] for _ in prompts]
+        waiting = list(range(len(prompts)))[::-1]  # popped from the end: the prompts in order
+        free = list(range(self.parallel))[::-1]
+        active: dict[int, list[int]] = {}  # seq -> [prompt index, next token, its position]
+        batch = lib.llama_batch_init(self.n_batch, 0, 1)
+
+        def pick(i: int) -> int:
+            return int(np.argmax(np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))))
+
+        def take(seq: int, k: int, tok: int, pos: int) -> None:
+            if self.is_eog(tok) or max_tokens == 0:
+                free.append(seq)
+                return
+            out[k].append(tok)
+            if len(out[k]) >= max_tokens or pos + 1 > self.n_ctx:
+                free.append(seq)
+            else:
+                active[seq] = [k, tok, pos]
+
+        def decode(n: int) -> None:
+            batch.n_tokens = n
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with code {rc} in batched generation")
+
+        try:
+            self.reset()
+            while waiting or active:
+                while waiting and free:  # a new prompt in a free sequence, evaluated in chunks of the batch
+                    seq, k = free.pop(), waiting.pop()
+                    prompt = prompts[k]
+                    lib.llama_memory_seq_rm(self._mem, seq, -1, -1)  # the last answer in this sequence goes
+                    for start in range(0, len(prompt), self.n_batch):
+                        chunk = prompt[start : start + self.n_batch]
+                        for i, t in enumerate(chunk):
+                            put_token(batch, i, t, start + i, seq, start + i == len(prompt) - 1)
+                        decode(len(chunk))
+                    take(seq, k, pick(len(prompt) - 1 - (len(prompt) - 1) // self.n_batch * self.n_batch),
+                         len(prompt))
+                if not active:
+                    continue
+                seqs = list(active)
+                for g in range(0, len(seqs), self.n_batch):  # the next token of every answering sequence, one decode
+                    group = seqs[g : g + self.n_batch]
+                    for i, seq in enumerate(group):
+                        _, tok, pos = active[seq]
+                        put_token(batch, i, tok, pos, seq, True)
+                    decode(len(group))
+                    for i, seq in enumerate(group):
+                        k, _, pos = active.pop(seq)
+                        take(seq, k, pick(i), pos + 1)
+        finally:
+            lib.llama_batch_free(batch)
+            self.reset()
+        return out
+
     def sampler(self, s: Sampling, grammar: str | None = None, history: Sequence[int] = (), *, precut: bool = True,
                 device: bool = False):
         """A llama.cpp sampler chain for ``s`` (free it with ``free_sampler``); ``grammar``: GBNF text whose root rule
