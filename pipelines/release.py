@@ -184,7 +184,7 @@ def _task_specs(eval_tasks: list[str], eval_mcq: Path | None, limit: int | None)
 def _score_tasks(models: list[Path], specs: list, *, threads: int | None, n_gpu_layers: int, say) -> list[dict]:
     """One row per model: each task's figures, greedy, through the model's own chat template."""
     from tiblocal.quantize.mcq import chat_template_of, evaluate_mcq, open_mcq_source
-    from tiblocal.quantize.tasks import evaluate_task
+    from tiblocal.quantize.tasks import MAX_TOKENS, evaluate_task
 
     rows = []
     for model in models if specs else []:
@@ -197,8 +197,7 @@ def _score_tasks(models: list[Path], specs: list, *, threads: int | None, n_gpu_
                 if name == "mcq":
                     r = evaluate_mcq(source, template, items, [], shots=0, max_tokens=16).as_dict()
                 else:
-                    r = evaluate_task(source, template, name, items, max_tokens=64 if name in ("qa", "tense") else
-                                      16 if name == "classify" else 128)["result"]
+                    r = evaluate_task(source, template, name, items, max_tokens=MAX_TOKENS[name])["result"]
                 row[name] = {"file": file.name, **{k: v for k, v in r.items() if k not in ("by_subject", "predictions")}}
             rows.append(row)
         finally:

@@ -219,12 +219,6 @@ class McqResult:
                 "generation": self.generation}
 
 
-def answers(source, prompts: list[list[int]], max_tokens: int) -> list[str]:
-    """Greedy answers to ``prompts``: batched where the source can (``answer_many``), else one by one."""
-    many = getattr(source, "answer_many", None)
-    return many(prompts, max_tokens) if many else [source.answer(p, max_tokens) for p in prompts]
-
-
 def evaluate_mcq(source, template, questions: list[Question], fewshot: list[Question], *, shots: int,
                  max_tokens: int = 16, generate: bool = True, progress=None) -> McqResult:
     """Score every question with both scorers. ``source``: a LogitSource that can also ``answer(ids, max_tokens)``
@@ -368,8 +362,8 @@ def trained_context(path: Path) -> int:
 
 def open_mcq_source(path: Path, *, ctx: int | None, threads: int | None, n_gpu_layers: int, parallel: int = 1):
     """``ctx`` None: the context the model was trained on. The source answers greedily, one prompt at a time
-    (``answer``) or several (``answer_many``: a GGUF decodes up to ``parallel`` answers in each llama_decode, each in
-    a cache of ``ctx`` tokens; a Hugging Face folder answers them one by one)."""
+    (``answer``), and a GGUF several (``answer_many``: up to ``parallel`` answers in each llama_decode, each in a cache
+    of ``ctx`` tokens)."""
     from .evaluate import GGUFSource, HFSource
 
     path = Path(path)
@@ -387,7 +381,6 @@ def open_mcq_source(path: Path, *, ctx: int | None, threads: int | None, n_gpu_l
             return source.sp.decode(new)
 
         source.answer = answer
-        source.answer_many = lambda prompts, max_tokens: [answer(p, max_tokens) for p in prompts]
         return source
     if parallel < 1:
         raise TiblocalError(f"--parallel {parallel}: expected at least 1 answer at a time")

@@ -112,10 +112,10 @@ def run_eval(
     from .evaluate import compare, open_source, perplexity, perplexity_per_syllable, read_text
 
     err = Console(stderr=True, highlight=False)
-    body = read_text(text)
-    if per_syllable:
-        lines = [line for line in read_lines(text) if line.strip()]
-        lines = lines if max_windows is None else lines[:max_windows]
+    if per_syllable:  # each line a document; --max-windows counts lines
+        lines = [line for line in read_lines(text) if line.strip()][:max_windows]
+    else:
+        body = read_text(text)
     sources = [open_source(m, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers) for m in models]
     columns = (TextColumn(f"eval {action}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as progress:

@@ -31,6 +31,7 @@ from tiblocal.errors import InputFileError, TiblocalError
 from .mcq import json_rows
 
 TASK_NAMES = ("qa", "tense", "news", "continue", "classify")
+MAX_TOKENS = {"qa": 64, "tense": 64, "news": 128, "continue": 128, "classify": 16}  # each task's answer length
 # each task's fields, and the one the answer is scored against
 TASK_FIELDS = {"qa": ("context", "question", "answer"), "tense": ("present",), "news": ("title", "article"),
                "continue": ("text", "continuation"), "classify": ("text", "label")}
@@ -142,10 +143,14 @@ def score_row(task: str, row: dict, answer: str) -> dict:
             "rouge_l": rouge_l(answer, reference), "reference": reference}
 
 
+def answers(source, prompts: list[list[int]], max_tokens: int) -> list[str]:
+    """Greedy answers to ``prompts``: batched where the source can (``answer_many``), else one by one."""
+    many = getattr(source, "answer_many", None)
+    return many(prompts, max_tokens) if many else [source.answer(p, max_tokens) for p in prompts]
+
+
 def evaluate_task(source, template, task: str, rows: list[dict], *, max_tokens: int, progress=None) -> dict:
     """Greedy answers and their scores; ``source`` answers as eval mcq's sources do."""
-    from .mcq import answers
-
     _scorers()  # before the first answer: the libraries are there
     records, skipped, todo = [], 0, []
     step = 4 * getattr(source, "parallel", 1)  # rows answered together (batched where the source can)
@@ -178,7 +183,7 @@ def evaluate_task(source, template, task: str, rows: list[dict], *, max_tokens: 
 
 
 def run_tasks(model: Path | None, *, task: str, data: Path, limit: int | None, out: Path | None, force: bool,
-              ctx: int | None, threads: int | None, n_gpu_layers: int, template: str | None, max_tokens: int,
+              ctx: int | None, threads: int | None, n_gpu_layers: int, template: str | None, max_tokens: int | None,
               as_json: bool, parallel: int = 1) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -193,6 +198,7 @@ def run_tasks(model: Path | None, *, task: str, data: Path, limit: int | None, o
     if task not in TASK_NAMES:
         raise TiblocalError(f"--task {task!r}: expected one of {', '.join(TASK_NAMES)}")
     _scorers()  # the libraries first: no reading or loading for nothing
+    max_tokens = max_tokens or MAX_TOKENS[task]
     rows, no_forms = read_rows(data, task)
     rows = rows[:limit] if limit else rows
     path = resolve_model(model)

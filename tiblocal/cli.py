@@ -374,8 +374,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     tasks.add_argument("--parallel", type=positive_int, default=4, metavar="N",
                        help="a GGUF answers N rows in each decode, each in a cache of --ctx tokens (default 4; 1: one "
                             "at a time, the least memory)")
-    for q, tokens, out in ((mcq, 16, "index, choice, answer, correct, the options' log-likelihoods, the generated "
-                                     "answer"), (tasks, 64, "the answer and its scores")):
+    for q, tokens, out in ((mcq, "16", "index, choice, answer, correct, the options' log-likelihoods, the generated "
+                                       "answer"), (tasks, "qa and tense 64, news and continue 128, classify 16",
+                                                   "the answer and its scores")):
         q.add_argument("model", nargs="?", type=Path, default=None,
                        help="a GGUF or a Hugging Face / GPTQ folder (default: the bundled model)")
         q.add_argument("--limit", type=positive_int, default=None, help="the first N rows only")
@@ -383,7 +384,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         q.add_argument("--force", action="store_true", help="overwrite --out if it exists")
         q.add_argument("--ctx", type=positive_int, default=None, help="context in tokens; longer prompts are skipped "
                        "and counted (default: the context the model was trained on)")
-        q.add_argument("--max-tokens", type=positive_int, default=tokens,
+        q.add_argument("--max-tokens", type=positive_int, default=16 if q is mcq else None,
                        help=f"tokens of each generated answer (default {tokens})")
         q.add_argument("--template", default=None, help="chat template (default: the GGUF's own, else alpaca)")
         q.add_argument("--threads", type=int, default=None, help="CPU threads (default: all available cores)")
