@@ -28,7 +28,7 @@ BARE = """
 import json, sys, time
 from pathlib import Path
 import torch, transformers
-from tiblocal.quantize.gptq import calibration_texts, calibration_windows
+from tiblocal.quantize.calibration import calibration_texts, calibration_windows
 from tiblocal.quantize.imatrix import DTYPES
 hf, chunks, ctx, device, split = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
 dtype = getattr(torch, DTYPES[sys.argv[6]])

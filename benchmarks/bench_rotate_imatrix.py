@@ -25,7 +25,7 @@ def main() -> int:
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
     from tiblocal.quantize.evaluate import GGUFSource, compare, read_text
     from tiblocal.quantize.gguf_quant import quantize_gguf
-    from tiblocal.quantize.gptq import calibration_texts
+    from tiblocal.quantize.calibration import calibration_texts
     from tiblocal.quantize.imatrix import IMATRIX_CTX, compute_imatrices
     from tiblocal.quantize.rotate import quantize_rotated
 

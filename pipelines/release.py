@@ -289,7 +289,7 @@ def release(
                             "as converted: give a matrix of the unrotated model, or --make-imatrix")
     im_windows = None
     if make_imatrix:  # the text is cut into windows now, so a short text stops here, before the long work
-        from tiblocal.quantize.gptq import calibration_texts, calibration_windows
+        from tiblocal.quantize.calibration import calibration_texts, calibration_windows
         from tiblocal.quantize.imatrix import IMATRIX_CTX
 
         if imatrix_chunks < 1:

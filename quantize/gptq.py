@@ -20,6 +20,8 @@ from pathlib import Path
 from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.jsonout import print_json, stdout_to_stderr
 
+from .calibration import calibration_texts, calibration_windows
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tiblocal_vocab.json")
 # GPTQ on the CPU: measured with the demo model (12.4 M parameters in its decoder layers, 128 windows of 512) on
 # this project's 2-core machine, gptqmodel 7.6 takes about CPU_SECONDS_PER_MPARAM seconds per million layer
@@ -28,12 +30,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 CPU_SECONDS_PER_MPARAM = 32.0
 CPU_MAX_HOURS = 4.0
 NEEDS_GPTQMODEL = "GPTQ needs gptqmodel (and optimum to load the result in transformers): pip install 'tiblocal[gptq]'"
-
-
-def default_calibration() -> Path:
-    from tiblocal.models import DATA_DIR
-
-    return DATA_DIR / "calibration" / "tibetan.txt.xz"
 
 
 @dataclass(frozen=True)
@@ -45,15 +41,6 @@ class GPTQResult:
     seq_len: int
     seconds: float
     size: int
-
-
-def calibration_texts(paths: list[Path], option: str = "--calib") -> list[Path]:
-    """The text files given with ``option``, or the bundled Tibetan excerpt when none are; each must exist."""
-    texts = [Path(p) for p in paths] or [default_calibration()]
-    for t in texts:
-        if not t.is_file():
-            raise InputFileError(f"{t}: no such calibration text file; give plain or .xz text with {option}")
-    return texts
 
 
 def _model_params(hf_dir: Path) -> tuple[int, int]:
@@ -70,42 +57,6 @@ def _model_params(hf_dir: Path) -> tuple[int, int]:
         if ".layers." in ref.name:
             layers += n
     return total, layers
-
-
-def calibration_windows(
-    hf_dir: Path, texts: list[Path], samples: int, seq_len: int,
-    options: tuple[str, str, str | None] = ("--calib", "--samples", "--seq-len"),
-) -> list[dict]:
-    """``samples`` windows of ``seq_len`` SentencePiece ids (BOS first), spread evenly through the text.
-
-    ``options``: the command's names for the text, the window count and the window length (None where it has
-    none), for the error."""
-    from tiblocal.gguf_vocab import load_sentencepiece
-    from tiblocal.vocab import read_lines
-
-    model_file = hf_dir / "tokenizer.model"
-    if not model_file.is_file():
-        raise InputFileError(f"{hf_dir}: no tokenizer.model; copy the model's SentencePiece tokenizer into the folder")
-    sp = load_sentencepiece(model_file)
-    ids: list[int] = []
-    for line in read_lines(texts):
-        if line.strip():
-            ids.extend(sp.encode(line))
-            ids.append(sp.eos_id())
-    span = seq_len - 1
-    available = len(ids) // span
-    if available < samples:
-        raise TiblocalError(
-            f"the calibration text ({', '.join(str(t) for t in texts)}) has {len(ids)} tokens: {available} windows of "
-            f"{seq_len}, fewer than {options[1]} {samples}; give more text with {options[0]}, or lower {options[1]}"
-            + (f" or {options[2]}" if options[2] else "")
-        )
-    step = available // samples
-    out = []
-    for k in range(samples):
-        window = [sp.bos_id()] + ids[k * step * span : k * step * span + span]
-        out.append({"input_ids": window, "attention_mask": [1] * len(window)})
-    return out
 
 
 def _count(n: int) -> str:

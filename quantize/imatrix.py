@@ -106,7 +106,7 @@ def compute_imatrices(
     from tiblocal.checkpoint import HFCheckpoint
     from tiblocal.convert.hf_to_gguf import ModelConverter
 
-    from .gptq import calibration_windows
+    from .calibration import calibration_windows
 
     check_dtype(dtype)
     hf_dir = Path(hf_dir)
@@ -229,7 +229,7 @@ def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx:
 
     from tiblocal.fsutil import check_output_path
 
-    from .gptq import calibration_texts
+    from .calibration import calibration_texts
 
     if chunks < 1 or ctx < 2:
         raise TiblocalError(f"--chunks {chunks} --ctx {ctx}: expected at least 1 window of at least 2 tokens")

@@ -275,7 +275,7 @@ def quantize_rotated(
 
     from .evaluate import GGUFSource, perplexity_of_ids, read_text
     from .gguf_quant import QuantResult, output_paths, quantize_gguf
-    from .gptq import calibration_texts
+    from .calibration import calibration_texts
 
     inp, out = Path(inp), Path(out)
     if trials < 1:

@@ -154,7 +154,7 @@ def test_computed_imatrix_is_the_mean_square_of_each_matrix_input(tiny256) -> No
     import torch
     import transformers
 
-    from tiblocal.quantize.gptq import calibration_windows
+    from tiblocal.quantize.calibration import calibration_windows
 
     hf, model = tiny256
     text = [DATA / "tibetan_sample.txt"]

@@ -65,7 +65,7 @@ def test_rotated_imatrix_is_what_the_rotated_model_multiplies_by(tmp_path, tiny_
     import transformers
 
     from tiblocal.convert.hf_to_gguf import hf_to_gguf
-    from tiblocal.quantize.gptq import calibration_windows
+    from tiblocal.quantize.calibration import calibration_windows
 
     hf = outlier_llama(tmp_path, tiny_tokenizer, outliers=4.0, **shape)
     ref = _rotated_hf(hf, tmp_path / "rotated-hf", seed=5)
