@@ -78,10 +78,19 @@ def test_commands(session, tmp_path: Path) -> None:
     out = tmp_path / "t.jsonl"
     assert session.command(f"/save {out}") == f"saved 3 messages to {out}"
     rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
-    assert [r["role"] for r in rows] == ["system", "user", "assistant"]
+    assert rows[0]["tiblocal_chat"] == 1 and rows[0]["template"] == "llama-2" and rows[0]["sampling"]["temperature"] == 0.3
+    assert [r["role"] for r in rows[1:]] == ["system", "user", "assistant"]
     with pytest.raises(TiblocalError, match="already exists"):
         session.command(f"/save {out}")
+    saved = session.messages()
     assert session.command("/reset") == "conversation cleared" and session.turns == []
+    # /load brings the conversation back with the template, system prompt and sampling it was saved with
+    session.command("/template alpaca")
+    session.command("/set temp 0.9")
+    assert session.command(f"/load {out}") == f"loaded 1 turns from {out}"
+    assert session.messages() == saved and session.template.name == "llama-2" and session.sampling.temperature == 0.3
+    _answer(session, "ཡང་བསྐྱར།")  # and goes on from there
+    assert len(session.turns) == 2
     assert session.command("/exit") is None
     for bad, msg in [("/set warmth 2", "unknown setting"), ("/template chatml", "unknown chat template"),
                      ("/task poem", "unknown task"), ("/fly", "unknown command /fly"), ("/set temp", "needs a value")]:
@@ -128,7 +137,8 @@ def test_chat_in_a_terminal(tiny_gguf, tmp_path: Path) -> None:
     child.close()
     assert child.exitstatus == 0
     rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
-    assert rows[0] == {"role": "user", "content": "བཀྲ་ཤིས་བདེ་ལེགས།"}
+    assert rows[0]["model"] == tiny_gguf.name and rows[0]["sampling"]["temperature"] == 0.5
+    assert rows[1] == {"role": "user", "content": "བཀྲ་ཤིས་བདེ་ལེགས།"}
 
 
 def test_ctrl_d_leaves_the_chat(tiny_gguf) -> None:
@@ -138,3 +148,38 @@ def test_ctrl_d_leaves_the_chat(tiny_gguf) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_load_refuses_what_is_not_a_saved_conversation_and_keeps_the_chat(session, tmp_path: Path) -> None:
+    _answer(session, "བཀྲ་ཤིས་བདེ་ལེགས།")
+    before = session.messages()
+    plain = tmp_path / "plain.jsonl"  # message lines without the header load too (the template and sampling stay)
+    plain.write_text('{"role": "user", "content": "ཀ"}\n{"role": "assistant", "content": "ཁ"}\n', encoding="utf-8")
+    template = session.template.name
+    assert session.command(f"/load {plain}") == f"loaded 1 turns from {plain}" and session.template.name == template
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"tiblocal_chat": 1, "model": "elsewhere.gguf"}\n', encoding="utf-8")
+    assert "saved with elsewhere.gguf" in session.command(f"/load {other}") and session.turns == []
+    session.command(f"/load {plain}")
+    before = session.messages()
+    cases = {
+        "missing.jsonl": (None, "no such file"),
+        "bad.jsonl": (b'{"role": "user", "content": "x"}\n{oops\n', "line 2 is not valid JSON"),
+        "latin1.jsonl": (b'{"role": "user", "content": "\xe9"}\n', "is not UTF-8"),
+        "role.jsonl": (b'{"role": "bot", "content": "x"}\n', "line 1: expected a message"),
+        "order.jsonl": (b'{"role": "assistant", "content": "x"}\n', "line 1: a assistant message out of turn"),
+        "twice.jsonl": (b'{"role": "user", "content": "a"}\n{"role": "user", "content": "b"}\n', "line 2: a user message out of turn"),
+        "open.jsonl": (b'{"role": "user", "content": "a"}\n', "the last user message has no answer"),
+        "sampling.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"warmth": 1}}\n', "unknown sampling settings warmth"),
+        "range.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"temperature": -1}}\n', "invalid sampling setting"),
+        "template.jsonl": (b'{"tiblocal_chat": 1, "template": "chatml"}\n', "unknown chat template"),
+    }
+    for name, (data, msg) in cases.items():
+        f = tmp_path / name
+        if data is not None:
+            f.write_bytes(data)
+        with pytest.raises(TiblocalError, match=msg):
+            session.command(f"/load {f}")
+        assert session.messages() == before and session.template.name == template  # nothing changed
+    with pytest.raises(TiblocalError, match="/load needs a file name"):
+        session.command("/load")

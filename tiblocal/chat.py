@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +22,8 @@ from .models import resolve_model
 from .templates import TASKS, TEMPLATES, ChatTemplate, get_task, get_template, resolve_chat_template
 from .text import count_syllables
 
+SAVE_HEADER = "tiblocal_chat"  # the key of /save's first line (the model, template and sampling), format version 1
+
 HELP = """\
 /help               this help
 /reset              forget the conversation
@@ -30,7 +32,10 @@ HELP = """\
 /set NAME VALUE     change a sampling setting: temp, top_k, top_p, repeat, repeat_last_n, max_tokens, seed
 /set                show the settings
 /task NAME          wrap your next message in a Tibetan-Alpaca task prompt: {tasks}
-/save FILE          write the transcript as JSON lines
+/save FILE          write the conversation as JSON lines: a first line with the model, template and sampling, then
+                    one message a line ({{"role": ..., "content": ...}})
+/load FILE          continue a conversation /save wrote (its template, system prompt and sampling too), or plain
+                    message lines
 /exit               leave (or Ctrl-D); Ctrl-C stops an answer
 """
 
@@ -116,10 +121,66 @@ class ChatSession:
         if path.exists() or path.is_symlink():
             raise TiblocalError(f"{path} already exists; /save to a new file name")
         check_output_path(path, inputs=[self.engine.path], option="/save")
+        header = {SAVE_HEADER: 1, "model": self.engine.path.name, "template": self.template.name,
+                  "sampling": asdict(self.sampling)}
         lines = [json.dumps(m, ensure_ascii=False) for m in self.messages()]
         with atomic_write_text(path, replace=False) as f:
-            f.write("\n".join(lines) + ("\n" if lines else ""))
+            f.write("\n".join([json.dumps(header, ensure_ascii=False), *lines]) + "\n")
         return len(lines)
+
+    def load(self, path: Path) -> str:
+        """Replace the conversation (and the template and sampling a /save recorded) with a saved one; the file is
+        read and checked whole before anything changes."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise TiblocalError(f"{path}: no such file; /load a file that /save wrote")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise TiblocalError(f"{path} is not UTF-8 text (byte {e.start}); /load a file that /save wrote") from None
+        header, messages = None, []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TiblocalError(f"{path} line {n} is not valid JSON ({e.msg}); /load a file that /save wrote") from None
+            if isinstance(row, dict) and SAVE_HEADER in row and not messages and header is None:
+                header = row
+                continue
+            if not (isinstance(row, dict) and row.get("role") in ("system", "user", "assistant")
+                    and isinstance(row.get("content"), str)):
+                raise TiblocalError(f"{path} line {n}: expected a message {{\"role\": \"system\", \"user\" or "
+                                    f"\"assistant\", \"content\": TEXT}}")
+            messages.append((n, row["role"], row["content"]))
+        system, turns = None, []
+        for i, (n, role, content) in enumerate(messages):
+            if role == "system" and i == 0:
+                system = content or None
+            elif role == "user" and (not turns or turns[-1].assistant):
+                turns.append(Turn(content))
+            elif role == "assistant" and turns and not turns[-1].assistant and content:
+                turns[-1].assistant = content
+            else:
+                raise TiblocalError(f"{path} line {n}: a {role} message out of turn; a conversation is an optional "
+                                    "system message, then a user message and its answer, in turns")
+        if turns and not turns[-1].assistant:
+            raise TiblocalError(f"{path}: the last user message has no answer; remove it and ask it again after /load")
+        template, sampling, notes = self.template, self.sampling, []
+        if header is not None:
+            if "template" in header:
+                template = get_template(str(header["template"]))
+            if isinstance(header.get("sampling"), dict):
+                known = {f.name for f in fields(Sampling)}
+                if extra := sorted(set(header["sampling"]) - known):
+                    raise TiblocalError(f"{path}: unknown sampling settings {', '.join(extra)}; known: {', '.join(sorted(known))}")
+                sampling = Sampling(**header["sampling"])
+            if header.get("model") not in (None, self.engine.path.name):
+                notes.append(f"saved with {header['model']}, continued with {self.engine.path.name}")
+        self.system, self.turns, self.template, self.sampling, self.task = system, turns, template, sampling, None
+        self.engine.reset()
+        return f"loaded {len(turns)} turns from {path}" + "".join(f"; {x}" for x in notes)
 
     def command(self, line: str) -> str | None:
         """Run a /command; returns text to show, or None for /exit."""
@@ -161,6 +222,10 @@ class ChatSession:
                 return "task cleared"
             self.task = get_task(arg).name
             return f"your next message is wrapped in the {self.task!r} task prompt"
+        if name == "load":
+            if not arg:
+                raise TiblocalError("/load needs a file name, e.g. /load chat.jsonl")
+            return self.load(Path(arg))
         if name == "save":
             if not arg:
                 raise TiblocalError("/save needs a file name, e.g. /save chat.jsonl")
