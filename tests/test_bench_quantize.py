@@ -1,12 +1,9 @@
-"""benchmarks/bench_quantize.py (the interval for the median, --budget, --pool, a whole run against a stand-in binary),
-bench_atomic_write.py, bench_startup.py, bench_imatrix.py, bench_release.py and bench_sha256sums.py."""
+"""benchmarks/bench_quantize.py: the interval for the median, --budget, --pool, a whole run against a stand-in binary, the importance matrix reaching both tools."""
 
 from __future__ import annotations
 
 import json
 import random
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,38 +101,6 @@ def test_pool_refuses_a_file_that_is_not_a_result(tmp_path):
     assert run.returncode == 2 and "--llama-quantize and --threads are needed" in run.stderr
 
 
-def test_atomic_write_bench_runs_both_ways_and_cleans_up(tmp_path):
-    out = tmp_path / "w.json"
-    subprocess.run([sys.executable, str(BENCH / "bench_atomic_write.py"), "--dir", str(tmp_path), "--gb", "0.02",
-                    "--rounds", "1", "--json", str(out)], check=True, capture_output=True)
-    r = json.loads(out.read_text())
-    assert len(r["precreated"]) == len(r["writer"]) == 2 and r["bytes"] == 16 << 20
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]  # outputs and temporary names removed
-
-
-def test_atomic_write_bench_times_convert_both_ways(tiny_hf, tmp_path):
-    out = tmp_path / "c.json"
-    subprocess.run([sys.executable, str(BENCH / "bench_atomic_write.py"), "--dir", str(tmp_path), "--hf-dir",
-                    str(tiny_hf), "--rounds", "1", "--json", str(out)], check=True, capture_output=True)
-    r = json.loads(out.read_text())
-    assert len(r["precreated"]) == len(r["writer"]) == 2 and r["bytes"] > 0 and "median_close_s" not in r
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
-
-
-def test_startup_bench_times_every_contender_and_cleans_up(tmp_path):
-    pytest.importorskip("llama_cpp")
-    out, scratch = tmp_path / "s.json", tmp_path / "scratch"
-    scratch.mkdir()
-    subprocess.run([sys.executable, str(BENCH / "bench_startup.py"), "--rounds", "1", "--json", str(out)], check=True,
-                   capture_output=True, cwd=BENCH, env={**os.environ, "TMPDIR": str(scratch)})
-    r = json.loads(out.read_text())
-    assert r["model_bytes"] > 10 << 20 and r["rounds"] == 1
-    assert r["tiblocal quantize"]["over"] == "bare bindings quantize" and "llama-quantize" not in r
-    assert all(r[k]["median_ms"] > 0 for k in ("python -c pass", "tiblocal --help", "tiblocal verify --help",
-                                              "tiblocal chat --help", "bare bindings quantize"))
-    assert list(scratch.iterdir()) == []  # its scratch folder (model and outputs) is gone
-
-
 STAND_IN_WITH_IMATRIX = """
 import sys
 from tiblocal.quantize.gguf_quant import quantize_gguf
@@ -166,50 +131,3 @@ def test_imatrix_reaches_both_tools(tiny256, tmp_path):
     assert r["imatrix"] == str(tmp_path / "im.gguf") and r["IQ2_XXS"]["identical_tensors"] and r["IQ2_XXS"]["pairs"] == 2
     bad = subprocess.run([*cmd, "--bare"], capture_output=True, text=True, cwd=BENCH)
     assert bad.returncode == 2 and "--imatrix times the binary and tiblocal only" in bad.stderr
-
-
-def test_imatrix_bench_times_both_and_cleans_up(tiny256, tmp_path):
-    hf, _ = tiny256
-    out, scratch = tmp_path / "i.json", tmp_path / "scratch"
-    scratch.mkdir()
-    subprocess.run([sys.executable, str(BENCH / "bench_imatrix.py"), str(hf), "--device", "cpu", "--chunks", "2",
-                    "--ctx", "32", "--text", str(Path(__file__).parent / "data" / "tibetan_sample.txt"), "--work",
-                    str(scratch), "--json", str(out)], check=True, capture_output=True, cwd=BENCH)
-    r = json.loads(out.read_text())
-    assert len(r["runs"]["tiblocal"]) == len(r["runs"]["bare_forward"]) == 2 and r["pairs"] == 2
-    assert all(x["forward_s"] > 0 and x["load_s"] > 0 for x in r["runs"]["bare_forward"])
-    assert r["entries"] == 15  # 2 layers × 7 matrices, and the output
-    assert list(scratch.iterdir()) == []
-
-
-def test_release_bench_times_every_stage_and_cleans_up(tiny256, tmp_path):
-    from bench_release import stages
-
-    stamps = [(0.5, "converting x"), (1.0, "importance matrix: 2 windows"), (1.5, "importance matrix: window 1/2"),
-              (2.0, "quantizing to Q4_K_M"), (4.0, "quantizing to Q8_0"), (5.0, "writing the model card, Modelfile and SHA256SUMS")]
-    assert stages(stamps, 6.0) == {"setup": 0.5, "convert_f16": 0.5, "imatrix": 1.0, "quantize_Q4_K_M": 2.0,
-                                   "quantize_Q8_0": 1.0, "card_and_sums": 1.0}
-    hf, _ = tiny256
-    out, scratch = tmp_path / "r.json", tmp_path / "scratch"
-    scratch.mkdir()
-    subprocess.run([sys.executable, str(BENCH / "bench_release.py"), str(hf), "--types", "Q4_K_M", "--make-imatrix",
-                    "--imatrix-chunks", "1", "--device", "cpu", "--work", str(scratch), "--json", str(out)], check=True,
-                   capture_output=True, cwd=BENCH)
-    r = json.loads(out.read_text())
-    assert list(r["stages_s"]) == ["setup", "convert_f16", "imatrix", "quantize_Q4_K_M", "card_and_sums"]
-    assert sum(r["stages_s"].values()) == pytest.approx(r["release_s"], abs=0.01) and r["peak_rss_gib"] > 0
-    assert {"SHA256SUMS", "README.md", f"{hf.name}-Q4_K_M.gguf", f"{hf.name}.imatrix.gguf"} <= set(r["files_gib"])
-    assert list(scratch.iterdir()) == []
-
-
-def test_sha256sums_bench_agrees_with_coreutils(tmp_path):
-    folder, out = tmp_path / "f", tmp_path / "s.json"
-    (folder / "sub").mkdir(parents=True)
-    for i, size in enumerate((3 << 20, 1 << 20, 0)):
-        (folder / f"{i}.bin").write_bytes(os.urandom(size))
-    (folder / "sub" / "x.txt").write_text("x")
-    subprocess.run([sys.executable, str(BENCH / "bench_sha256sums.py"), str(folder), "--rounds", "1", "--json",
-                    str(out)], check=True, capture_output=True, cwd=BENCH)
-    r = json.loads(out.read_text())
-    assert r["files"] == 4 and all(len(v) == 2 for v in r["runs"].values())
-    assert set(r["runs"]) == {"tiblocal", "one_after_another"} | ({"sha256sum"} if shutil.which("sha256sum") else set())
