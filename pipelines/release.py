@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tiblocal.engine import Sampling
 from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.gguf_keys import suggested_sampling
 from tiblocal.jsonout import print_json
 
 # Ollama's Go template for each built-in chat template (the same text the Jinja renders for one turn)
@@ -140,7 +141,7 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
     t = get_template(template_name)
     out += ["## Chat template", "", f"`{template_name}`: {t.description}. Stop strings: "
             + ", ".join(f"`{s}`" for s in (*t.stop, "</s>")) + ".", ""]
-    sampling = {k.removeprefix("general.sampling."): v for k, v in meta.items() if k.startswith("general.sampling.")}
+    sampling = suggested_sampling(meta)
     if sampling:
         out += ["Suggested sampling (in the GGUF as general.sampling.*, used by tiblocal and llama.cpp): "
                 + ", ".join(f"{k} {v if isinstance(v, int) else round(float(v), 6)}" for k, v in sampling.items()) + ".", ""]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from tiblocal import bindings
+from tiblocal import bindings, gguf_keys
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import check_supported_architecture, read_gguf
@@ -212,12 +212,12 @@ class QuantizeImatrixArgs:
             data[i].size = arr.size
         self.imatrix = ctypes.cast(data, ctypes.POINTER(lib.llama_model_imatrix_data))
         self._data = data
-        kvs: list[tuple[str, object]] = [("quantize.imatrix.file", str(im.path))]
+        kvs: list[tuple[str, object]] = [(gguf_keys.QUANTIZE_IMATRIX_FILE, str(im.path))]
         if im.datasets:
-            kvs.append(("quantize.imatrix.dataset", im.datasets[0]))
-        kvs.append(("quantize.imatrix.entries_count", len(im.entries)))
+            kvs.append((gguf_keys.QUANTIZE_IMATRIX_DATASET, im.datasets[0]))
+        kvs.append((gguf_keys.QUANTIZE_IMATRIX_ENTRIES, len(im.entries)))
         if im.chunk_count > 0:
-            kvs.append(("quantize.imatrix.chunks_count", im.chunk_count))
+            kvs.append((gguf_keys.QUANTIZE_IMATRIX_CHUNKS, im.chunk_count))
         over = (lib.llama_model_kv_override * (len(kvs) + 1))()  # an empty key ends the list
         for o, (key, value) in zip(over, kvs):
             o.key = key.encode()

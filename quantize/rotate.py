@@ -32,6 +32,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import ROTATION_KEY, copy_metadata
+from tiblocal.gguf_keys import QUANTIZE_IMATRIX_PREFIX
 
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _BLK = re.compile(r"blk\.(\d+)\.(.+)")
@@ -207,7 +208,7 @@ def rotate_gguf(
             w.data_alignment = int(meta["general.alignment"].contents())
         seeds = list(meta[ROTATION_KEY].contents()) if ROTATION_KEY in meta else []
         # (a matrix named in an f16 file, e.g. a dequantized copy, says nothing of the rotated one)
-        copy_metadata(reader, w, skip=lambda key: key == ROTATION_KEY or key.startswith("quantize.imatrix."),
+        copy_metadata(reader, w, skip=lambda key: key == ROTATION_KEY or key.startswith(QUANTIZE_IMATRIX_PREFIX),
                       values={"general.file_type": int(LlamaFileType.MOSTLY_F16 if all_f16 else LlamaFileType.ALL_F32)})
         w.add_array(ROTATION_KEY, [*seeds, seed])
         for name in names:

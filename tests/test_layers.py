@@ -94,3 +94,16 @@ def test_no_import_circles() -> None:
     for m in sorted(modules):
         if m not in state:
             visit(m, [m])
+
+
+def test_tiblocal_gguf_keys_are_named_once() -> None:
+    """tiblocal's own GGUF keys, llama.cpp's imatrix keys and the sampling group are written as text only in
+    tiblocal/gguf_keys.py (gguf-py's are used from gguf-py): the other modules name them through it."""
+    import re
+
+    literal = re.compile(r"""["'](tiblocal\.(rotation|imatrix)\.|quantize\.imatrix\.|imatrix\.(datasets|chunk_)|general\.sampling\.)""")
+    found = [f"{path.relative_to(ROOT)}:{n}" for path in ROOT.rglob("*.py")
+             if path.parts[len(ROOT.parts)] in ("tiblocal", "convert", "quantize", "finetune", "pipelines")
+             and path.name != "gguf_keys.py"
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if literal.search(line)]
+    assert not found, found

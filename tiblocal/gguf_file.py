@@ -20,14 +20,14 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType, TokenType
 
 from .errors import InputFileError, ModelFormatError
+from .gguf_keys import ROTATION_SEED
 
 GGUF_MAGIC = b"GGUF"
 
 # Architectures the tiblocal runtime is built and tested for (Llama-family models with a
 # SentencePiece vocabulary). Other architectures may load in llama.cpp but are not supported here.
 SUPPORTED_ARCHITECTURES = ("llama",)
-# Seeds of the rotations `tiblocal quantize --rotate` applied, in order (runtimes ignore keys they do not know).
-ROTATION_KEY = "tiblocal.rotation.seed"
+ROTATION_KEY = ROTATION_SEED  # the rotations' seeds (tiblocal/gguf_keys.py)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import Keys
 
 from .errors import InputFileError
+from .gguf_keys import IMATRIX_ROTATED as KV_ROTATED  # the seeds then under ROTATION_SEED
 
-KV_DATASETS, KV_CHUNK_COUNT, KV_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
-# in every matrix tiblocal writes: whether it was measured in a rotated basis (the seeds then under ROTATION_KEY)
-KV_ROTATED = "tiblocal.imatrix.rotated"
+KV_DATASETS, KV_CHUNK_COUNT, KV_CHUNK_SIZE = Keys.IMatrix.DATASETS, Keys.IMatrix.CHUNK_COUNT, Keys.IMatrix.CHUNK_SIZE
 
 
 @dataclass

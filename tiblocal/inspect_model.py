@@ -13,6 +13,7 @@ from rich.table import Table
 from .checkpoint import HFCheckpoint
 from .errors import InputFileError
 from .gguf_file import read_gguf
+from .gguf_keys import suggested_sampling
 from .templates import template_name_of
 from tiblocal.jsonout import print_json
 
@@ -43,8 +44,7 @@ def describe_gguf(path: Path, info=None) -> dict[str, Any]:
         "add_bos": info.metadata.get("tokenizer.ggml.add_bos_token"),
         "add_eos": info.metadata.get("tokenizer.ggml.add_eos_token"),
         # the sampling the model suggests (llama.cpp's general.sampling.*; chat, generate and serve use it)
-        "suggested_sampling": {k.removeprefix("general.sampling."): v for k, v in info.metadata.items()
-                               if k.startswith("general.sampling.")},
+        "suggested_sampling": suggested_sampling(info.metadata),
         "chat_template_name": template_name_of(template) or ("custom" if template else None),
         "chat_template": template,
         "tensor_types": info.tensor_type_counts(),
