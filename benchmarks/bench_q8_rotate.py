@@ -50,7 +50,7 @@ def main() -> int:
     from tiblocal.models import DATA_DIR
     from tiblocal.quantize.evaluate import GGUFSource, compare, read_text
     from tiblocal.quantize.gguf_quant import quantize_gguf
-    from tiblocal.quantize.rotate import quantize_rotated
+    from tiblocal.quantize.rotated_quant import quantize_rotated
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DATA_DIR / "tiblocal-demo.gguf")

@@ -27,7 +27,7 @@ def main() -> int:
     from tiblocal.quantize.gguf_quant import quantize_gguf
     from tiblocal.quantize.calibration import calibration_texts
     from tiblocal.quantize.imatrix import IMATRIX_CTX, compute_imatrices
-    from tiblocal.quantize.rotate import quantize_rotated
+    from tiblocal.quantize.rotated_quant import quantize_rotated
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("hf_dir", type=Path)

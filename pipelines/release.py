@@ -342,7 +342,7 @@ def release(
         for t in names:
             path = tmp / f"{name}-{t}.gguf"
             if t in rotated:
-                from tiblocal.quantize.rotate import quantize_rotated
+                from tiblocal.quantize.rotated_quant import quantize_rotated
 
                 say(f"rotating and quantizing to {t}")
                 quantize_rotated(f16, path, [t], seed=rotate_seed, threads=threads, output_tensor_type=output_types[t],

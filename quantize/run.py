@@ -67,7 +67,7 @@ def run_quantize(
         if rotate is None:
             results = quantize_gguf(inp, out, names, threads=threads, force=force, on_start=display.started, **options)
         else:
-            from .rotate import quantize_rotated
+            from .rotated_quant import quantize_rotated
 
             results, seeds, trials = quantize_rotated(
                 inp, out, names, seed=rotate, threads=threads, force=force, on_stage=display.stage, **given, **options,

@@ -14,7 +14,8 @@ from tiblocal.errors import TiblocalError
 from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.evaluate import GGUFSource, compare, read_text
 from tiblocal.quantize.gguf_quant import quantize_gguf
-from tiblocal.quantize.rotate import ROTATION_KEY, Rotation, head_rotation, orthogonal, quantize_rotated, rotate_gguf
+from tiblocal.quantize.rotate import ROTATION_KEY, Rotation, head_rotation, orthogonal, rotate_gguf
+from tiblocal.quantize.rotated_quant import quantize_rotated
 
 TEXT = DATA / "tibetan_sample.txt"
 

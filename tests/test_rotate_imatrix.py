@@ -14,7 +14,8 @@ from tiblocal.errors import TiblocalError
 from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.gguf_quant import quantize_gguf
 from tiblocal.quantize.imatrix import Imatrix, compute_imatrices, compute_imatrix, load_imatrix, write_imatrix
-from tiblocal.quantize.rotate import Rotation, head_rotation, quantize_rotated, rotate_gguf
+from tiblocal.quantize.rotate import Rotation, head_rotation, rotate_gguf
+from tiblocal.quantize.rotated_quant import quantize_rotated
 
 TEXT = DATA / "tibetan_sample.txt"
 
