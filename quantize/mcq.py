@@ -19,7 +19,6 @@ folder it came from see the same ids.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.jsonlines import json_rows
 
 LETTERS = ("A", "B", "C", "D")
 TIBETAN_LETTERS = {"ཀ": "A", "ཁ": "B", "ག": "C", "ང": "D"}
@@ -47,29 +47,6 @@ class Question:
     loc: str
     text: str
     answer: str
-
-
-def json_rows(path: Path, what: str, expected: str):
-    """(where, row) for each JSON object of a .jsonl (or .jsonl.xz) file: ``where`` names the file and the line for
-    the caller's own checks; a missing file, a line that is not JSON or not an object is one error naming it."""
-    from tiblocal.vocab import read_lines
-
-    path = Path(path)
-    if path.is_dir():
-        raise InputFileError(f"{what} {path} is a folder; give the file of {expected} (JSON lines)")
-    if not path.is_file():
-        raise InputFileError(f"{what} {path}: no such file; give {expected} as JSON lines")
-    for n, line in enumerate(read_lines([path]), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputFileError(f"{where} is not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise InputFileError(f"{where}: expected an object with {expected}")
-        yield where, row
 
 
 def read_questions(path: Path, what: str = "--data") -> list[Question]:

@@ -27,8 +27,8 @@ from collections import Counter
 from pathlib import Path
 
 from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.jsonlines import json_rows
 
-from .mcq import json_rows
 
 TASK_NAMES = ("qa", "tense", "news", "continue", "classify")
 MAX_TOKENS = {"qa": 64, "tense": 64, "news": 128, "continue": 128, "classify": 16}  # each task's answer length

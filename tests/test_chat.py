@@ -164,8 +164,10 @@ def test_load_refuses_what_is_not_a_saved_conversation_and_keeps_the_chat(sessio
     before = session.messages()
     cases = {
         "missing.jsonl": (None, "no such file"),
+        ".": (None, "is a folder"),
         "bad.jsonl": (b'{"role": "user", "content": "x"}\n{oops\n', "line 2 is not valid JSON"),
-        "latin1.jsonl": (b'{"role": "user", "content": "\xe9"}\n', "is not UTF-8"),
+        "latin1.jsonl": (b'{"role": "user", "content": "\xe9"}\n', "is not valid UTF-8"),
+        "list.jsonl": (b'[1]\n', "line 1: expected an object"),
         "role.jsonl": (b'{"role": "bot", "content": "x"}\n', "line 1: expected a message"),
         "order.jsonl": (b'{"role": "assistant", "content": "x"}\n', "line 1: a assistant message out of turn"),
         "twice.jsonl": (b'{"role": "user", "content": "a"}\n{"role": "user", "content": "b"}\n', "line 2: a user message out of turn"),

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from .engine import Engine, EngineConfig, Generation, Sampling
 from .errors import TiblocalError
+from .jsonlines import json_rows
 from .fsutil import atomic_write_text, check_output_path
 from .models import resolve_model
 from .templates import TASKS, TEMPLATES, ChatTemplate, get_task, get_template, resolve_chat_template
@@ -132,30 +133,17 @@ class ChatSession:
         """Replace the conversation (and the template and sampling a /save recorded) with a saved one; the file is
         read and checked whole before anything changes."""
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise TiblocalError(f"{path}: no such file; /load a file that /save wrote")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise TiblocalError(f"{path} is not UTF-8 text (byte {e.start}); /load a file that /save wrote") from None
         header, messages = None, []
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TiblocalError(f"{path} line {n} is not valid JSON ({e.msg}); /load a file that /save wrote") from None
-            if isinstance(row, dict) and SAVE_HEADER in row and not messages and header is None:
+        for where, row in json_rows(path, "/load", "a conversation /save wrote"):
+            if SAVE_HEADER in row and not messages and header is None:
                 header = row
                 continue
-            if not (isinstance(row, dict) and row.get("role") in ("system", "user", "assistant")
-                    and isinstance(row.get("content"), str)):
-                raise TiblocalError(f"{path} line {n}: expected a message {{\"role\": \"system\", \"user\" or "
-                                    f"\"assistant\", \"content\": TEXT}}")
-            messages.append((n, row["role"], row["content"]))
+            if row.get("role") not in ("system", "user", "assistant") or not isinstance(row.get("content"), str):
+                raise TiblocalError(f"{where}: expected a message {{\"role\": \"system\", \"user\" or \"assistant\", "
+                                    "\"content\": TEXT}")
+            messages.append((where, row["role"], row["content"]))
         system, turns = None, []
-        for i, (n, role, content) in enumerate(messages):
+        for i, (where, role, content) in enumerate(messages):
             if role == "system" and i == 0:
                 system = content or None
             elif role == "user" and (not turns or turns[-1].assistant):
@@ -163,7 +151,7 @@ class ChatSession:
             elif role == "assistant" and turns and not turns[-1].assistant and content:
                 turns[-1].assistant = content
             else:
-                raise TiblocalError(f"{path} line {n}: a {role} message out of turn; a conversation is an optional "
+                raise TiblocalError(f"{where}: a {role} message out of turn; a conversation is an optional "
                                     "system message, then a user message and its answer, in turns")
         if turns and not turns[-1].assistant:
             raise TiblocalError(f"{path}: the last user message has no answer; remove it and ask it again after /load")
