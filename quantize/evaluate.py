@@ -209,6 +209,7 @@ class SyllablePPLResult:
 
 def perplexity_per_syllable(
     source: LogitSource, lines: list[str], ctx: int, *, progress: Callable[[int, int], None] | None = None,
+    text_name: str = "the text",
 ) -> SyllablePPLResult:
     """Perplexity per Tibetan syllable: each line (a paragraph) is a document, BOS then every token of the line scored
     once; the total negative log-likelihood is divided by the lines' syllables (tiblocal.text.count_syllables), so
@@ -221,7 +222,7 @@ def perplexity_per_syllable(
         raise TiblocalError(f"--ctx {ctx} is too small for perplexity; use at least 8 (512 is usual)")
     lines = [line for line in lines if line.strip()]
     if not lines:
-        raise TiblocalError("the text has no lines to score; give a text file with Tibetan paragraphs")
+        raise TiblocalError(f"{text_name} has no lines to score; give a text file with Tibetan paragraphs")
     nll, count, syllables, stride = 0.0, 0, 0, ctx // 2
     for i, line in enumerate(lines):
         ids = [source.bos_id, *source.tokenize(line)]
@@ -239,7 +240,7 @@ def perplexity_per_syllable(
         if progress:
             progress(i + 1, len(lines))
     if syllables == 0:
-        raise TiblocalError("the text has no Tibetan syllables; perplexity per syllable needs Tibetan text")
+        raise TiblocalError(f"{text_name} has no Tibetan syllables; perplexity per syllable needs Tibetan text")
     return SyllablePPLResult(source.name, math.exp(nll / syllables), nll / syllables / math.log(2), math.exp(nll / count),
                              syllables, count, len(lines), ctx)
 

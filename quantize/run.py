@@ -125,7 +125,8 @@ def run_eval(
             progress.update(task, completed=done, total=total)
 
         if per_syllable:
-            result = perplexity_per_syllable(sources[0], lines, ctx, progress=report).as_dict()
+            result = perplexity_per_syllable(sources[0], lines, ctx, progress=report,
+                                             text_name=", ".join(str(t) for t in text)).as_dict()
         elif action == "ppl":
             result = perplexity(sources[0], body, ctx, max_windows=max_windows, progress=report).as_dict()
         else:

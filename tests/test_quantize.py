@@ -248,8 +248,13 @@ def test_perplexity_per_syllable_scores_every_token_once_against_its_own_target(
         perplexity_per_syllable(src, lines, 4)
 
 
-def test_ppl_per_syllable_cli(tiny256) -> None:
+def test_ppl_per_syllable_cli(tiny256, tmp_path) -> None:
     p = run_cli("eval", "ppl", str(tiny256[1]), "--text", str(TEXT), "--per-syllable", "--max-windows", "5", "--json")
     assert p.returncode == 0, p.stderr.decode()
     r = json.loads(p.stdout)
     assert r["lines"] == 5 and r["syllables"] > 0 and r["ppl_syllable"] > 1 and r["tokens_scored"] > 5
+    english = tmp_path / "english.txt"
+    english.write_text("hello world\n", encoding="utf-8")
+    p = run_cli("eval", "ppl", str(tiny256[1]), "--text", str(english), "--per-syllable")
+    err = p.stderr.decode().strip()
+    assert p.returncode == 1 and err == f"tiblocal: error: {english} has no Tibetan syllables; perplexity per syllable needs Tibetan text"
