@@ -31,9 +31,15 @@ from pathlib import Path
 
 def build_llama_bench(root: Path) -> Path:
     """llama-bench (and libllama beside it) from the installed llama-cpp-python's vendored llama.cpp, built once."""
+    return build_llama_tool(root, "llama-bench")
+
+
+def build_llama_tool(root: Path, tool: str) -> Path:
+    """One of llama.cpp's tools (llama-bench, llama-quantize), with libllama beside it, built once under ``root`` from
+    the llama.cpp that the installed llama-cpp-python vendors (its sdist, which pip downloads)."""
     version = metadata.version("llama-cpp-python")
     src = root / f"llama.cpp-{version}"
-    binary = src / "build" / "bin" / "llama-bench"
+    binary = src / "build" / "bin" / tool
     if binary.is_file():
         return binary
     if not (src / "CMakeLists.txt").is_file():
@@ -53,7 +59,7 @@ def build_llama_bench(root: Path) -> Path:
                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                     "-DLLAMA_BUILD_APP=OFF", "-DCMAKE_BUILD_TYPE=Release", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"],
                    cwd=src, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", "llama", "llama-bench"],
+    subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", "llama", tool],
                    cwd=src, check=True, stdout=subprocess.DEVNULL)
     return binary
 

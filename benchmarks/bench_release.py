@@ -28,7 +28,7 @@ from tiblocal.quantize.imatrix import DTYPES
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from tiblocal.pipelines.release import release
+from tiblocal.pipelines.release import ReleaseOptions, release
 kw = json.loads(sys.argv[3])
 stamps = []
 t0 = time.perf_counter()
@@ -39,7 +39,7 @@ def stamp(message):
     print(f"[{stamps[-1][0]:8.1f} s] {message}", file=sys.stderr, flush=True)  # where a crash stopped it
 
 
-r = release(Path(sys.argv[1]), Path(sys.argv[2]), progress=stamp, **kw)
+r = release(ReleaseOptions(hf_dir=Path(sys.argv[1]), out=Path(sys.argv[2]), **kw), progress=stamp)
 total = time.perf_counter() - t0
 gpu = None
 if "torch" in sys.modules:

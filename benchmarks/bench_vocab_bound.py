@@ -175,7 +175,7 @@ def prune(proto, n_base: int, sample: list[str], stops: list[int], eval_lines: l
 
 
 def main() -> int:
-    from tiblocal.finetune.vocab_run import parse_weights
+    from tiblocal.finetune.commands import parse_weights
     from tiblocal.text import count_syllables
     from tiblocal.vocab import base_pieces, read_lines, tokenizer_model
 

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 from tiblocal.checkpoint import HFCheckpoint, TensorRef, bf16_to_f32, llama_tensor_problems
 from tiblocal.errors import ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
-from tiblocal.gguf_file import read_gguf
+from tiblocal.gguf_file import read_gguf, write_gguf_data
 from tiblocal.gguf_vocab import sentencepiece_vocab, write_vocab_gguf
 from tiblocal.templates import get_template
 
@@ -364,30 +364,14 @@ def hf_to_gguf(
         targets = [_target_type(t, qtype) for t in tensors]
         for t, q in zip(tensors, targets):
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), _nbytes(t.shape, q), raw_dtype=q)
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        total = sum(_nbytes(t.shape, q) for t, q in zip(tensors, targets))
-        done = 0
-        for t, q in zip(tensors, targets):
-            w.write_padding(fout, fout.tell())
+
+        def pieces(t, q):  # blocks of rows, encoded as they are read: a tensor is never whole in memory
             n_rows = t.shape[0] if t.shape else 1
             row_elems = max(1, int(np.prod(t.shape[1:], dtype=np.int64)))
             step = max(1, _BLOCK_ELEMENTS // row_elems)
-            written = 0
             for start in range(0, n_rows, step):
-                block = t.rows(start, min(n_rows, start + step))
-                data = _encode(np.asarray(block), t.stored, q)
-                data.tofile(fout)
-                written += data.nbytes
-            expected = _nbytes(t.shape, q)
-            if written != expected:
-                raise AssertionError(f"{t.name}: wrote {written} bytes, expected {expected}")
-            w.write_padding(fout, written)
-            done += written
-            if progress:
-                progress(done, total)
-        w.close()
+                yield _encode(np.asarray(t.rows(start, min(n_rows, start + step))), t.stored, q)
+
+        write_gguf_data(w, tmp, ((t.name, pieces(t, q)) for t, q in zip(tensors, targets)), progress=progress)
     return ConvertResult(out, len(tensors), conv.n_vocab, outtype, out.stat().st_size)
 

@@ -20,12 +20,13 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 from tiblocal.engine import Sampling
 from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.gguf_keys import suggested_sampling
-from tiblocal.jsonout import print_json
+from tiblocal.options import comma_list, option, positive_int
 
 # Ollama's Go template for each built-in chat template (the same text the Jinja renders for one turn)
 OLLAMA_TEMPLATES = {
@@ -218,15 +219,70 @@ def tasks_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def release(
-    hf_dir: Path, out: Path, *, types: list[str], name: str | None = None, template: str = "alpaca",
-    eval_text: list[Path] = (), ctx: int = 512, max_windows: int | None = None, threads: int | None = None,
-    notes: Path | None = None, gptq_bits: int | None = None, gptq_group_size: int = 128, force: bool = False,
-    imatrix: Path | None = None, make_imatrix: bool = False, imatrix_text: list[Path] = (), imatrix_chunks: int = 100,
-    imatrix_dtype: str = "f32", device: str | None = None, n_gpu_layers: int = 0, rotate: list[str] = (),
-    rotate_seed: int = 0, eval_mcq: Path | None = None, eval_tasks: list[str] = (), eval_limit: int | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> ReleaseResult:
+def _imatrix_dtypes() -> list[str]:
+    from tiblocal.quantize.imatrix import DTYPES
+
+    return list(DTYPES)
+
+
+@dataclass(frozen=True)
+class ReleaseOptions:
+    """What a release is made from: `tiblocal release`'s options, and ``release()``'s one argument from Python."""
+
+    hf_dir: Path = option(positional=True, help="a merged Hugging Face model folder")
+    out: Path = option(help="the release folder to write (new, or --force)")
+    types: list[str] = option(
+        ["Q4_K_M", "Q8_0"], parse=comma_list,
+        help="llama.cpp quant types, each TYPE or TYPE:OUTPUT_TYPE (the type of output.weight, or of token_embd when "
+             "embeddings are tied), e.g. Q4_K_M:Q5_0,Q8_0 (default Q4_K_M,Q8_0); the first gets the Modelfile")
+    name: str | None = option(None, help="file name stem and model card title (default: the folder's name)")
+    template: str = option("alpaca", help="chat template for the GGUFs and the Modelfile (default alpaca)")
+    eval_text: list[Path] = option([], metavar="FILE", help="text (plain or .xz) on which to measure ΔPPL, KL and "
+                                                            "top-1 of each quant against f16")
+    ctx: int = option(512, help="evaluation window (default 512)")
+    max_windows: int | None = option(None, parse=positive_int, help="evaluate at most this many windows")
+    threads: int | None = option(None, help="threads (default: all cores)")
+    n_gpu_layers: int = option(
+        0, metavar="N", help="layers llama.cpp runs on the GPU for the --eval-text measurements (-1: all; needs a GPU "
+                             "build of llama-cpp-python)")
+    notes: Path | None = option(None, help="Markdown for the model card's 'How it was made'")
+    gptq_bits: Literal[4, 8] | None = option(
+        None, flag="--gptq", metavar="BITS",
+        help="also a GPTQ model folder at 4 or 8 bits (tiblocal gptq, bundled Tibetan calibration)")
+    gptq_group_size: int = option(128, help="GPTQ group size (default 128)")
+    imatrix: Path | None = option(
+        None, metavar="FILE", help="quantize the GGUFs with this importance matrix (tiblocal imatrix or "
+                                   "llama-imatrix); it is shipped in the release")
+    make_imatrix: bool = option(False, help="make the importance matrix from the model on Tibetan text first (as "
+                                            "tiblocal imatrix), ship it and quantize with it")
+    imatrix_text: list[Path] = option(
+        [], metavar="FILE", help="text for --make-imatrix, plain or .xz (implies it; default: the bundled Tibetan "
+                                 "calibration excerpt)")
+    imatrix_chunks: int = option(100, help="windows of 512 tokens for --make-imatrix (default 100)")
+    imatrix_dtype: str = option("f32", choices=_imatrix_dtypes,
+                                help="what the model runs in for --make-imatrix (default f32; bf16: 7B in 25 s instead "
+                                     "of 42 s on an H100)")
+    device: str | None = option(None, help="where --make-imatrix runs: cpu or cuda (default: cuda when torch sees a "
+                                           "GPU)")
+    rotate: list[str] = option(
+        [], parse=comma_list, metavar="TYPES",
+        help="quantize these types (e.g. Q8_0) in a rotated basis, as `tiblocal quantize --rotate`; with "
+             "--make-imatrix they take a matrix measured in that basis (NAME.rotated.imatrix.gguf), a given "
+             "--imatrix they do not")
+    rotate_seed: int = option(0, metavar="SEED", help="the rotation's seed (default 0)")
+    eval_mcq: Path | None = option(
+        None, metavar="FILE",
+        help="TLUE multiple-choice rows to score every GGUF of the release on (as tiblocal eval mcq, 0-shot)")
+    eval_tasks: list[str] = option(
+        [], flag="--eval-task", repeat=True, metavar="NAME=FILE",
+        help="a tiblocal eval tasks task and its rows (qa, tense, news, continue, classify), scored on every GGUF; "
+             "repeat for more tasks")
+    eval_limit: int | None = option(None, parse=positive_int, metavar="N",
+                                    help="score the first N rows of each --eval-mcq / --eval-task file")
+    force: bool = option(False, help="replace --out if it exists")
+
+
+def release(o: ReleaseOptions, progress: Callable[[str], None] | None = None) -> ReleaseResult:
     """``imatrix``: an importance matrix file to quantize with; ``make_imatrix`` (implied by ``imatrix_text``): make
     one from the model on ``imatrix_text`` (default: the bundled Tibetan calibration excerpt), ``imatrix_chunks``
     windows of 512 tokens, the model run in ``imatrix_dtype`` (f32, bf16, f16) on ``device`` (default: cuda when
@@ -248,76 +304,76 @@ def release(
     from tiblocal.templates import get_template
     from tiblocal.verify import write_sha256sums
 
-    hf_dir, out = Path(hf_dir), Path(out)
+    hf_dir, out = Path(o.hf_dir), Path(o.out)
     if not (hf_dir / "config.json").is_file():
         raise InputFileError(f"{hf_dir}: no config.json; give the merged Hugging Face model folder (tiblocal merge's output)")
-    if template not in OLLAMA_TEMPLATES:
-        get_template(template)  # names the valid ones
-        raise TiblocalError(f"template {template!r} has no Ollama form; expected one of: {', '.join(OLLAMA_TEMPLATES)}")
+    if o.template not in OLLAMA_TEMPLATES:
+        get_template(o.template)  # names the valid ones
+        raise TiblocalError(f"template {o.template!r} has no Ollama form; expected one of: {', '.join(OLLAMA_TEMPLATES)}")
     # TYPE or TYPE:OUTPUT_TYPE (the type of output.weight, or of token_embd when the embeddings are tied)
-    specs = [t.strip().partition(":") for t in types if t.strip()]
+    specs = [t.strip().partition(":") for t in o.types if t.strip()]
     names = parse_types(",".join(t for t, _, _ in specs))
-    output_types = {n: (o.strip() or None) for n, (_, _, o) in zip(names, specs)}
-    rotated = parse_types(",".join(rotate)) if rotate else []
+    output_types = {n: (t.strip() or None) for n, (_, _, t) in zip(names, specs)}
+    rotated = parse_types(",".join(o.rotate)) if o.rotate else []
     if extra := sorted(set(rotated) - set(names)):
         raise TiblocalError(f"--rotate {','.join(rotated)}: {', '.join(extra)} is not among --types {','.join(names)}; "
                             "name types the release makes")
-    task_specs = _task_specs(eval_tasks, eval_mcq, eval_limit)  # every file read and checked before the long work
-    check_output_path(out, force=force, folder=True,
-                      inputs=[hf_dir, notes, imatrix, *eval_text, *imatrix_text, eval_mcq, *(f for _, f, _ in task_specs)])
-    if name is not None:
-        check_file_name(name, "--name")
-    check_device(device)
+    task_specs = _task_specs(o.eval_tasks, o.eval_mcq, o.eval_limit)  # every file read and checked before the long work
+    check_output_path(out, force=o.force, folder=True,
+                      inputs=[hf_dir, o.notes, o.imatrix, *o.eval_text, *o.imatrix_text, o.eval_mcq, *(f for _, f, _ in task_specs)])
+    if o.name is not None:
+        check_file_name(o.name, "--name")
+    check_device(o.device)
     notes_text = None
-    if notes is not None:
-        if not Path(notes).is_file():
-            raise InputFileError(f"{notes}: no such notes file (Markdown for the model card's 'How it was made')")
+    if o.notes is not None:
+        if not Path(o.notes).is_file():
+            raise InputFileError(f"{o.notes}: no such notes file (Markdown for the model card's 'How it was made')")
         try:
-            notes_text = Path(notes).read_text(encoding="utf-8")
+            notes_text = Path(o.notes).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise InputFileError(f"{notes} is not UTF-8 text (byte {e.start}); save the notes as UTF-8") from None
-    text = read_text(list(eval_text)) if eval_text else None
-    if text is not None and n_gpu_layers:
+            raise InputFileError(f"{o.notes} is not UTF-8 text (byte {e.start}); save the notes as UTF-8") from None
+    text = read_text(list(o.eval_text)) if o.eval_text else None
+    if text is not None and o.n_gpu_layers:
         from tiblocal.engine import check_gpu_offload
 
-        check_gpu_offload(n_gpu_layers)
-    make_imatrix = make_imatrix or bool(imatrix_text)
-    if imatrix is not None and make_imatrix:
-        raise TiblocalError(f"--imatrix {imatrix} and --make-imatrix/--imatrix-text both given; give one of them")
-    given_im = load_imatrix(imatrix) if imatrix is not None else None  # a bad file stops here, before any work
+        check_gpu_offload(o.n_gpu_layers)
+    make_imatrix = o.make_imatrix or bool(o.imatrix_text)
+    if o.imatrix is not None and make_imatrix:
+        raise TiblocalError(f"--imatrix {o.imatrix} and --make-imatrix/--imatrix-text both given; give one of them")
+    given_im = load_imatrix(o.imatrix) if o.imatrix is not None else None  # a bad file stops here, before any work
     if given_im is not None and given_im.rotation:
-        raise TiblocalError(f"--imatrix {imatrix} was measured in {given_im.basis()}; a release quantizes its f16 GGUF "
+        raise TiblocalError(f"--imatrix {o.imatrix} was measured in {given_im.basis()}; a release quantizes its f16 GGUF "
                             "as converted: give a matrix of the unrotated model, or --make-imatrix")
     im_windows = None
     if make_imatrix:  # the text is cut into windows now, so a short text stops here, before the long work
         from tiblocal.quantize.calibration import calibration_texts, calibration_windows
         from tiblocal.quantize.imatrix import IMATRIX_CTX
 
-        if imatrix_chunks < 1:
-            raise TiblocalError(f"--imatrix-chunks {imatrix_chunks}: expected at least 1 window")
-        check_dtype(imatrix_dtype, "--imatrix-dtype")
-        imatrix_text = calibration_texts(list(imatrix_text), "--imatrix-text")
-        im_windows = calibration_windows(hf_dir, imatrix_text, imatrix_chunks, IMATRIX_CTX,
+        if o.imatrix_chunks < 1:
+            raise TiblocalError(f"--imatrix-chunks {o.imatrix_chunks}: expected at least 1 window")
+        check_dtype(o.imatrix_dtype, "--imatrix-dtype")
+        imatrix_text = calibration_texts(list(o.imatrix_text), "--imatrix-text")
+        im_windows = calibration_windows(hf_dir, imatrix_text, o.imatrix_chunks, IMATRIX_CTX,
                                          ("--imatrix-text", "--imatrix-chunks", None))
-    if gptq_bits:  # its checks (group size, calibration, gptqmodel installed) before the long work
+    if o.gptq_bits:  # its checks (group size, calibration, gptqmodel installed) before the long work
         from tiblocal.quantize.gptq import preflight
 
-        preflight(hf_dir, bits=gptq_bits, group_size=gptq_group_size)
-    name = name or hf_dir.resolve().name
+        preflight(hf_dir, bits=o.gptq_bits, group_size=o.gptq_group_size)
+    name = o.name or hf_dir.resolve().name
     say = progress or (lambda m: None)
-    with atomic_dir(out, replace=force) as tmp:
+    with atomic_dir(out, replace=o.force) as tmp:
         f16 = tmp / f"{name}-f16.gguf"
         say(f"converting {hf_dir} to {f16.name}")
-        hf_to_gguf(hf_dir, f16, outtype="f16", template=template)
+        hf_to_gguf(hf_dir, f16, outtype="f16", template=o.template)
         im, im_info, rot_im, rot_info = None, None, None, None
         if make_imatrix:
             from tiblocal.quantize.imatrix import compute_imatrices, write_imatrix
 
             # one pass over the text for both bases: the model as converted, and as --rotate turns it
-            bases = ([None] if set(names) - set(rotated) else []) + ([rotate_seed] if rotated else [])
-            say(f"importance matrix: {imatrix_chunks} windows")
+            bases = ([None] if set(names) - set(rotated) else []) + ([o.rotate_seed] if rotated else [])
+            say(f"importance matrix: {o.imatrix_chunks} windows")
             measured = compute_imatrices(
-                hf_dir, imatrix_text, bases, chunks=imatrix_chunks, ctx=IMATRIX_CTX, device=device, dtype=imatrix_dtype,
+                hf_dir, imatrix_text, bases, chunks=o.imatrix_chunks, ctx=IMATRIX_CTX, device=o.device, dtype=o.imatrix_dtype,
                 progress=lambda done, total: say(f"importance matrix: window {done}/{total}"), windows=im_windows)
             for basis, (m, counts) in zip(bases, measured):
                 file = f"{name}.imatrix.gguf" if basis is None else f"{name}.rotated.imatrix.gguf"
@@ -327,17 +383,17 @@ def release(
                 m = load_imatrix(tmp / file)
                 m.path = Path(file)
                 info = {"file": file, "made": True, "datasets": m.datasets, "chunks": m.chunk_count,
-                        "ctx": IMATRIX_CTX, "dtype": imatrix_dtype}
+                        "ctx": IMATRIX_CTX, "dtype": o.imatrix_dtype}
                 if basis is None:
                     im, im_info = m, info
                 else:
                     rot_im, rot_info = m, {**info, "rotation_seed": basis}
         elif given_im is not None:
             im = given_im
-            im.path = Path(f"{name}.imatrix{'.gguf' if is_gguf(imatrix) else '.dat'}")  # the name says the format
-            shutil.copyfile(imatrix, tmp / im.path)
+            im.path = Path(f"{name}.imatrix{'.gguf' if is_gguf(o.imatrix) else '.dat'}")  # the name says the format
+            shutil.copyfile(o.imatrix, tmp / im.path)
             im_info = {"file": im.path.name, "made": False, "datasets": im.datasets, "chunks": im.chunk_count,
-                       "source": Path(imatrix).name}
+                       "source": Path(o.imatrix).name}
         quants = []
         for t in names:
             path = tmp / f"{name}-{t}.gguf"
@@ -345,28 +401,28 @@ def release(
                 from tiblocal.quantize.rotated_quant import quantize_rotated
 
                 say(f"rotating and quantizing to {t}")
-                quantize_rotated(f16, path, [t], seed=rotate_seed, threads=threads, output_tensor_type=output_types[t],
+                quantize_rotated(f16, path, [t], seed=o.rotate_seed, threads=o.threads, output_tensor_type=output_types[t],
                                  imatrix=rot_im)
             else:
                 say(f"quantizing to {t}")
-                quantize_gguf(f16, path, [t], threads=threads, output_tensor_type=output_types[t], imatrix=im)
+                quantize_gguf(f16, path, [t], threads=o.threads, output_tensor_type=output_types[t], imatrix=im)
             quants.append(path)
         gptq_dir = None
-        if gptq_bits:
+        if o.gptq_bits:
             from tiblocal.quantize.gptq import gptq_quantize
 
-            gptq_dir = tmp / f"{name}-GPTQ-{gptq_bits}bit"
-            say(f"GPTQ {gptq_bits}-bit")
-            gptq_quantize(hf_dir, gptq_dir, bits=gptq_bits, group_size=gptq_group_size, progress=say)
+            gptq_dir = tmp / f"{name}-GPTQ-{o.gptq_bits}bit"
+            say(f"GPTQ {o.gptq_bits}-bit")
+            gptq_quantize(hf_dir, gptq_dir, bits=o.gptq_bits, group_size=o.gptq_group_size, progress=say)
         rows = []
         if text is not None:
             # the GPTQ folder runs through transformers, against the same f16 GGUF on the same ids and windows
             measured = [*quants, gptq_dir] if gptq_dir is not None else quants
-            rows = quant_report(f16, measured, text, ctx, max_windows=max_windows, threads=threads,
-                                n_gpu_layers=n_gpu_layers, progress=lambda m: say(f"measuring {Path(m).name}"))
+            rows = quant_report(f16, measured, text, o.ctx, max_windows=o.max_windows, threads=o.threads,
+                                n_gpu_layers=o.n_gpu_layers, progress=lambda m: say(f"measuring {Path(m).name}"))
             for r in rows:
                 r["model"] = Path(r["model"]).name + ("/" if Path(r["model"]).is_dir() else "")
-        task_rows = _score_tasks([f16, *quants], task_specs, threads=threads, n_gpu_layers=n_gpu_layers, say=say)
+        task_rows = _score_tasks([f16, *quants], task_specs, threads=o.threads, n_gpu_layers=o.n_gpu_layers, say=say)
         if task_rows:
             (tmp / "evaluation.json").write_text(json.dumps(task_rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         say("writing the model card, Modelfile and SHA256SUMS")
@@ -376,12 +432,12 @@ def release(
 
             from tiblocal.engine import default_threads
 
-            speed = {"tokens": SPEED_TOKENS, "threads": threads or default_threads(), "n_gpu_layers": n_gpu_layers}
+            speed = {"tokens": SPEED_TOKENS, "threads": o.threads or default_threads(), "n_gpu_layers": o.n_gpu_layers}
         meta = read_gguf(quants[0], with_tokens=False).metadata
-        (tmp / "Modelfile").write_text(modelfile(quants[0].name, template, meta), encoding="utf-8")
+        (tmp / "Modelfile").write_text(modelfile(quants[0].name, o.template, meta), encoding="utf-8")
         (tmp / "quantization.json").write_text(json.dumps({
-            "text": [_file_record(Path(p)) for p in eval_text], "ctx": ctx, "output_tensor_types": output_types, "imatrix": im_info,
-            "rotated": {t: rotate_seed for t in rotated}, "rotated_imatrix": rot_info, "speed": speed, "rows": rows,
+            "text": [_file_record(Path(p)) for p in o.eval_text], "ctx": o.ctx, "output_tensor_types": output_types, "imatrix": im_info,
+            "rotated": {t: o.rotate_seed for t in rotated}, "rotated_imatrix": rot_info, "speed": speed, "rows": rows,
         }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         files = {p.name: p.stat().st_size for p in [f16, *quants]}
         for m in (im, rot_im):
@@ -389,25 +445,11 @@ def release(
                 files[m.path.name] = (tmp / m.path).stat().st_size
         if gptq_dir is not None:
             files[gptq_dir.name + "/"] = sum(p.stat().st_size for p in gptq_dir.iterdir() if p.is_file())
-        card = model_card(name, hf_dir, files, rows, [Path(p).name for p in eval_text], ctx, template, meta, notes_text,
+        card = model_card(name, hf_dir, files, rows, [Path(p).name for p in o.eval_text], o.ctx, o.template, meta, notes_text,
                           chat_file=quants[0].name, imatrix=im_info, speed=speed,
-                          rotated=[p.name for p, t in zip(quants, names) if t in rotated], rotate_seed=rotate_seed,
+                          rotated=[p.name for p, t in zip(quants, names) if t in rotated], rotate_seed=o.rotate_seed,
                           rotated_imatrix=rot_info, task_rows=task_rows)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)
         listing = sorted(p.name for p in tmp.iterdir())
     return ReleaseResult(out, listing, rows)
-
-
-def run_release(hf_dir: Path, out: Path, *, as_json: bool, **kw) -> int:
-
-    from rich.console import Console
-
-    err = Console(stderr=True, highlight=False)
-    with err.status("releasing") as status:
-        r = release(hf_dir, out, progress=lambda m: status.update(m), **kw)
-    if as_json:
-        print_json({"out": str(r.out), "files": r.files, "rows": r.rows})
-    else:
-        err.print(f"wrote {r.out}: {', '.join(r.files)}")
-    return 0

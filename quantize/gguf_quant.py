@@ -96,11 +96,14 @@ def quantize_gguf(
     verbose: bool = False,
     imatrix: Path | Imatrix | None = None,
     on_start: Callable[[str, Path], None] | None = None,
+    basis_checked: bool = False,
 ) -> list[QuantResult]:
     """Quantize ``inp`` to each type; ``on_start(type, path)`` runs while llama.cpp works on that type.
 
     ``imatrix``: a file llama-imatrix or ``tiblocal imatrix`` wrote, or one already loaded (its ``path`` is what
-    the output's ``quantize.imatrix.file`` key names)."""
+    the output's ``quantize.imatrix.file`` key names); its basis is checked against the model's here
+    (``check_imatrix_basis``), unless ``basis_checked``: quantize_rotated checks it before it rotates the model,
+    against the basis the rotated file will be in, and says so."""
     inp, out = Path(inp), Path(out)
     info = read_gguf(inp, with_tokens=False)
     check_supported_architecture(info)
@@ -117,7 +120,8 @@ def quantize_gguf(
         from tiblocal.imatrix_file import Imatrix, load_imatrix
 
         im = imatrix if isinstance(imatrix, Imatrix) else load_imatrix(imatrix)
-        check_imatrix_basis(im, inp, info.rotation_seeds)
+        if not basis_checked:
+            check_imatrix_basis(im, inp, info.rotation_seeds)
     paths = output_paths(inp, out, types)
     if len(paths) > 1 and "{type}" not in str(out):
         out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiblocal.errors import InputFileError, TiblocalError
-from tiblocal.jsonout import print_json, stdout_to_stderr
+from tiblocal.jsonout import stdout_to_stderr
 
 from .calibration import calibration_texts, calibration_windows
 
@@ -180,18 +180,3 @@ def _gptqmodel_logs_elsewhere():
             yield
         finally:
             loop_processor._PROJECT_LOG_DIR = old
-
-
-def run_gptq(hf_dir: Path, out: Path, *, as_json: bool, **kw) -> int:
-    from rich.console import Console
-
-    err = Console(stderr=True, highlight=False)
-    with err.status("GPTQ") as status:
-        r = gptq_quantize(hf_dir, out, progress=lambda m: status.update(m), **kw)
-    summary = {"out": str(r.out), "bits": r.bits, "group_size": r.group_size, "samples": r.samples, "seq_len": r.seq_len,
-               "seconds": round(r.seconds, 1), "size_bytes": r.size}
-    if as_json:
-        print_json(summary)
-    else:
-        err.print(f"wrote {r.out} (GPTQ {r.bits}-bit, group {r.group_size}, {r.size / 2**20:.1f} MiB, {r.seconds:.0f} s)")
-    return 0

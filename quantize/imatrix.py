@@ -23,7 +23,6 @@ from tiblocal.errors import TiblocalError
 from tiblocal.imatrix_file import (  # noqa: F401  (the file format, re-exported for the stage's callers)
     KV_CHUNK_COUNT, KV_CHUNK_SIZE, KV_DATASETS, KV_ROTATED, Imatrix, basis_name, is_gguf, load_imatrix, write_imatrix,
 )
-from tiblocal.jsonout import print_json
 
 IMATRIX_CTX = 512  # llama-imatrix's default window
 DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}  # --dtype: what the model runs in
@@ -219,36 +218,3 @@ def _rotated_hooks(model, conv, turned: list[tuple[int, int]], add, rows, output
     if output and lm_head is not None:
         handles.append(final_norm.register_forward_pre_hook(after_norm(["output.weight"])))
     return handles
-
-
-def run_imatrix(hf_dir: Path, out: Path, *, texts: list[Path], chunks: int, ctx: int, device: str | None,
-                force: bool, as_json: bool, output: bool = True, dtype: str = "f32", rotate: int | None = None) -> int:
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from tiblocal.fsutil import check_output_path
-
-    from .calibration import calibration_texts
-
-    if chunks < 1 or ctx < 2:
-        raise TiblocalError(f"--chunks {chunks} --ctx {ctx}: expected at least 1 window of at least 2 tokens")
-    check_device(device)
-    check_output_path(Path(out), force=force, inputs=[hf_dir, *texts])
-    texts = calibration_texts(texts, "--text")
-    err = Console(stderr=True, highlight=False)
-    columns = (TextColumn("imatrix"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("imatrix", total=chunks)
-        im, counts = compute_imatrix(hf_dir, texts, chunks=chunks, ctx=ctx, device=device, output=output, dtype=dtype,
-                                     rotate=rotate,
-                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
-    write_imatrix(Path(out), im, counts, ctx)
-    summary = {"out": str(out), "entries": len(im.entries), "chunks": im.chunk_count, "ctx": ctx,
-               "tokens": max(counts.values()), "datasets": im.datasets, "rotation_seed": rotate}
-    if as_json:
-        print_json(summary)
-    else:
-        err.print(f"wrote {out}: {len(im.entries)} matrices, {im.chunk_count} chunks of {ctx} tokens"
-                  + (f", in {basis_name([rotate])}" if rotate is not None else ""))
-    return 0

@@ -247,67 +247,6 @@ def evaluate_mcq(source, template, questions: list[Question], fewshot: list[Ques
     return r
 
 
-def run_mcq(model: Path | None, *, data: Path, fewshot: Path | None, shots: int, limit: int | None, out: Path | None,
-            force: bool, ctx: int | None, threads: int | None, n_gpu_layers: int, template: str | None, max_tokens: int,
-            as_json: bool) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
-
-    from tiblocal.fsutil import atomic_write_text, check_output_path
-    from tiblocal.jsonout import dumps, print_json
-    from tiblocal.models import resolve_model
-
-    if shots not in (0, 5):
-        raise TiblocalError(f"--shots {shots}: TLUE uses 0 or 5")
-    questions = read_questions(data)[:limit] if limit else read_questions(data)
-    examples = read_questions(fewshot, "--fewshot") if fewshot is not None else []
-    if shots and not examples:
-        raise TiblocalError(f"--shots {shots} needs --fewshot FILE (TLUE's 5-shot rows of each subject)")
-    shot_pool(questions, examples, shots)  # before the model loads
-    path = resolve_model(model)
-    if out is not None:
-        check_output_path(out, force=force, inputs=[path, data, fewshot])
-    source = open_mcq_source(path, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers)
-    try:
-        tmpl = chat_template_of(source, template)
-        err = Console(stderr=True, highlight=False)
-        columns = (TextColumn("eval mcq"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task("mcq", total=len(questions))
-            r = evaluate_mcq(source, tmpl, questions, examples, shots=shots, max_tokens=max_tokens,
-                             progress=lambda d, t: bar.update(task, completed=d))
-    finally:
-        source.close()
-    if out is not None:
-        with atomic_write_text(out, replace=force) as f:
-            for rec in r.predictions:
-                f.write(dumps(rec, ensure_ascii=False) + "\n")
-    result = r.as_dict()
-    if as_json:
-        print_json(result, ensure_ascii=False)
-        return 0
-    con = Console(highlight=False)
-    lo, hi = result["ci95"]
-    skipped = [f"{r.skipped_too_long} longer than the context"] if r.skipped_too_long else []
-    skipped += [f"{r.skipped_empty} with an empty question"] if r.skipped_empty else []
-    title = (f"{path.name} on {Path(data).name}, {shots}-shot: {r.n} questions"
-             + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
-    t = Table(title=title, title_justify="left")
-    for col in ("scorer", "accuracy", "95% interval", "response rate", "conditional accuracy"):
-        t.add_column(col)
-    if r.n:
-        t.add_row("log-likelihood", f"{result['accuracy']:.1%}", f"{lo:.1%}–{hi:.1%}", "100%", "")
-        for name, g in result["generation"].items():
-            cond = "" if g["conditional_accuracy"] is None else f"{g['conditional_accuracy']:.1%}"
-            t.add_row(f"generation, TLUE {name.replace('_', ' ')}", f"{g['accuracy']:.1%}", "",
-                      f"{g['response_rate']:.1%}", cond)
-    con.print(t)
-    con.print("chance: 25%; by subject: " + ", ".join(f"{s} {v['accuracy']:.0%} ({v['n']})"
-                                                      for s, v in result["by_subject"].items()), markup=False)
-    return 0
-
-
 # --- sources that can also answer --------------------------------------------------------------------------------
 
 

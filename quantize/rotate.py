@@ -33,7 +33,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
-from tiblocal.gguf_file import ROTATION_KEY, copy_metadata
+from tiblocal.gguf_file import ROTATION_KEY, copy_metadata, write_gguf_data
 from tiblocal.gguf_keys import QUANTIZE_IMATRIX_PREFIX
 
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -203,7 +203,6 @@ def rotate_gguf(
     def nbytes(name: str) -> int:
         return int(np.prod(shape_of(name))) * (2 if type_of(name) == GGMLQuantizationType.F16 else 4)
 
-    total = sum(nbytes(n) for n in names)
     with atomic_path(out, replace=force) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         if "general.alignment" in meta:
@@ -216,12 +215,8 @@ def rotate_gguf(
         for name in names:
             t = type_of(name)
             w.add_tensor_info(name, shape_of(name), np.dtype(np.float32), nbytes(name), raw_dtype=t)
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        done = 0
-        for name in names:
+
+        def data(name: str) -> np.ndarray:
             a = build(name)
             if type_of(name) == GGMLQuantizationType.F16:
                 a16 = a.astype(np.float16)
@@ -229,11 +224,7 @@ def rotate_gguf(
                     raise TiblocalError(f"{inp}: {name} overflows f16 once rotated; rotate the f32 GGUF instead "
                                         "(tiblocal convert HF_DIR --outtype f32)")
                 a = a16
-            w.write_padding(fout, fout.tell())
-            np.ascontiguousarray(a).tofile(fout)
-            w.write_padding(fout, a.nbytes)
-            done += a.nbytes
-            if progress:
-                progress(done, total)
-        w.close()
+            return a
+
+        write_gguf_data(w, tmp, ((name, [data(name)]) for name in names), progress=progress)
     return RotateResult(out, seed, untied, out.stat().st_size)

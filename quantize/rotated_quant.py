@@ -75,8 +75,8 @@ def quantize_rotated(
         if im.rotation is None:
             raise TiblocalError(f"{im.path} does not say which basis it was measured in (llama-imatrix's files do "
                                 f"not); with --rotate {seed} give the matrix of `tiblocal imatrix HF_DIR --rotate {seed}`")
-        check_imatrix_basis(im, inp, [*read_gguf(inp, with_tokens=False).rotation_seeds, seed])
-        quant_options["imatrix"] = im
+        check_imatrix_basis(im, inp, [*read_gguf(inp, with_tokens=False).rotation_seeds, seed])  # the one check
+        quant_options.update(imatrix=im, basis_checked=True)
     if calib and trials == 1:
         raise TiblocalError("--calib is the text that ranks the rotations of --rotate-trials K; give K of 2 or more")
     ids: list[int] = []  # the calibration text, tokenized once by the model's vocabulary (the rotation keeps it)

@@ -49,10 +49,9 @@ def test_an_unexpected_exception_is_one_line_and_a_report_file(tmp_path) -> None
     """A bug (here a verb's function raising a TypeError) gives one line naming the report that holds the traceback,
     exit 1; under --json a JSON error object on stdout too."""
     code = (
-        "import sys, tiblocal.cli as c\n"
-        "def boom(a): raise TypeError('unsupported operand\\ntwo lines')\n"
-        "for v in c.VERBS:\n"
-        "    if v.name == 'inspect': object.__setattr__(v, 'run', boom)\n"
+        "import sys, tiblocal.cli as c, tiblocal.commands as m\n"
+        "def boom(o: m.InspectOptions): raise TypeError('unsupported operand\\ntwo lines')\n"
+        "m.inspect = boom\n"
         "sys.exit(c.main(sys.argv[1:] or ['inspect', 'x.gguf', '--json']))\n"
     )
     p = run_python(code, env={"XDG_CACHE_HOME": str(tmp_path)})
@@ -63,6 +62,39 @@ def test_an_unexpected_exception_is_one_line_and_a_report_file(tmp_path) -> None
     text = reports[0].read_text()
     assert "Traceback" in text and "in boom" in text and "command: tiblocal inspect x.gguf --json" in text
     assert json.loads(p.stdout) == {"error": line.removeprefix("tiblocal: error: ")}
+
+
+def test_a_verb_whose_module_fails_to_load_is_one_line_too(tmp_path) -> None:
+    """Setting up a verb's options imports its commands module: a failure there is reported like one in the verb."""
+    code = (
+        "import sys, tiblocal.cli as c\n"
+        "v = next(v for v in c.VERBS if v.name == 'inspect')\n"
+        "object.__setattr__(v, 'target', 'tiblocal.no_such_module:inspect')\n"
+        "sys.exit(c.main(['inspect', 'x.gguf', '--json']))\n"
+    )
+    p = run_python(code, env={"XDG_CACHE_HOME": str(tmp_path)})
+    line = one_line_error(p)
+    assert "unexpected ModuleNotFoundError in tiblocal inspect: No module named 'tiblocal.no_such_module'" in line
+    assert json.loads(p.stdout) == {"error": line.removeprefix("tiblocal: error: ")}
+
+
+def test_tiblocal_warnings_show_and_libraries_warnings_do_not(tmp_path) -> None:
+    """A library's warning (torchao saying which of its CUDA kernels it could not load) is noise to a user of the
+    command; tiblocal's own warnings (a context beyond the trained one) are not."""
+    code = (
+        "import logging, sys, tiblocal.cli as c, tiblocal.commands as m\n"
+        "def quiet(o: m.VerifyOptions):\n"
+        "    logging.getLogger('torchao').warning('Failed to load a kernel')\n"
+        "    logging.getLogger('tiblocal.engine').warning('--ctx 512 is beyond the 256 tokens')\n"
+        "    logging.getLogger('torchao').error('a library error')\n"
+        "    return 0\n"
+        "m.verify = quiet\n"
+        "sys.exit(c.main(['verify', '.']))\n"
+    )
+    p = run_python(code, env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.decode().splitlines() == ["WARNING tiblocal.engine: --ctx 512 is beyond the 256 tokens",
+                                              "ERROR torchao: a library error"]
 
 
 def test_an_error_under_json_is_a_json_object_on_stdout(tmp_path) -> None:
@@ -356,10 +388,9 @@ def test_damaged_safetensors_headers_are_one_line(work, header, match) -> None:
 ])
 def test_memory_and_unknown_missing_modules(tmp_path, raised, match) -> None:
     code = (
-        "import sys, tiblocal.cli as c\n"
-        f"def boom(a): raise {raised}\n"
-        "for v in c.VERBS:\n"
-        "    if v.name == 'inspect': object.__setattr__(v, 'run', boom)\n"
+        "import sys, tiblocal.cli as c, tiblocal.commands as m\n"
+        f"def boom(o: m.InspectOptions): raise {raised}\n"
+        "m.inspect = boom\n"
         "sys.exit(c.main(['inspect', 'x.gguf']))\n"
     )
     assert match in one_line_error(run_python(code, env={"XDG_CACHE_HOME": str(tmp_path)}))

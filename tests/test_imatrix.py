@@ -14,7 +14,7 @@ from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.gguf_file import read_gguf
 from tiblocal.quantize.gguf_quant import quantize_gguf
 from tiblocal.quantize.imatrix import DTYPES, Imatrix, compute_imatrix, load_imatrix, write_imatrix
-from tiblocal.pipelines.release import release
+from tiblocal.pipelines.release import ReleaseOptions, release
 
 
 def _weights(model: Path) -> dict[str, int]:
@@ -130,14 +130,38 @@ def test_bad_importance_matrices(tmp_path: Path, model) -> None:
     assert not (tmp_path / "q.gguf").exists()
 
 
-@pytest.mark.parametrize("qtype", ["IQ2_XXS", "IQ3_XXS", "Q2_K_S", "Q4_K_M"])
-def test_same_file_as_llama_quantize_with_the_same_imatrix(tmp_path: Path, model, qtype) -> None:
+@pytest.fixture(scope="session")
+def llama_quantize() -> str:
+    """llama.cpp's own llama-quantize, of the llama.cpp the installed bindings vendor: $TIBLOCAL_LLAMA_QUANTIZE, else
+    built once by benchmarks/bench_engine.py's builder (pip downloads the bindings' sdist, CMake builds the tool and
+    libllama: minutes on 2 cores the first time, then cached under ~/.cache/tiblocal/llama.cpp). Where it cannot be
+    built the comparison skips and says why, except under .ci/run (TIBLOCAL_CI=1), where that fails."""
     import os
+    import sys
+
+    if os.environ.get("TIBLOCAL_LLAMA_QUANTIZE"):
+        return os.environ["TIBLOCAL_LLAMA_QUANTIZE"]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_engine import build_llama_tool
+
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tiblocal" / "llama.cpp"
+        return str(build_llama_tool(root, "llama-quantize"))
+    except Exception as e:  # no network for the sdist, no CMake or compiler
+        if os.environ.get("TIBLOCAL_CI") == "1":
+            raise
+        pytest.skip(f"llama-quantize could not be built here ({type(e).__name__}: {e}); set TIBLOCAL_LLAMA_QUANTIZE "
+                    "to one built from the bindings' llama.cpp")
+    finally:
+        sys.path.remove(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["IQ2_XXS", "IQ3_XXS", "Q2_K_S", "Q4_K_M"])
+def test_same_file_as_llama_quantize_with_the_same_imatrix(tmp_path: Path, model, qtype, llama_quantize) -> None:
     import subprocess
 
-    binary = os.environ.get("TIBLOCAL_LLAMA_QUANTIZE")
-    if not binary:
-        pytest.skip("set TIBLOCAL_LLAMA_QUANTIZE to a llama-quantize binary (built from the bindings' llama.cpp) to compare")
+    binary = llama_quantize
     im = write_gguf_imatrix(tmp_path / "im.gguf", _sums(model, 3), 1024)
     ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
     subprocess.run([binary, "--imatrix", str(im), str(model), str(ref), qtype, "2"], check=True, capture_output=True)
@@ -181,9 +205,12 @@ def test_computed_imatrix_is_the_mean_square_of_each_matrix_input(tiny256) -> No
 
 
 def test_the_cli_offers_the_dtypes_imatrix_runs_in() -> None:
-    from tiblocal.cli import IMATRIX_DTYPES
+    from tiblocal.cli import build_parser
 
-    assert IMATRIX_DTYPES == tuple(DTYPES)
+    verbs = next(a for a in build_parser()._actions if a.dest == "verb").choices
+    offered = {name: next(a.choices for a in verbs[name]._actions if a.dest == dest)
+               for name, dest in (("imatrix", "dtype"), ("release", "imatrix_dtype"))}
+    assert offered == {"imatrix": list(DTYPES), "release": list(DTYPES)}
 
 
 def test_imatrix_command_writes_what_quantize_reads(tmp_path: Path, tiny256) -> None:
@@ -302,7 +329,7 @@ def test_release_imatrix_errors_leave_nothing(tmp_path: Path, tiny256) -> None:
         assert not out.exists() and not list(tmp_path.glob(f".rel{i}.*"))
     # a dtype the command line would not take, through the Python API
     with pytest.raises(TiblocalError, match="--imatrix-dtype f8: expected one of f32, bf16, f16"):
-        release(hf, tmp_path / "api", types=["Q4_K_M"], make_imatrix=True, imatrix_dtype="f8")
+        release(ReleaseOptions(hf_dir=hf, out=tmp_path / "api", types=["Q4_K_M"], make_imatrix=True, imatrix_dtype="f8"))
     assert not (tmp_path / "api").exists() and not list(tmp_path.glob(".api.*"))
 
 

@@ -183,6 +183,7 @@ def test_a_prompt_longer_than_the_context_is_skipped_and_counted(tmp_path, tiny_
     assert d["n"] == 1 and d["skipped_too_long"] == 1
 
 
+@pytest.mark.shared_data
 def test_questions_from_the_shared_tlue_file_read(tmp_path) -> None:
     from conftest import shared_data
 

@@ -121,7 +121,7 @@ def test_release_rotates_the_types_it_is_told_to(tiny_hf: Path, tmp_path: Path) 
 def test_release_refuses_gpu_layers_without_a_gpu_build_before_any_work(tiny_hf: Path, tmp_path: Path, monkeypatch) -> None:
     from tiblocal.convert import hf_to_gguf
     from tiblocal.engine import EngineError, gpu_offload_supported
-    from tiblocal.pipelines.release import release
+    from tiblocal.pipelines.release import ReleaseOptions, release
 
     if gpu_offload_supported():
         pytest.skip("this llama-cpp-python build has a GPU backend")
@@ -135,10 +135,11 @@ def test_release_refuses_gpu_layers_without_a_gpu_build_before_any_work(tiny_hf:
 
     monkeypatch.setattr(hf_to_gguf, "hf_to_gguf", converted)
     with pytest.raises(EngineError, match="no GPU backend"):
-        release(tiny_hf, tmp_path / "h", types=["Q8_0"], eval_text=[DATA / "tibetan_sample.txt"], n_gpu_layers=2)
+        release(ReleaseOptions(hf_dir=tiny_hf, out=tmp_path / "h", types=["Q8_0"], eval_text=[DATA / "tibetan_sample.txt"],
+                               n_gpu_layers=2))
     # without --eval-text nothing runs through llama.cpp's evaluation, so there is nothing to refuse
     with pytest.raises(AssertionError, match="converted before the GPU check"):
-        release(tiny_hf, tmp_path / "i", types=["Q8_0"], n_gpu_layers=2)
+        release(ReleaseOptions(hf_dir=tiny_hf, out=tmp_path / "i", types=["Q8_0"], n_gpu_layers=2))
 
 
 def test_convert_writes_the_suggested_sampling_and_the_runtime_uses_it(tiny_hf: Path, tmp_path: Path) -> None:

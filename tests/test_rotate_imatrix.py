@@ -156,3 +156,29 @@ def test_quantize_rotate_takes_the_matrix_of_its_rotation(tmp_path, tiny_tokeniz
     assert p.returncode == 1 and "measured in the unrotated basis" in err and len(err.strip().splitlines()) == 1
     assert not y.exists() and [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []
 
+
+
+def test_quantize_rotated_checks_the_matrix_basis_once_before_it_rotates(tmp_path, tiny_tokenizer, monkeypatch) -> None:
+    """quantize --rotate SEED --imatrix checks the matrix's basis once, before the rotation, and the quantizer it
+    calls (for each type, and again for a tied embedding) does not check it again."""
+    from tiblocal.convert.hf_to_gguf import hf_to_gguf
+    from tiblocal.quantize import gguf_quant
+
+    hf = outlier_llama(tmp_path, tiny_tokenizer, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=4, tie_word_embeddings=True)
+    src = tmp_path / "m.gguf"
+    hf_to_gguf(hf, src, outtype="f32")
+    im, counts = compute_imatrix(hf, [TEXT], chunks=1, ctx=32, rotate=3)
+    path = tmp_path / "im3.gguf"
+    write_imatrix(path, im, counts, 32)
+    calls = []
+    real = gguf_quant.check_imatrix_basis
+    monkeypatch.setattr(gguf_quant, "check_imatrix_basis", lambda *a: (calls.append(a[2]), real(*a))[1])
+    results, seeds, _ = quantize_rotated(src, tmp_path / "q-{type}.gguf", ["Q4_0", "Q8_0"], seed=3, imatrix=path)
+    assert [r.type for r in results] == ["Q4_0", "Q8_0"] and seeds == {"Q4_0": 3, "Q8_0": 3}
+    assert calls == [[3]]
+    # a matrix of another basis still stops before anything is written
+    calls.clear()
+    with pytest.raises(TiblocalError, match="was measured in the basis of --rotate 3, but"):
+        quantize_rotated(src, tmp_path / "r-{type}.gguf", ["Q4_0"], seed=4, imatrix=path)
+    assert calls == [[4]] and not list(tmp_path.glob("r-*"))

@@ -143,6 +143,7 @@ def test_bad_rows_are_one_line(tiny_gguf, tmp_path, task, rows, match) -> None:
     assert p.returncode == 1 and len(err.splitlines()) == 1 and match in err, err
 
 
+@pytest.mark.shared_data
 def test_the_shared_files_read(tmp_path) -> None:
     from conftest import shared_data
 

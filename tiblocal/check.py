@@ -10,13 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.console import Console
 
 from .checkpoint import HFCheckpoint, llama_tensor_problems
-from .errors import InputFileError, TiblocalError
 from .gguf_file import read_gguf
 from .gguf_vocab import load_sentencepiece
-from tiblocal.jsonout import print_json
 
 
 def check_hf(path: Path) -> tuple[dict, list[str]]:
@@ -92,19 +89,3 @@ def check_gguf(path: Path) -> tuple[dict, list[str]]:
     return facts, problems
 
 
-def run_check(path: Path, *, as_json: bool) -> int:
-    from .models import resolve_model
-
-    path = resolve_model(path)
-    if not path.exists():
-        raise InputFileError(f"{path}: no such file or folder; give a model folder or a .gguf file")
-    facts, problems = check_hf(path) if path.is_dir() else check_gguf(path)
-    if as_json:
-        print_json({"path": str(path), **facts, "problems": problems})
-    else:
-        con = Console(highlight=False)
-        con.print(", ".join(f"{k} {v}" for k, v in facts.items()), markup=False)
-        con.print("[green]consistent[/]" if not problems else f"[red]{len(problems)} problem(s)[/]")
-    if problems:
-        raise TiblocalError(problems[0] + (f" (and {len(problems) - 1} more; --json lists them)" if len(problems) > 1 else ""))
-    return 0

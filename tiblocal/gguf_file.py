@@ -1,4 +1,5 @@
-"""Reading and checking GGUF files: the conventions tiblocal relies on, with gguf-py's constants.
+"""Reading and checking GGUF files, and writing their tensor data as it streams: the conventions tiblocal relies on,
+with gguf-py's constants.
 
 Only the header is read (memory-mapped), so inspecting or checking a 7B model reads about a megabyte,
 and a 55k-token vocabulary is scanned in tens of milliseconds.
@@ -10,7 +11,7 @@ import math
 import mmap
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,3 +302,37 @@ def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, *, skip: Cal
         vtype = GGUFValueType(f.types[0])
         sub = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(f.name, values[f.name] if f.name in values else f.contents(), vtype, sub_type=sub)
+
+
+def write_gguf_data(writer: gguf.GGUFWriter, path: Path, tensors: Iterable[tuple[str, Iterable[np.ndarray]]], *,
+                    progress: Callable[[int, int], None] | None = None) -> None:
+    """Write a GGUF whose metadata and tensor infos ``writer`` holds: the header, the key-values and the infos, then
+    each tensor's data from ``tensors`` (name, its pieces in order), a piece at a time, so that no tensor is ever
+    whole in memory (convert writes blocks of rows; a rotated matrix comes as one piece); then close it.
+
+    gguf-py's ``write_tensor_data`` takes a tensor only whole, so its file and padding are used here piece by piece,
+    with its alignment; each tensor must come in the order its info was added and with the bytes the info says.
+    ``progress(done, total)`` in bytes."""
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    infos = writer.tensors[0]
+    total = sum(ti.nbytes for ti in infos.values())
+    fout = writer.fout[0]
+    done = 0
+    for (name, pieces), (expected_name, info) in zip(tensors, list(infos.items()), strict=True):
+        if name != expected_name:
+            raise AssertionError(f"tensor {name} written where the infos put {expected_name}")
+        writer.write_padding(fout, fout.tell())
+        written = 0
+        for piece in pieces:
+            piece = np.ascontiguousarray(piece)
+            piece.tofile(fout)
+            written += piece.nbytes
+        if written != info.nbytes:
+            raise AssertionError(f"{name}: wrote {written} bytes, expected {info.nbytes}")
+        writer.write_padding(fout, written)
+        done += written
+        if progress:
+            progress(done, total)
+    writer.close()

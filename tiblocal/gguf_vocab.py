@@ -17,6 +17,7 @@ import gguf
 from gguf import TokenType
 
 from .errors import ModelFormatError
+from .gguf_file import write_gguf_data
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,4 @@ def write_vocab_gguf(folder: Path, out: Path, chat_template: str | None = None) 
         vocab.write_to(w)
         if chat_template:
             w.add_chat_template(chat_template)
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        w.close()
+        write_gguf_data(w, tmp, [])  # no tensors

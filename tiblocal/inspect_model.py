@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from .checkpoint import HFCheckpoint
@@ -15,7 +14,6 @@ from .errors import InputFileError
 from .gguf_file import read_gguf
 from .gguf_keys import suggested_sampling
 from .templates import template_name_of
-from tiblocal.jsonout import print_json
 
 
 def describe_gguf(path: Path, info=None) -> dict[str, Any]:
@@ -142,15 +140,8 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def run_inspect(path: Path, *, as_json: bool) -> int:
-    from .models import resolve_model
-
-    path = resolve_model(path)
-    d = describe(path)
-    if as_json:
-        print_json(d, ensure_ascii=False, indent=2)
-        return 0
-    console = Console(highlight=False)
+def inspect_table(path: Path, d: dict) -> Table:
+    """A person's view of ``describe(path)``."""
     table = Table(title=str(path), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -202,5 +193,4 @@ def run_inspect(path: Path, *, as_json: bool) -> int:
         ]
     for k, v in rows:
         table.add_row(k, v)
-    console.print(table)
-    return 0
+    return table

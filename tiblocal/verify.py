@@ -7,10 +7,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from rich.console import Console
 
-from .errors import InputFileError, TiblocalError
-from tiblocal.jsonout import print_json
+from .errors import InputFileError
 
 
 def sha256_file(path: Path) -> str:
@@ -75,20 +73,3 @@ def verify(folder: Path) -> dict[str, str]:
         if name not in status:
             status[name] = "unlisted"
     return status
-
-
-def run_verify(folder: Path, *, as_json: bool) -> int:
-    status = verify(folder)
-    bad = {k: v for k, v in status.items() if v in ("missing", "changed")}
-    if as_json:
-        print_json(status)
-    else:
-        con = Console(highlight=False)
-        for name, s in status.items():
-            con.print(f"{s:9} {name}", markup=False)
-    if bad:
-        first = next(iter(bad.items()))
-        raise TiblocalError(
-            f"{folder}: {len(bad)} file(s) do not match SHA256SUMS ({first[0]} is {first[1]}); copy or download them again"
-        )
-    return 0
