@@ -23,7 +23,7 @@ start)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/whl/*.whl
   cp -r $src/llama_cpp /tmp/site/
   # tiblocal as it installs (the stage folders are tiblocal.convert, tiblocal.quantize, tiblocal.finetune)
-  mkdir -p /tmp/pkg && cp -r "$here/tiblocal" /tmp/pkg/ && for s in convert quantize finetune; do ln -sfn "$here/$s" /tmp/pkg/tiblocal/$s; done
+  mkdir -p /tmp/pkg && cp -r "$here/tiblocal" /tmp/pkg/ && for s in convert quantize finetune pipelines; do ln -sfn "$here/$s" /tmp/pkg/tiblocal/$s; done
   setsid bash -c "cd $src/vendor/llama.cpp && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON \
       -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
       -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release > $out/build.log 2>&1 \
