@@ -119,7 +119,7 @@ def quantize(o: QuantizeOptions) -> Result:
         rows.append(row)
 
     lines = []
-    for r, row in zip(results, rows):
+    for r, row in zip(results, rows, strict=True):
         if o.rotate is None:
             lines.append(f"wrote {r.path} ({r.type}, {r.size / 2**20:.1f} MiB, {r.seconds:.1f} s)")
             continue

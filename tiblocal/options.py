@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import types
 import typing
 from collections.abc import Callable
@@ -78,12 +77,9 @@ def _strip_optional(kind: Any) -> Any:
     return kind
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def option_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    hints = _hints(cls)
+    """``cls``'s fields with their annotations resolved (each in its own class's module, base classes too)."""
+    hints = typing.get_type_hints(cls)
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
@@ -113,9 +109,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, group: Any = None
             if m["exclusive"] not in exclusive:
                 exclusive[m["exclusive"]] = target.add_mutually_exclusive_group(required=True)
             where = exclusive[m["exclusive"]]
+        if has_default:
+            kw["default"] = default
         if kind is bool:
             kw["action"] = "store_false" if m["negate"] else "store_true"
-            names = [m["flag"] or "--" + f.name.replace("_", "-")]
         else:
             item = kind
             if typing.get_origin(kind) is list and m["parse"] is not None and not (m["repeat"] or m["nargs"]):
@@ -141,19 +138,14 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, group: Any = None
                 kw["type"] = parse
             if m["metavar"]:
                 kw["metavar"] = m["metavar"]
-            names = [] if m["positional"] else [m["flag"] or "--" + f.name.replace("_", "-")]
             if m["positional"] and has_default and "nargs" not in kw:
                 kw["nargs"] = "?"
         if m["positional"]:
-            if has_default:
-                kw["default"] = default
             where.add_argument(f.name, **kw)
             continue
-        if has_default:
-            kw["default"] = default
-        elif not m["exclusive"]:
+        if not has_default and not m["exclusive"]:
             kw["required"] = True
-        where.add_argument(*names, dest=f.name, **kw)
+        where.add_argument(m["flag"] or "--" + f.name.replace("_", "-"), dest=f.name, **kw)
 
 
 def options_from(cls: type, namespace: argparse.Namespace) -> Any:
@@ -166,7 +158,7 @@ def options_from(cls: type, namespace: argparse.Namespace) -> Any:
 
 def options_type(run: Callable) -> type | None:
     """The options dataclass a verb's function takes (its one parameter's annotation)."""
-    hints = typing.get_type_hints(run, globalns=vars(sys.modules[run.__module__]))
+    hints = typing.get_type_hints(run)
     hints.pop("return", None)
     kinds = [k for k in hints.values() if is_options(k)]
     return kinds[0] if kinds else None
