@@ -312,9 +312,9 @@ def release(o: ReleaseOptions, progress: Callable[[str], None] | None = None) ->
         raise TiblocalError(f"template {o.template!r} has no Ollama form; expected one of: {', '.join(OLLAMA_TEMPLATES)}")
     # TYPE or TYPE:OUTPUT_TYPE (the type of output.weight, or of token_embd when the embeddings are tied)
     specs = [t.strip().partition(":") for t in o.types if t.strip()]
-    names = parse_types(",".join(t for t, _, _ in specs))
+    names = parse_types(",".join(t for t, _, _ in specs), "--types")
     output_types = {n: (t.strip() or None) for n, (_, _, t) in zip(names, specs)}
-    rotated = parse_types(",".join(o.rotate)) if o.rotate else []
+    rotated = parse_types(",".join(o.rotate), "--rotate") if o.rotate else []
     if extra := sorted(set(rotated) - set(names)):
         raise TiblocalError(f"--rotate {','.join(rotated)}: {', '.join(extra)} is not among --types {','.join(names)}; "
                             "name types the release makes")

@@ -40,11 +40,12 @@ def quant_types() -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 
-def parse_types(spec: str) -> list[str]:
+def parse_types(spec: str, option: str = "--type") -> list[str]:
+    """``Q4_K_M,Q8_0`` -> the types, checked; ``option`` is what an error names (release's is --types)."""
     valid = quant_types()
     names = [t.strip().upper() for t in spec.split(",") if t.strip()]
     if not names:
-        raise TiblocalError("--type is empty; give one or more types, e.g. --type Q4_K_M,Q8_0")
+        raise TiblocalError(f"{option} is empty; give one or more types, e.g. {option} Q4_K_M,Q8_0")
     bad = [n for n in names if n not in valid]
     if bad:
         raise TiblocalError(f"unknown quantization type {', '.join(bad)}; valid types: {', '.join(valid)}")

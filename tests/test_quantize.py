@@ -134,6 +134,8 @@ def test_output_and_embedding_tensor_types(tmp_path: Path, tiny256) -> None:
 def test_bad_input(tmp_path: Path, tiny256, quants) -> None:
     p = run_cli("quantize", str(tiny256[1]), "--type", "Q9_X", "--out", str(tmp_path / "x.gguf"))
     assert p.returncode == 1 and "unknown quantization type Q9_X; valid types: F32, F16, Q4_0" in p.stderr.decode()
+    p = run_cli("quantize", str(tiny256[1]), "--type", " , ", "--out", str(tmp_path / "x.gguf"))
+    assert p.returncode == 1 and "--type is empty; give one or more types, e.g. --type Q4_K_M,Q8_0" in p.stderr.decode()
     with pytest.raises(TiblocalError, match=r"is already quantized \(Q4_K_M\).*--allow-requantize"):
         quantize_gguf(quants["Q4_K_M"], tmp_path / "x.gguf", ["Q4_0"])
     quantize_gguf(quants["Q8_0"], tmp_path / "re.gguf", ["Q4_0"], allow_requantize=True)
