@@ -6,6 +6,9 @@
 #   STAGE=start benchmarks/device/serve_gpu.sh DIR OUT   # starts the CUDA build and the model's making, detached
 #   STAGE=wait  benchmarks/device/serve_gpu.sh DIR OUT   # waits (up to 9 minutes) and reports how far they got
 #   STAGE=bench benchmarks/device/serve_gpu.sh DIR OUT   # llama-batched-bench and bench_serve.py, side by side
+#   STAGE=engine benchmarks/device/serve_gpu.sh DIR OUT  # issue 26's host-CPU figures: bench_engine.py on the same
+#                                                        # Q4_K_M against llama-bench, both on a CPU-only build (built
+#                                                        # after the CUDA one, in build-cpu/), 16 threads
 # DIR holds what travels with the call: lcp-src.tar.gz (llama-cpp-python's sdist: llama_cpp/ and vendor/llama.cpp,
 # without models, docs and examples), whl/ (starlette, uvicorn, pydantic and its parts, gguf: what the host lacks) and
 # a 55,296-piece tokenizer.model as cl2-tokenizer.model. OUT is where the logs and JSON go.
@@ -17,7 +20,7 @@ set -uo pipefail
 dir=$(realpath "$1"); out=$(realpath "$2"); here=$(cd "$(dirname "$0")/../.." && pwd)
 src=/tmp/lcp; work=/tmp/serve7b; mkdir -p "$out" $work
 export PYTHONPATH=/tmp/pkg:/tmp/site LLAMA_CPP_LIB_PATH=$src/vendor/llama.cpp/build/bin
-case "${STAGE:?STAGE=start|wait|bench}" in
+case "${STAGE:?STAGE=start|wait|bench|engine}" in
 start)
   mkdir -p $src && tar xzf "$dir/lcp-src.tar.gz" -C $src
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/whl/*.whl
@@ -28,7 +31,12 @@ start)
       -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
       -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release > $out/build.log 2>&1 \
     && cmake --build build -j 14 --target llama llama-batched-bench llama-bench llama-quantize >> $out/build.log 2>&1; \
-    echo \$? > $work/build.rc" < /dev/null > /dev/null 2>&1 &
+    echo \$? > $work/build.rc; \
+    cmake -B build-cpu -DGGML_CUDA=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+      -DCMAKE_BUILD_TYPE=Release > $out/build-cpu.log 2>&1 \
+    && cmake --build build-cpu -j 14 --target llama llama-bench >> $out/build-cpu.log 2>&1; \
+    echo \$? > $work/build-cpu.rc" < /dev/null > /dev/null 2>&1 &
   # the model, meanwhile, on the remaining cores: a random f16 checkpoint, converted by tiblocal
   setsid bash -c "cd $work && python3 -c \"
 from pathlib import Path
@@ -42,7 +50,8 @@ hf_to_gguf(Path('base'), Path('f16.gguf'), outtype='f16', template='alpaca')
   sleep 5; echo started; nproc; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ;;
 wait)
   for _ in $(seq 108); do [ -f $work/build.rc ] && [ -f $work/model.rc ] && break; sleep 5; done
-  echo "build: $(cat $work/build.rc 2>/dev/null || echo running)  model: $(cat $work/model.rc 2>/dev/null || echo running)"
+  echo "build: $(cat $work/build.rc 2>/dev/null || echo running)  model: $(cat $work/model.rc 2>/dev/null || echo running)" \
+       " CPU build: $(cat $work/build-cpu.rc 2>/dev/null || echo running)"
   tail -3 $out/build.log; tail -3 $out/model.log; ls -la $work ;;
 bench)
   bin=$src/vendor/llama.cpp/build/bin
@@ -61,4 +70,13 @@ bench)
   PYTHONUNBUFFERED=1 python3 benchmarks/bench_serve.py $work/q4km.gguf --clients 16 --requests 6 \
     --prompt-tokens 128 --max-tokens 128 --json "$out/serve_gpu_chaos.json" \
     -- --parallel 16 --n-gpu-layers -1 --flash-attn on --threads 16 2>&1 | tail -4 | tee "$out/serve_gpu_chaos.log" ;;
+engine)
+  for _ in $(seq 60); do [ -f $work/build-cpu.rc ] && break; sleep 5; done
+  [ "$(cat $work/build-cpu.rc 2>/dev/null)" = 0 ] || { echo "CPU build: $(cat $work/build-cpu.rc 2>/dev/null || echo running)"; tail -5 $out/build-cpu.log; exit 1; }
+  [ -f $work/q4km.gguf ] || $src/vendor/llama.cpp/build/bin/llama-quantize $work/f16.gguf $work/q4km.gguf Q4_K_M 16 \
+    > $out/quantize.log 2>&1 || { tail -5 $out/quantize.log; exit 1; }
+  # tiblocal's side loads llama-bench's own libllama (bench_engine.py sets LLAMA_CPP_LIB_PATH to the binary's folder)
+  cd "$here" && PYTHONUNBUFFERED=1 python3 benchmarks/bench_engine.py $work/q4km.gguf \
+    --llama-bench $src/vendor/llama.cpp/build-cpu/bin/llama-bench --threads 16 --rounds 3 \
+    --json "$out/engine_cpu.json" 2>&1 | tee "$out/engine_cpu.log" ;;
 esac
