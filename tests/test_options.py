@@ -154,3 +154,14 @@ def test_a_bad_progress_period_is_one_line_naming_it(tiny_hf: Path, tmp_path: Pa
     assert p.returncode == 1 and err.count("\n") == 0, err
     assert "TIBLOCAL_PROGRESS_SECONDS='soon'" in err and "seconds" in err
     assert not (tmp_path / "c.gguf").exists()
+
+
+def test_generate_reports_progress_off_a_terminal_too(tiny_gguf: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n", encoding="utf-8")
+    p = run_cli("generate", str(tiny_gguf), "--file", str(prompts), "--max-tokens", "2", "--out", str(tmp_path / "o.jsonl"),
+                env={"TIBLOCAL_PROGRESS_SECONDS": "0"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.decode().splitlines()
+    assert any(l.startswith("generating: 2/2 (100%)") for l in lines), lines
+    assert len((tmp_path / "o.jsonl").read_text(encoding="utf-8").splitlines()) == 2

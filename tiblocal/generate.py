@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .chat import render_prompt
 from .engine import Engine, EngineConfig, Generation, Sampling
@@ -17,6 +16,7 @@ from .errors import InputFileError, PromptTooLongError, TiblocalError
 from . import jsonout
 from .fsutil import atomic_write_text, check_output_path
 from .models import resolve_model
+from .progress import progress
 from .templates import ChatTemplate, resolve_chat_template
 
 
@@ -147,7 +147,7 @@ def run_generate(
         if notice:
             err.print(f"note: {notice}")
         settings = Sampling.for_metadata(engine.info.metadata, **sampling)
-        records = _run_all(engine, tmpl, items, settings, system, err, show_progress=file is not None)
+        records = _run_all(engine, tmpl, items, settings, system, show_progress=file is not None)
     failed = [r for r in records if "error" in r]
 
     if out is not None:
@@ -166,16 +166,14 @@ def run_generate(
     return 1 if failed else 0
 
 
-def _run_all(engine, tmpl, items, sampling, system, err: Console, *, show_progress: bool) -> list[dict[str, Any]]:
+def _run_all(engine, tmpl, items, sampling, system, *, show_progress: bool) -> list[dict[str, Any]]:
     if not show_progress:
         return [generate_one(engine, tmpl, it, sampling, system) for it in items]
-    columns = (TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     records = []
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task("generate", total=len(items))
+    with progress("generating", total=len(items)) as report:
         for it in items:
             records.append(generate_one(engine, tmpl, it, sampling, system))
-            progress.advance(task)
+            report(len(records))
     return records
 
 
