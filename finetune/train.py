@@ -16,6 +16,7 @@ Run under ``accelerate launch`` for several GPUs (each process takes its share o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,12 +28,13 @@ from itertools import islice
 from pathlib import Path
 
 from tiblocal.errors import InputFileError, TiblocalError
-from tiblocal.fsutil import atomic_path, remove_partials
+from tiblocal.fsutil import atomic_dir, atomic_path, remove_partials
 
 from .config import TrainConfig, dump, to_dict
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
+BEST = "best"  # keep_best: the model of the lowest eval loss so far, copied into place when the run ends
 
 
 @dataclass
@@ -40,8 +42,9 @@ class RunResult:
     output_dir: Path
     steps: int
     train_loss: float
-    eval_loss: float | None
+    eval_loss: float | None  # with keep_best: the kept model's
     resumed_from: int
+    best_step: int | None = None  # with keep_best: the step of the model saved
 
 
 def _torch():
@@ -309,7 +312,11 @@ def _check_output_dir(cfg: TrainConfig, out: Path) -> bool:
     old = yaml.safe_load(saved.read_text(encoding="utf-8"))
     new = to_dict(cfg)
     ignore = {"max_steps", "eval_every", "save_every", "log_every"}  # may change between a run and its resume
-    differ = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+    # a setting a run saved before it existed had its default then
+    defaults = {f.name: to_dict(cfg)[f.name] if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(TrainConfig) if f.default_factory is dataclasses.MISSING}
+    differ = sorted(k for k in set(old) | set(new)
+                    if k not in ignore and old.get(k, defaults.get(k)) != new.get(k))
     if differ:
         raise TiblocalError(
             f"{out} holds a different run ({', '.join(differ)} differ); choose another output_dir or delete it"
@@ -361,6 +368,7 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model, opt = accel.prepare(model, opt)
     start = 0
+    best = (math.inf, 0)  # keep_best: the lowest eval loss so far and its step (0: none yet)
     if resume:
         state = torch.load(out / CHECKPOINT / "state.pt", map_location="cpu", weights_only=False)
         _load_training_state(accel, model, opt, state, out)
@@ -368,6 +376,7 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["py_rng"])
         start = state["step"]
+        best = (state.get("best_eval_loss", math.inf), state.get("best_step", 0))
     elif accel.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_config.yaml").write_text(dump(cfg), encoding="utf-8")
@@ -412,6 +421,10 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
         if len(eval_ex) and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             eval_loss = _evaluate(model, eval_ex, pad, cfg.batch_size, accel)
             record.update(eval_loss=round(eval_loss, 5), eval_ppl=round(math.exp(min(eval_loss, 50)), 3))
+            if cfg.keep_best and eval_loss < best[0]:
+                best = (eval_loss, done)
+                _save_model(accel, model, out / BEST, tok_dir, cfg.generation, whole_or_none=True)
+                record["kept"] = True
             model.train()
         if metrics and (done % cfg.log_every == 0 or "eval_loss" in record or done == cfg.max_steps):
             seconds = time.perf_counter() - t0
@@ -424,16 +437,41 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
                     if key in record:
                         board.add_scalar(f"{cfg.stage}/{key}", record[key], done)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            _save_checkpoint(accel, model, opt, sched, done, out)
+            _save_checkpoint(accel, model, opt, sched, done, out, best)
     if metrics:
         metrics.close()
     if board:
         board.close()
-    state = _full_state(accel, model)  # every process takes part (FSDP gathers the shards)
-    if accel.is_main_process:
-        _save_final(accel.unwrap_model(model).inner, state, out, tok_dir, cfg.generation)
-    accel.wait_for_everyone()
+    if cfg.keep_best and best[1]:
+        # the model of the best evaluation becomes the run's model; output_dir/best stays, for a run continued with
+        # a larger max_steps
+        if accel.is_main_process:
+            kept = [out / BEST / name for name in ("model", "adapter") if (out / BEST / name).is_dir()]
+            if not kept:
+                raise TiblocalError(f"{out / BEST} should hold the model of step {best[1]} (eval loss {best[0]:.4f}) "
+                                    "and does not; run again with another output_dir")
+            for folder in kept:
+                with atomic_dir(out / folder.name, replace=True) as tmp:
+                    shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        accel.wait_for_everyone()
+        return RunResult(out, cfg.max_steps, loss_value, best[0], start, best_step=best[1])
+    _save_model(accel, model, out, tok_dir, cfg.generation)
     return RunResult(out, cfg.max_steps, loss_value, eval_loss, start)
+
+
+def _save_model(accel, model, out: Path, tok_dir: Path, generation: dict, *, whole_or_none: bool = False) -> None:
+    """The model (or adapter) as the run saves it, into ``out``; every process takes part (FSDP gathers the shards).
+    ``whole_or_none``: ``out`` is written beside and swapped in when complete (the kept best model, replaced during
+    the run: a kill leaves the previous one whole)."""
+    state = _full_state(accel, model)
+    if accel.is_main_process:
+        inner = accel.unwrap_model(model).inner
+        if whole_or_none:
+            with atomic_dir(out, replace=True) as tmp:
+                _save_final(inner, state, tmp, tok_dir, generation)
+        else:
+            _save_final(inner, state, out, tok_dir, generation)
+    accel.wait_for_everyone()
 
 
 def _evaluate(model, examples, pad: int, batch: int, accel) -> float:
@@ -494,7 +532,8 @@ def _load_training_state(accel, model, opt, state: dict, out: Path) -> None:
     set_optimizer_state_dict(model, opt.optimizer, state["optimizer"], options=options)
 
 
-def _save_checkpoint(accel, model, opt, sched, step: int, out: Path) -> None:
+def _save_checkpoint(accel, model, opt, sched, step: int, out: Path, best: tuple[float, int] = (math.inf, 0)) -> None:
+    """The training state at ``step`` (``best``: keep_best's lowest eval loss and its step, 0 for none)."""
     torch = _torch()
     accel.wait_for_everyone()
     full = _full_state(accel, model)
@@ -511,6 +550,8 @@ def _save_checkpoint(accel, model, opt, sched, step: int, out: Path) -> None:
         "torch_rng": torch.get_rng_state(),
         "py_rng": random.getstate(),
         "step": step,
+        "best_eval_loss": best[0],
+        "best_step": best[1],
     }
     folder = out / CHECKPOINT
     folder.mkdir(parents=True, exist_ok=True)

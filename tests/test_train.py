@@ -440,3 +440,62 @@ def test_hidden_dropout_drops_in_training_only(tmp_path: Path) -> None:
     assert load_config("tiny-pretrain", ["hidden_dropout=0.1"]).hidden_dropout == 0.1
     with pytest.raises(TiblocalError, match="hidden_dropout"):
         load_config("tiny-pretrain", ["hidden_dropout=1.5"])
+
+
+def test_keep_best_saves_the_model_of_the_lowest_eval_loss_and_keeps_it_across_a_resume(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """With keep_best the run's model is the one of its lowest eval loss (the evaluations are scripted here: 3.0,
+    2.0, 2.5, 2.8 at steps 2, 4, 6, 8), bit for bit the model that a run of 4 steps saves (the tiny recipe's
+    learning rate is constant); a run continued to more steps keeps that choice unless it finds a lower loss."""
+    from safetensors.numpy import load_file
+
+    from tiblocal.finetune import train as trainer
+
+    def scripted(*losses):
+        it = iter(losses)
+        monkeypatch.setattr(trainer, "_evaluate", lambda *a, **k: next(it))
+
+    common = [f"train_files=[{TEXT}]", f"eval_files=[{TEXT}]", "eval_every=2", "save_every=2"]
+
+    def run(name: str, *extra: str):
+        return trainer.train(load_config("tiny-pretrain", [f"output_dir={tmp_path / name}", *common, *extra]))
+
+    scripted(3.0, 2.0, 2.5, 2.8)
+    r = run("best", "max_steps=8", "keep_best=true")
+    assert (r.steps, r.best_step, r.eval_loss) == (8, 4, 2.0)
+    assert [m["step"] for m in _metrics(tmp_path / "best") if m.get("kept")] == [2, 4]
+    scripted(3.0, 2.0)
+    assert run("four", "max_steps=4").best_step is None
+
+    def weights(name: str) -> dict:
+        return load_file(str(tmp_path / name / "model" / "model.safetensors"))
+
+    ref = weights("four")
+    got = weights("best")
+    assert set(got) == set(ref) and all((got[k] == ref[k]).all() for k in ref)
+    # continued to 12 steps: 2.9 and 2.1 at steps 10 and 12 do not beat step 4's 2.0
+    scripted(2.9, 2.1)
+    r = run("best", "max_steps=12", "keep_best=true")
+    assert (r.resumed_from, r.best_step, r.eval_loss) == (8, 4, 2.0)
+    got = weights("best")
+    assert all((got[k] == ref[k]).all() for k in ref)
+    # and without eval_files there is nothing to keep the best by
+    with pytest.raises(TiblocalError, match="keep_best keeps the model of the lowest eval loss, and there are no "
+                                            "eval_files"):
+        load_config("tiny-pretrain", [f"output_dir={tmp_path / 'x'}", "eval_files=[]", "keep_best=true"])
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path: Path) -> None:
+    """A run whose run_config.yaml predates a setting (keep_best, here) had that setting's default; it resumes."""
+    out = tmp_path / "run"
+    assert _pretrain(out, "max_steps=2", "save_every=2").returncode == 0
+    saved = out / "run_config.yaml"
+    text = saved.read_text(encoding="utf-8")
+    assert "keep_best: false" in text
+    saved.write_text("".join(l for l in text.splitlines(keepends=True) if not l.startswith("keep_best:")), encoding="utf-8")
+    p = _pretrain(out, "max_steps=4", "save_every=2")
+    assert p.returncode == 0, p.stderr.decode()[-1000:]
+    assert json.loads(p.stdout)["resumed_from"] == 2
+    # a setting that differs from what the run saved is still refused
+    p = _pretrain(out, "max_steps=6", "keep_best=true")
+    assert p.returncode == 1 and "holds a different run (keep_best differ)" in p.stderr.decode()
