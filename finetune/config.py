@@ -35,6 +35,10 @@ class TrainConfig:
     train_files: tuple[str, ...] = ()
     train_weights: dict = field(default_factory=dict)  # pretrain: {file: weight}; <1 samples its lines, >1 repeats it
     eval_files: tuple[str, ...] = ()
+    # pretrain: {file of train_files: fraction}: that share of the file's lines (chosen by a hash of each line, so a
+    # line that occurs twice is on one side) is left out of training and is the evaluation text instead of eval_files:
+    # a validation set from the training split, for keep_best, where the dev split is what the model is measured on
+    holdout: dict = field(default_factory=dict)
     template: str = "alpaca"  # sft: the chat template examples are rendered with
     block_size: int = 1024  # pretrain: packed block length; sft: longest example kept
     group_by_length: bool = True  # sft: batches of examples of similar length (less padding)
@@ -216,9 +220,21 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
         if not isinstance(cfg.micro_tokens, int) or isinstance(cfg.micro_tokens, bool) or cfg.micro_tokens < cfg.block_size:
             raise TiblocalError(f"{source}: micro_tokens {cfg.micro_tokens!r}; expected a whole number of tokens of at "
                                 f"least block_size ({cfg.block_size}), so the longest example fits")
-    if cfg.keep_best and not cfg.eval_files:
+    if not isinstance(cfg.holdout, dict):
+        raise TiblocalError(f"{source}: holdout must map files of train_files to fractions, e.g. {{news.txt.xz: 0.02}}")
+    if cfg.holdout and cfg.stage != "pretrain":
+        raise TiblocalError(f"{source}: holdout is for pretrain recipes (lines of text); an sft recipe evaluates on "
+                            "eval_files")
+    if cfg.holdout and cfg.eval_files:
+        raise TiblocalError(f"{source}: holdout and eval_files both give the evaluation text; set one (e.g. eval_files=[])")
+    for f, share in cfg.holdout.items():
+        if f not in cfg.train_files:
+            raise TiblocalError(f"{source}: holdout names {f}, which is not in train_files; use the same path")
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 0.5:
+            raise TiblocalError(f"{source}: holdout[{f}] = {share!r}; expected a fraction above 0 and at most 0.5")
+    if cfg.keep_best and not (cfg.eval_files or cfg.holdout):
         raise TiblocalError(f"{source}: keep_best keeps the model of the lowest eval loss, and there are no eval_files; "
-                            "give eval_files or set keep_best: false")
+                            "give eval_files or a holdout, or set keep_best: false")
     if cfg.scheduler not in ("cosine", "constant"):
         raise TiblocalError(f"{source}: scheduler {cfg.scheduler!r}; expected cosine or constant")
     if cfg.dtype not in ("float32", "bfloat16"):

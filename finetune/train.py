@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -152,30 +153,43 @@ def make_optimizer(groups, cfg: TrainConfig):
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=on_cuda or None)
 
 
-def _weighted_lines(path: Path, weight: float, seed: int):
-    """The lines of one file, a seeded share ``weight`` of them when ``weight`` < 1."""
+def held_out(line: str, share: float) -> bool:
+    """Whether ``line`` is in a file's held-out ``share`` (holdout): a hash of its text, the same on every run."""
+    digest = hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < share * 2**64
+
+
+def _weighted_lines(path: Path, weight: float, seed: int, holdout: float = 0.0, held: bool = False):
+    """The lines of one file, a seeded share ``weight`` of them when ``weight`` < 1; with ``holdout``, only the
+    lines outside the held-out share (``held``: only those in it)."""
     from tiblocal.vocab import read_lines
 
+    lines = read_lines([path])
+    if holdout:
+        lines = (line for line in lines if held_out(line, holdout) == held)
     if weight >= 1:
-        yield from read_lines([path])
+        yield from lines
         return
     rng = random.Random(f"{seed}:{path.name}")
-    for line in read_lines([path]):
+    for line in lines:
         if rng.random() < weight:
             yield line
 
 
-def _blocks(cfg: TrainConfig, sp, files: tuple[str, ...], limit: int | None, weights: dict):
-    """Pretraining blocks as one (n, block_size) int32 tensor: each file packed on its own, weighted."""
+def _blocks(cfg: TrainConfig, sp, files: tuple[str, ...], limit: int | None, weights: dict, *, held: bool = False):
+    """Pretraining blocks as one (n, block_size) int32 tensor: each file packed on its own, weighted, without its
+    held-out lines (cfg.holdout); ``held``: the held-out lines alone, as many blocks of each file (``limit`` in all)."""
     torch = _torch()
     import numpy as np
 
     from .data import pack_blocks
 
     parts = []
+    per_file = -(-limit // len(files)) if held and limit and files else limit
     for f in files:
         w = float(weights.get(f, 1.0))
-        blocks = [np.asarray(b, dtype=np.int32) for b in islice(pack_blocks(sp, _weighted_lines(Path(f), w, cfg.seed), cfg.block_size), limit)]
+        lines = _weighted_lines(Path(f), w, cfg.seed, float(cfg.holdout.get(f, 0.0)), held)
+        blocks = [np.asarray(b, dtype=np.int32) for b in islice(pack_blocks(sp, lines, cfg.block_size), per_file)]
         if not blocks:
             continue
         arr = np.stack(blocks)
@@ -313,8 +327,9 @@ def _check_output_dir(cfg: TrainConfig, out: Path) -> bool:
     new = to_dict(cfg)
     ignore = {"max_steps", "eval_every", "save_every", "log_every"}  # may change between a run and its resume
     # a setting a run saved before it existed had its default then
-    defaults = {f.name: to_dict(cfg)[f.name] if f.default is dataclasses.MISSING else f.default
-                for f in dataclasses.fields(TrainConfig) if f.default_factory is dataclasses.MISSING}
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     differ = sorted(k for k in set(old) | set(new)
                     if k not in ignore and old.get(k, defaults.get(k)) != new.get(k))
     if differ:
@@ -339,7 +354,10 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     random.seed(cfg.seed)
     sp, model_file, tok_dir, n_base = _load_tokenizer(cfg)
     train_ex = _examples(cfg, sp, cfg.train_files, weights=cfg.train_weights)
-    eval_ex = _examples(cfg, sp, cfg.eval_files, limit=cfg.eval_blocks)
+    if cfg.holdout:  # the held-out lines of the training files
+        eval_ex = _blocks(cfg, sp, tuple(cfg.holdout), cfg.eval_blocks, {}, held=True)
+    else:
+        eval_ex = _examples(cfg, sp, cfg.eval_files, limit=cfg.eval_blocks)
     if not len(train_ex):
         raise InputFileError(
             f"no training examples from {', '.join(cfg.train_files) or 'train_files (empty)'}"

@@ -499,3 +499,47 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_default(tmp_path:
     # a setting that differs from what the run saved is still refused
     p = _pretrain(out, "max_steps=6", "keep_best=true")
     assert p.returncode == 1 and "holds a different run (keep_best differ)" in p.stderr.decode()
+
+
+def test_holdout_splits_each_line_one_way_and_evaluates_on_the_held_out_share(tmp_path: Path) -> None:
+    """holdout {FILE: share}: a line is held out by a hash of its text (the same on every run, and the same for a
+    line that occurs twice), never trained on, and the held-out lines are the evaluation text."""
+    from collections import Counter
+
+    from tiblocal.finetune.train import _weighted_lines, held_out
+    from tiblocal.vocab import read_lines
+
+    lines = list(read_lines([Path(TEXT)]))
+    kept = list(_weighted_lines(Path(TEXT), 1.0, 0, 0.3, held=False))
+    held = list(_weighted_lines(Path(TEXT), 1.0, 0, 0.3, held=True))
+    assert Counter(kept) + Counter(held) == Counter(lines) and not set(kept) & set(held)
+    assert 0.15 < len(held) / len(lines) < 0.45 and held == [l for l in lines if held_out(l, 0.3)]
+    assert all(held_out(l, 0.3) == held_out(l, 0.3) for l in lines) and not any(held_out(l, 1e-12) for l in lines)
+    # sampled files (train_weights < 1) sample among the kept lines only
+    assert set(_weighted_lines(Path(TEXT), 0.5, 0, 0.3, held=False)) <= set(kept)
+
+    out = tmp_path / "run"
+    p = run_cli("pretrain", "tiny-pretrain", f"output_dir={out}", f"train_files=[{TEXT}]", "eval_files=[]",
+                f"holdout={{{TEXT}: 0.3}}", "keep_best=true", "max_steps=4", "eval_every=2", "--json", timeout=300)
+    assert p.returncode == 0, p.stderr.decode()[-1500:]
+    r = json.loads(p.stdout)
+    evals = {m["step"]: m["eval_loss"] for m in _metrics(out) if "eval_loss" in m}  # rounded to 5 places there
+    assert set(evals) == {2, 4} and r["best_step"] == min(evals, key=evals.get)
+    assert r["eval_loss"] == pytest.approx(min(evals.values()), abs=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([f"train_files=[{TEXT}]", "eval_files=[]", "holdout={other.txt: 0.1}"], "holdout names other.txt, which is not in "
+                                                                             "train_files"),
+    ([f"train_files=[{TEXT}]", "eval_files=[]", f"holdout={{{TEXT}: 0.9}}"], "expected a fraction above 0 and at most 0.5"),
+    ([f"train_files=[{TEXT}]", f"eval_files=[{TEXT}]", f"holdout={{{TEXT}: 0.1}}"], "holdout and eval_files both give"),
+    ([f"train_files=[{TEXT}]", "eval_files=[]", "holdout=[0.1]"], "holdout must map files of train_files to fractions"),
+])
+def test_bad_holdout_is_named(overrides, message) -> None:
+    with pytest.raises(TiblocalError, match=message):
+        load_config("tiny-pretrain", ["output_dir=x", *overrides])
+
+
+def test_holdout_is_for_pretraining() -> None:
+    with pytest.raises(TiblocalError, match="holdout is for pretrain recipes"):
+        load_config("tiny-sft", ["output_dir=x", f"holdout={{{SFT}: 0.1}}", f"train_files=[{SFT}]", "eval_files=[]"])
