@@ -342,7 +342,9 @@ def _check_output_dir(cfg: TrainConfig, out: Path) -> bool:
 def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     torch = _torch()
     from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its bar at every save_pretrained: the run's own progress is tiblocal's
     out = Path(cfg.output_dir)
     if cfg.tensorboard:
         _tensorboard(None)  # before anything is written: is the package there?

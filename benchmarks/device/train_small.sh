@@ -38,11 +38,11 @@ pipeline() {
   # the probe: 15 steps on one file, compiled as the run is; a failed compile falls back to eager layers
   compile=true
   python3 -m tiblocal pretrain small-pretrain output_dir=$root/probe max_steps=15 log_every=1 eval_every=1000 $EXTRA \
-    "train_files=[../shared/data/corpus/train/esukhia_nanhai_written.txt.xz]" "train_weights={}" --json \
+    "train_files=[../shared/data/corpus/train/esukhia_nanhai_written.txt.xz]" "train_weights={}" "holdout={}" keep_best=false --json \
     > $root/probe.json 2> $root/probe.err || {
       tail -5 $root/probe.err; compile=false; rm -rf $root/probe
       python3 -m tiblocal pretrain small-pretrain output_dir=$root/probe max_steps=15 log_every=1 eval_every=1000 \
-        compile=false $EXTRA "train_files=[../shared/data/corpus/train/esukhia_nanhai_written.txt.xz]" "train_weights={}" \
+        compile=false $EXTRA "train_files=[../shared/data/corpus/train/esukhia_nanhai_written.txt.xz]" "train_weights={}" "holdout={}" keep_best=false \
         --json > $root/probe.json 2> $root/probe.err; }
   steps=$(python3 -c "
 import json; m = [json.loads(l) for l in open('$root/probe/metrics.jsonl')]
