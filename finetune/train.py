@@ -465,11 +465,11 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     if cfg.keep_best and best[1]:
         # the model of the best evaluation becomes the run's model; output_dir/best stays, for a run continued with
         # a larger max_steps
+        kept = [out / BEST / name for name in ("model", "adapter") if (out / BEST / name).is_dir()]
+        if not kept:  # every process sees it (one output_dir), so none waits below for the others
+            raise TiblocalError(f"{out / BEST} should hold the model of step {best[1]} (eval loss {best[0]:.4f}) "
+                                "and does not; run again with another output_dir")
         if accel.is_main_process:
-            kept = [out / BEST / name for name in ("model", "adapter") if (out / BEST / name).is_dir()]
-            if not kept:
-                raise TiblocalError(f"{out / BEST} should hold the model of step {best[1]} (eval loss {best[0]:.4f}) "
-                                    "and does not; run again with another output_dir")
             for folder in kept:
                 with atomic_dir(out / folder.name, replace=True) as tmp:
                     shutil.copytree(folder, tmp, dirs_exist_ok=True)

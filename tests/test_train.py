@@ -479,6 +479,14 @@ def test_keep_best_saves_the_model_of_the_lowest_eval_loss_and_keeps_it_across_a
     assert (r.resumed_from, r.best_step, r.eval_loss) == (8, 4, 2.0)
     got = weights("best")
     assert all((got[k] == ref[k]).all() for k in ref)
+    # a kept model that went missing is named, not replaced by the last step's
+    import shutil
+
+    shutil.rmtree(tmp_path / "best" / "best")
+    scripted(2.6, 2.7)
+    with pytest.raises(TiblocalError, match=r"best should hold the model of step 4 \(eval loss 2\.0000\) and does not"):
+        run("best", "max_steps=16", "keep_best=true")
+    assert all((weights("best")[k] == ref[k]).all() for k in ref)
     # and without eval_files there is nothing to keep the best by
     with pytest.raises(TiblocalError, match="keep_best keeps the model of the lowest eval loss, and there are no "
                                             "eval_files"):
