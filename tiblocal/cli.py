@@ -91,8 +91,9 @@ def _set_up(p: argparse.ArgumentParser, verb: Verb) -> None:
             _set_up(sub.add_parser(a.name, help=a.summary, description=a.summary), a)
         return
     run = verb.function()
-    add_options(p, options_type(run))
-    p.set_defaults(_run=run)
+    kind = options_type(run)
+    add_options(p, kind)
+    p.set_defaults(_run=run, _options=kind)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -112,9 +113,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def run_verb(run: Callable, args: argparse.Namespace) -> int:
-    """Call a verb's function with the options the command line gave, and print what it returns (``emit``)."""
-    options = options_from(options_type(run), args)
+def run_verb(run: Callable, kind: type, args: argparse.Namespace) -> int:
+    """Call a verb's function with the options (of dataclass ``kind``) the command line gave, and print what it
+    returns (``emit``)."""
+    options = options_from(kind, args)
     result = run(options)
     if isinstance(result, Result):
         return emit(result, getattr(options, "as_json", False))
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = argparse.Namespace(verb=named, as_json="--json" in argv)
     try:
         args = build_parser(only=named).parse_args(argv)
-        return run_verb(args._run, args)
+        return run_verb(args._run, args._options, args)
     except TiblocalError as e:
         return _fail(args, str(e))
     except KeyboardInterrupt:

@@ -231,3 +231,11 @@ def atomic_write_text(path: Path, *, replace: bool = True) -> Iterator[TextIO]:
     with atomic_path(path, replace=replace) as tmp, open(tmp, "w", encoding="utf-8") as f:
         yield f
 
+
+def human_size(n: float) -> str:
+    """Bytes for a person: 512 B, 14.5 MiB, 3.9 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return str(n)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .checkpoint import HFCheckpoint
 from .errors import InputFileError
+from .fsutil import human_size
 from .gguf_file import read_gguf
 from .gguf_keys import suggested_sampling
 from .templates import template_name_of
@@ -132,14 +133,6 @@ def _num(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
 def inspect_table(path: Path, d: dict) -> Table:
     """A person's view of ``describe(path)``."""
     table = Table(title=str(path), show_header=False, title_justify="left")
@@ -156,7 +149,7 @@ def inspect_table(path: Path, d: dict) -> Table:
             ("measured on", ", ".join(d["datasets"]) or "not said"),
             ("chunks", str(d["chunks"]) if d["chunks"] else "not said"),
             ("basis", basis),
-            ("size", _human(d["size_bytes"])),
+            ("size", human_size(d["size_bytes"])),
         ]
     elif d["format"] == "gguf":
         rows = [
@@ -164,7 +157,7 @@ def inspect_table(path: Path, d: dict) -> Table:
             ("architecture", str(d["architecture"])),
             ("name", str(d["name"])),
             ("file type", str(d["file_type"])),
-            ("size", f"{_human(d['size_bytes'])} ({d['bits_per_weight']} bits per weight)"),
+            ("size", f"{human_size(d['size_bytes'])} ({d['bits_per_weight']} bits per weight)"),
             ("parameters", f"{d['n_params']:,}"),
             ("hyperparameters", ", ".join(f"{k}={_num(v)}" for k, v in d["hyperparameters"].items())),
             ("vocabulary", f"{d['vocab_size']:,} tokens ({d['tokenizer_model']})"),
@@ -188,8 +181,8 @@ def inspect_table(path: Path, d: dict) -> Table:
             ("embedding rows", str(d["embedding_rows"])),
             ("tokenizer", ", ".join(f"{k} {v}" for k, v in d["tokenizer"].items()) or "no tokenizer.model"),
             ("tensor dtypes", ", ".join(f"{k} {v}" for k, v in d["tensor_dtypes"].items())),
-            ("shards", ", ".join(f"{s['file']} ({_human(s['size_bytes'])})" for s in d["shards"])),
-            ("size", _human(d["size_bytes"])),
+            ("shards", ", ".join(f"{s['file']} ({human_size(s['size_bytes'])})" for s in d["shards"])),
+            ("size", human_size(d["size_bytes"])),
         ]
     for k, v in rows:
         table.add_row(k, v)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -77,10 +78,11 @@ def _strip_optional(kind: Any) -> Any:
     return kind
 
 
-def option_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+@functools.cache  # read when the parser is made and again when the parsed options become the dataclass
+def option_fields(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
     """``cls``'s fields with their annotations resolved (each in its own class's module, base classes too)."""
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls))
 
 
 def is_options(kind: Any) -> bool:

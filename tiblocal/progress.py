@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+from .fsutil import human_size
+
 PERIOD_ENV = "TIBLOCAL_PROGRESS_SECONDS"
 PERIOD = 30.0
 
@@ -37,14 +39,6 @@ def _period() -> float:
 
 def _on_terminal() -> bool:
     return sys.stderr.isatty()
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 class _Lines:
@@ -79,8 +73,8 @@ def progress(label: str, *, total: int | None = None, unit: str = "") -> Iterato
             if not lines.due():
                 return
             t = last_total[0]
-            shown = (f"{_size(done)}/{_size(t)}" if unit == "bytes" else f"{done}/{t}") if t else (
-                _size(done) if unit == "bytes" else str(done))
+            shown = (f"{human_size(done)}/{human_size(t)}" if unit == "bytes" else f"{done}/{t}") if t else (
+                human_size(done) if unit == "bytes" else str(done))
             shown += f" ({done / t:.0%})" if t else ""
             lines.write(" ".join([*map(str, fields.values()), shown]))
 
