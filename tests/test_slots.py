@@ -110,6 +110,71 @@ def test_stop_strings_and_events(engine) -> None:
         sch.stop()
 
 
+def test_a_tokens_text_is_made_while_the_decode_that_evaluates_it_runs(engine) -> None:
+    """Each token but an answer's first and last goes into the next batch first; its text is made and sent once that
+    decode is launched and before the step samples (on a GPU, while it computes). The first and the last are sent at
+    once."""
+    sch = Scheduler(engine)
+    timeline: list[str] = []
+    real_lib, real_text = sch.lib, sch._text
+
+    class Lib:
+        def __getattr__(self, name):
+            return getattr(real_lib, name)
+
+        def llama_decode(self, ctx, batch):
+            timeline.append("D")
+            return real_lib.llama_decode(ctx, batch)
+
+        def llama_sampler_sample(self, chain, ctx, i):
+            timeline.append("S")
+            return real_lib.llama_sampler_sample(chain, ctx, i)
+
+    def text(s, tok, **kw):
+        timeline.append(f"T{s.job.result.tokens.index(tok) + 1 if tok in s.job.result.tokens else '?'}")
+        real_text(s, tok, **kw)
+
+    sch.lib, sch._text = Lib(), text
+    try:
+        events: list = []
+        job = _job(engine.tokenize("hello"), Sampling(temperature=0, max_tokens=6, ignore_eos=True), events)
+        sch.submit(job)
+        _run(sch)
+    finally:
+        sch.lib = real_lib
+        sch.stop()
+    tokens = job.result.tokens
+    assert len(set(tokens)) == len(tokens), "the timeline names tokens by their value: pick a prompt without repeats"
+    assert " ".join(timeline) == "D S T1 D S D T2 S D T3 S D T4 S D T5 S T6"
+    assert "".join(e.text for e in events if e.kind == "text") == job.result.text and events[-1].kind == "done"
+
+
+def test_a_stop_string_leaves_the_cache_as_the_slot_records_it(engine) -> None:
+    """The token that completes a stop string was evaluated before its text was made: the slot's record of its cache
+    counts it, and the next turn of that conversation, reusing the cache, answers as a fresh context does."""
+    sch = Scheduler(engine)
+    try:
+        probe = _job(engine.tokenize("hello"))
+        sch.submit(probe)
+        _run(sch)
+        cut = _job(engine.tokenize("hello"))
+        cut.stops = [probe.result.text[8:11]]
+        sch.submit(cut)
+        _run(sch)
+        assert cut.finish_reason == "stop" and 2 < cut.result.completion_tokens < 40
+        slot = sch.slots[cut.slot]
+        assert slot.past == cut.prompt + cut.result.tokens  # the last one too: it was in the batch when it stopped
+        follow = _job(cut.prompt + cut.result.tokens + engine.tokenize(" and more", add_bos=False))
+        sch.submit(follow)
+        _run(sch)
+        assert follow.slot == cut.slot and follow.result.reused_tokens == len(cut.prompt) + len(cut.result.tokens)
+    finally:
+        sch.stop()
+    engine.reset()
+    fresh = list(engine.generate_tokens(follow.prompt, GREEDY, Generation()))
+    assert follow.result.tokens == fresh
+
+
 def test_queue_limit_cancel_and_shutdown(engine) -> None:
     sch = Scheduler(engine, queue_size=1)
     try:

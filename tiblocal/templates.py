@@ -213,6 +213,14 @@ def _jinja_env():
     return env
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(jinja_text: str):
+    """A template compiled once for all its renderings (the server renders one for every request): compiling the
+    bundled model's takes 6.7 ms on this 2-core machine, rendering it 0.04 ms. Jinja's templates may be rendered from
+    several threads at once; one that does not compile raises here, every time."""
+    return _jinja_env().from_string(jinja_text)
+
+
 def _refused_filter(name: str):
     def refuse(*args, **kwargs):
         raise TemplateBudgetError(f"the '{name}' filter, which pads text to any width it is given")
@@ -257,7 +265,7 @@ def render_jinja(
     previous = sys.gettrace()
     sys.settrace(_Deadline(RENDER_SECONDS))
     try:
-        template = _jinja_env().from_string(jinja_text)
+        template = _compiled(jinja_text)
         text = template.render(
             messages=[dict(m) for m in messages],
             add_generation_prompt=add_generation_prompt,

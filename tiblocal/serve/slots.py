@@ -10,6 +10,14 @@ slots wait in a bounded queue.
 The loop runs in one thread and is the only caller of llama.cpp's decode and samplers; ``llama_decode`` releases the
 GIL, so the HTTP layer keeps serving while it runs. Jobs talk to their caller through ``Job.sink``, called from the
 loop's thread with each event.
+
+A sampled token is put in the next batch before its text is made: the loop launches the decode, then turns the
+tokens of that batch into text and hands it to the HTTP thread. On a GPU ``llama_decode`` returns as soon as the
+work is queued (about 0.5 ms for a 7B model), so the text, its delivery and the HTTP thread's work to send it run
+while the GPU computes, instead of between two decodes where the GPU would wait for them. On a CPU the decode has
+finished when it returns, and each token is sent one step later. An answer's first token is sent at once (time to
+first token), and its last too; a token whose text completes a stop string has been evaluated in vain, which costs
+one cache cell.
 """
 
 from __future__ import annotations
@@ -76,6 +84,7 @@ class _Slot:
     on_device: bool = False  # the chain's first cut runs in llama.cpp's graph (--backend-sampling)
     text: CompletionText | None = None
     next_token: int = -1  # the sampled token to evaluate in the next step (-1: none)
+    unsent: int = -1  # a token in the batch being decoded whose text is still to be made (-1: none)
     out_index: int = -1  # where this slot's logits are in the batch just decoded (-1: none)
     n_prompt_put: int = 0  # prompt tokens put in the batch just decoded
     started: float = 0.0
@@ -288,7 +297,6 @@ class Scheduler:
         self.steps += 1
         if rc != 0:
             raise EngineError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
-        ready = []
         for s in self.slots:
             if s.job is None:
                 continue
@@ -298,8 +306,12 @@ class Scheduler:
             elif s.n_prompt_put:
                 s.past.extend(s.pending[: s.n_prompt_put])
                 del s.pending[: s.n_prompt_put]
-            if s.out_index >= 0:
-                ready.append(s)
+        # While the device computes: the text of the tokens just put in the batch, sent now (see the module's doc)
+        for s in self.slots:
+            if s.unsent >= 0:
+                self._text(s, s.unsent)
+        self._deliver()
+        ready = [s for s in self.slots if s.job is not None and s.out_index >= 0 and not s.text.stopped]
         # A chain whose cut ran in the graph samples among a hundred candidates: not worth a thread
         if self._pool is not None and sum(1 for s in ready if not s.on_device) > 1:
             # llama.cpp puts its outputs in batch order on their first read: make that read here, alone, so that the
@@ -310,12 +322,18 @@ class Scheduler:
             tokens = [self._sample_token(s) for s in ready]
         for s, tok in zip(ready, tokens):
             self._take(s, tok)
+        stopped = [s for s in self.slots if s.job is not None and s.text.stopped]
+        if stopped:  # their samplers are freed (or detached from the graph) once the step's work is done
+            lib.llama_synchronize(self.engine._ctx)
+            for s in stopped:
+                self._end(s, "stop")
 
     def _sample_token(self, s: _Slot) -> int:
         return self.lib.llama_sampler_sample(s.chain, self.engine._ctx, s.out_index)
 
     def _take(self, s: _Slot, tok: int) -> None:
-        """The slot's sampled token: the end of its answer, or text to send and the token to evaluate next."""
+        """The slot's sampled token: the end of its answer, or the token to evaluate next, whose text is made once that
+        evaluation is under way (the first and the last token's text at once)."""
         job, engine = s.job, self.engine
         r = job.result
         now = time.perf_counter()
@@ -328,26 +346,37 @@ class Scheduler:
             return
         r.completion_tokens += 1
         r.tokens.append(tok)
-        if r.completion_tokens == 1:
-            piece = engine.piece(tok, lstrip=1)
-        else:
-            piece = self._pieces.get(tok)
-            if piece is None:
-                piece = self._pieces[tok] = engine.piece(tok)
-        text = s.text.feed(piece)
-        if text:
-            self._emit(job, Event("text", text))
+        last = r.completion_tokens >= job.sampling.max_tokens or len(s.past) + 1 >= engine.n_ctx
+        if r.completion_tokens > 1 and not last:
+            s.next_token = s.unsent = tok
+            return
+        self._text(s, tok, first=r.completion_tokens == 1)
         if s.text.stopped:
             self._end(s, "stop")
-        elif r.completion_tokens >= job.sampling.max_tokens or len(s.past) + 1 >= engine.n_ctx:
+        elif last:
             self._end(s, "length")
         else:
             s.next_token = tok
+
+    def _text(self, s: _Slot, tok: int, *, first: bool = False, send: bool = True) -> None:
+        """Feed the token's text to the slot's stop-string and UTF-8 filter and send what it lets through."""
+        s.unsent = -1
+        if first:
+            piece = self.engine.piece(tok, lstrip=1)  # the answer's first token: no leading space
+        else:
+            piece = self._pieces.get(tok)
+            if piece is None:
+                piece = self._pieces[tok] = self.engine.piece(tok)
+        text = s.text.feed(piece)
+        if text and send:
+            self._emit(s.job, Event("text", text))
 
     def _end(self, s: _Slot, reason: str, message: str = "") -> None:
         job = s.job
         r = job.result
         if s.text is not None and reason != "error":
+            if s.unsent >= 0:  # ended before its text was made: in the answer's text, sent only if it ends well
+                self._text(s, s.unsent, send=reason not in ("cancelled", "shutdown"))
             tail = s.text.finish()
             if tail and reason not in ("cancelled", "shutdown"):
                 self._emit(job, Event("text", tail))
@@ -361,7 +390,7 @@ class Scheduler:
         if s.chain is not None:
             self.engine.free_sampler(s.chain)
         s.pending = []  # cancelled mid-prompt: the cache holds exactly s.past
-        s.job, s.chain, s.text, s.next_token, s.sampling_started = None, None, None, -1, 0.0
+        s.job, s.chain, s.text, s.next_token, s.unsent, s.sampling_started = None, None, None, -1, -1, 0.0
         s.last_used = time.perf_counter()
         job.finish_reason = reason
         self._emit(job, Event("error", message) if reason == "error" else Event("done"))
