@@ -26,6 +26,7 @@ from tiblocal.errors import ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import read_gguf, write_gguf_data
 from tiblocal.gguf_vocab import sentencepiece_vocab, write_vocab_gguf
+from tiblocal.jsonin import loads
 from tiblocal.templates import get_template
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _add_sampling(w: gguf.GGUFWriter, model_dir: Path) -> None:
     if not path.is_file():
         return
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{path} is not valid JSON ({e}); fix or remove it") from None
     if not isinstance(cfg, dict) or not cfg.get("do_sample", False):

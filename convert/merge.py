@@ -34,6 +34,7 @@ from tiblocal.checkpoint import (
 )
 from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_dir, check_output_path
+from tiblocal.jsonin import loads
 from tiblocal.verify import write_sha256sums
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def load_adapter(path: Path) -> Adapter:
     if not cfg_path.is_file():
         raise InputFileError(f"{path} has no adapter_config.json; give a peft LoRA adapter folder")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{cfg_path} is not valid JSON ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":

@@ -79,8 +79,30 @@ def _known(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _yaml(text: str, what: str) -> Any:
+    """yaml.safe_load, where every way the text fails to give values is one error naming ``what``: bad YAML, nesting
+    deeper than the parser's recursion, a number of more than 4,300 digits (Python's limit on converting one)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputFileError(f"{what} is not valid YAML ({e})") from None
+    except RecursionError:
+        raise InputFileError(f"{what} nests lists or mappings too deeply to be read") from None
+    except ValueError as e:  # int() refused a number past sys.get_int_max_str_digits()
+        raise InputFileError(f"{what} holds a number too long to be read ({e})") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's values; a file that is not UTF-8 or not YAML Python can hold is one InputFileError naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputFileError(f"{path} is not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
+    return _yaml(text, str(path))
+
+
+def _parse_value(text: str, what: str) -> Any:
+    return _yaml(text, what) if text != "" else ""
 
 
 def load_config(path: Path | str, overrides: list[str] = (), *, stage: str | None = None) -> TrainConfig:
@@ -90,10 +112,7 @@ def load_config(path: Path | str, overrides: list[str] = (), *, stage: str | Non
         p = CONFIG_DIR / f"{path}.yaml"
     if not p.is_file():
         raise InputFileError(f"{path}: no such recipe; give a YAML file or one of: {', '.join(sorted(x.stem for x in CONFIG_DIR.glob('*.yaml')))}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise InputFileError(f"{p} is not valid YAML ({e})") from None
+    data = read_yaml(p) or {}
     if not isinstance(data, dict):
         raise InputFileError(f"{p}: expected a mapping of settings")
     for item in overrides:
@@ -106,7 +125,8 @@ def load_config(path: Path | str, overrides: list[str] = (), *, stage: str | Non
             target = target.setdefault(part, {}) if isinstance(target.get(part), dict) or part not in target else target[part]
             if not isinstance(target, dict):
                 raise TiblocalError(f"override {item!r}: {part} is not a group of settings")
-        target[parts[-1]] = _parse_value(value)
+        shown = item if len(item) <= 80 else item[:60] + "…"  # a line on the terminal, whatever the value's length
+        target[parts[-1]] = _parse_value(value, f"override {shown!r}")
     if stage is not None:
         data.setdefault("stage", stage)
         if data["stage"] != stage:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tiblocal.errors import InputFileError
+from tiblocal.jsonin import loads
 from tiblocal.templates import ChatTemplate
 
 IGNORE = -100  # label of tokens that carry no loss
@@ -113,7 +114,7 @@ def read_instructions(path: Path, *, max_bad_share: float = 0.1) -> tuple[list[I
             rows.append(Instruction(m.group("q").strip(), m.group("a").strip()))
     elif raw.lstrip().startswith("["):
         try:
-            data = json.loads(raw)
+            data = loads(raw)
         except json.JSONDecodeError as e:
             raise InputFileError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); expected a list of instructions") from None
         for obj in data:
@@ -123,7 +124,7 @@ def read_instructions(path: Path, *, max_bad_share: float = 0.1) -> tuple[list[I
             if not line.strip():
                 continue
             try:
-                take(json.loads(line))
+                take(loads(line))
             except json.JSONDecodeError:
                 report.rows += 1
                 report.skip("not valid JSON")

@@ -28,11 +28,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import lzma
 import sys
 from pathlib import Path
 
 from tiblocal.errors import InputFileError
+from tiblocal.jsonlines import json_rows
 from tiblocal.templates import get_task
 
 DEV_PERCENT = 5
@@ -43,8 +43,7 @@ FORM_LABELS = (("present", "ད་ལྟ་བ།"), ("past", "འདས་པ�
 def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise InputFileError(f"{path}: no such file; give --data the shared data folder (it has eval/)")
-    with lzma.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in json_rows(path, "eval data", "rows of the shared data")]
 
 
 def is_dev(key: str) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.fsutil import atomic_dir, atomic_path, remove_partials
 
-from .config import TrainConfig, dump, to_dict
+from .config import TrainConfig, dump, read_yaml, to_dict
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
@@ -321,9 +321,14 @@ def _check_output_dir(cfg: TrainConfig, out: Path) -> bool:
         if out.exists() and any(out.iterdir()):
             raise TiblocalError(f"{out} is not empty and holds no tiblocal run; choose another output_dir")
         return False
-    import yaml
-
-    old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    try:
+        old = read_yaml(saved)
+    except InputFileError as e:
+        raise TiblocalError(f"{e}; it is the run's saved recipe: choose another output_dir, or delete {out} to "
+                            "start again") from None
+    if not isinstance(old, dict):
+        raise TiblocalError(f"{saved} holds no recipe (a YAML {type(old).__name__}); choose another output_dir, or "
+                            f"delete {out} to start again")
     new = to_dict(cfg)
     ignore = {"max_steps", "eval_every", "save_every", "log_every"}  # may change between a run and its resume
     # a setting a run saved before it existed had its default then

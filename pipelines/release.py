@@ -70,7 +70,9 @@ def modelfile(gguf_name: str, template_name: str, meta: dict) -> str:
 
 
 def _model_summary(hf_dir: Path) -> dict:
-    cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    from tiblocal.checkpoint import load_config
+
+    cfg = load_config(hf_dir)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "vocab_size", "max_position_embeddings", "tie_word_embeddings")
     return {k: cfg.get(k) for k in keys}
@@ -99,9 +101,10 @@ def _imatrix_line(info: dict, files: str = "The quantized GGUFs") -> str:
 def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict], text_names: list[str], ctx: int,
                template_name: str, meta: dict, notes: str | None, *, chat_file: str, imatrix: dict | None = None,
                speed: dict | None = None, rotated: list[str] = (), rotate_seed: int = 0,
-               rotated_imatrix: dict | None = None, task_rows: list[dict] = ()) -> str:
+               rotated_imatrix: dict | None = None, task_rows: list[dict] = (), vocab: dict | None = None) -> str:
     """``chat_file``: the GGUF the card's "Run it" commands name (the Modelfile's); ``rotated_imatrix``: the matrix
-    the ``rotated`` files were made with (measured in their basis), if any."""
+    the ``rotated`` files were made with (measured in their basis), if any; ``vocab``: the extended tokenizer's
+    tiblocal_vocab.json, if the model has one."""
     from tiblocal.templates import get_template
 
     from tiblocal.quantize.evaluate import report_markdown
@@ -133,11 +136,9 @@ def model_card(name: str, hf_dir: Path, files: dict[str, int], rows: list[dict],
         out += ["Quantization quality was not measured (no --eval-text given).", ""]
     if task_rows:
         out += [tasks_markdown(task_rows)]
-    vocab = hf_dir / "tiblocal_vocab.json"
-    if vocab.is_file():
-        v = json.loads(vocab.read_text(encoding="utf-8"))
+    if vocab:
         out += ["## Tokenizer", ""]
-        out += [f"- {k}: {val}" for k, val in v.items() if isinstance(val, (int, float, str))]
+        out += [f"- {k}: {val}" for k, val in vocab.items() if isinstance(val, (int, float, str))]
         out += [""]
     t = get_template(template_name)
     out += ["## Chat template", "", f"`{template_name}`: {t.description}. Stop strings: "
@@ -303,10 +304,12 @@ def release(o: ReleaseOptions, progress: Callable[[str], None] | None = None) ->
     from tiblocal.gguf_file import read_gguf
     from tiblocal.templates import get_template
     from tiblocal.verify import write_sha256sums
+    from tiblocal.vocab import SIDECAR, read_sidecar
 
     hf_dir, out = Path(o.hf_dir), Path(o.out)
     if not (hf_dir / "config.json").is_file():
         raise InputFileError(f"{hf_dir}: no config.json; give the merged Hugging Face model folder (tiblocal merge's output)")
+    vocab = read_sidecar(hf_dir) if (hf_dir / SIDECAR).is_file() else None  # a damaged one stops here, not at the end
     if o.template not in OLLAMA_TEMPLATES:
         get_template(o.template)  # names the valid ones
         raise TiblocalError(f"template {o.template!r} has no Ollama form; expected one of: {', '.join(OLLAMA_TEMPLATES)}")
@@ -448,7 +451,7 @@ def release(o: ReleaseOptions, progress: Callable[[str], None] | None = None) ->
         card = model_card(name, hf_dir, files, rows, [Path(p).name for p in o.eval_text], o.ctx, o.template, meta, notes_text,
                           chat_file=quants[0].name, imatrix=im_info, speed=speed,
                           rotated=[p.name for p, t in zip(quants, names) if t in rotated], rotate_seed=o.rotate_seed,
-                          rotated_imatrix=rot_info, task_rows=task_rows)
+                          rotated_imatrix=rot_info, task_rows=task_rows, vocab=vocab)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_sha256sums(tmp)
         listing = sorted(p.name for p in tmp.iterdir())

@@ -10,7 +10,6 @@ transformers, on exactly the same ids and windows, so their figures compare.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiblocal.errors import TiblocalError
+from tiblocal.errors import ModelFormatError, TiblocalError
 from tiblocal.vocab import read_lines
 
 
@@ -305,7 +304,12 @@ def _file_facts(path: Path) -> dict:
     from tiblocal.gguf_file import read_gguf
 
     if path.is_dir():
-        qcfg = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
+        from tiblocal.checkpoint import load_config
+
+        qcfg = load_config(path).get("quantization_config") or {}
+        if not isinstance(qcfg, dict):
+            raise ModelFormatError(f"{path / 'config.json'}: quantization_config is a {type(qcfg).__name__}, not an "
+                                   "object; fix or re-save the model")
         method, bits = str(qcfg.get("quant_method", "hf")).upper(), qcfg.get("bits")
         return {"file_type": f"{method} {bits}-bit" if bits else method,
                 "size_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")), "bits_per_weight": None}

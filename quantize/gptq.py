@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tiblocal.checkpoint import load_config
 from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.jsonout import stdout_to_stderr
 
@@ -102,7 +103,7 @@ def preflight(hf_dir: Path, *, bits: int, group_size: int = 128, calib: list[Pat
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TiblocalError("--device cuda, but torch sees no CUDA GPU; use --device cpu for a small model")
     check_job(hf_dir, device)
-    cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    cfg = load_config(hf_dir)
     for key in ("hidden_size", "intermediate_size"):
         width = int(cfg.get(key, 0))
         if group_size > 0 and width % group_size:

@@ -306,3 +306,124 @@ def test_the_cli_on_mutated_gguf_files_is_one_line_or_success(gguf_header, tmp_p
         if p.returncode:
             assert p.returncode == 1 and len([l for l in err.splitlines() if l.strip()]) == 1, err
             assert json.loads(p.stdout)  # the error object, or check's report
+
+
+# --- the server's API ----------------------------------------------------------------------------------------------
+
+# A request body as a client might get it wrong: the API's own fields, each either a plausible value or any JSON value,
+# plus fields it does not know
+_MESSAGE = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer", "tool", "x"]),
+                           "content": st.one_of(st.text(max_size=20), JSON)}),
+    JSON,
+)
+_SAMPLED = {
+    "model": st.one_of(st.just("tiny-f32"), JSON),
+    "max_tokens": st.one_of(st.integers(-3, 6), JSON),
+    "temperature": st.one_of(NUMBER, JSON), "top_p": st.one_of(NUMBER, JSON), "top_k": st.one_of(NUMBER, JSON),
+    "repeat_penalty": st.one_of(NUMBER, JSON), "frequency_penalty": st.one_of(NUMBER, JSON),
+    "presence_penalty": st.one_of(NUMBER, JSON), "seed": st.one_of(NUMBER, JSON),
+    "stop": st.one_of(st.text(max_size=4), st.lists(st.text(max_size=4), max_size=5), JSON),
+    "n": st.one_of(st.integers(-1, 3), JSON), "stream": st.one_of(st.booleans(), JSON),
+    "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), JSON),
+    "logprobs": JSON, "unknown": JSON,
+}
+_FIELDS = {  # each route's fields, each either a plausible value or any JSON value
+    "/v1/chat/completions": _SAMPLED | {
+        "messages": st.one_of(st.lists(_MESSAGE, max_size=3), JSON),
+        "max_completion_tokens": st.one_of(st.integers(-3, 6), JSON),
+        "response_format": st.one_of(
+            st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])}),
+            st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.one_of(
+                st.fixed_dictionaries({"name": st.text(max_size=5), "schema": JSON}), JSON)}),
+            JSON),
+    },
+    "/v1/completions": _SAMPLED | {
+        "prompt": st.one_of(st.text(max_size=20), st.lists(st.text(max_size=8), max_size=3), JSON),
+        "echo": JSON,
+    },
+    "/tokenize": {"content": st.one_of(st.text(max_size=20), JSON), "add_special": JSON, "parse_special": JSON,
+                  "with_pieces": JSON, "unknown": JSON},
+    "/detokenize": {"tokens": st.one_of(st.lists(st.integers(-(2**40), 2**40), max_size=4), JSON), "unknown": JSON},
+}
+_BASES = {  # a valid request for each route; most examples change one or two of its fields
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4},
+    "/v1/completions": {"prompt": "hello", "max_tokens": 4},
+    "/tokenize": {"content": "hello"},
+    "/detokenize": {"tokens": [1, 2, 3]},
+}
+
+
+def _bodies(path: str):
+    fields = _FIELDS[path]
+    changed = st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=2, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: fields[k] for k in keys}))
+    return st.tuples(st.just(path), st.one_of(
+        changed.map(lambda c: _BASES[path] | c),
+        st.fixed_dictionaries({}, optional=fields),
+        JSON,
+        st.binary(max_size=40),  # not JSON at all, or not UTF-8
+    ))
+
+
+REQUESTS = st.sampled_from(sorted(_BASES)).flatmap(_bodies)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tiny_gguf):
+    from tiblocal.serve.process import Server
+
+    s = Server(str(tiny_gguf), "--parallel", "2", "--ctx", "128", "--max-body", "65536")
+    yield s
+    rc, log = s.stop(), s.stderr
+    assert rc == 0 and "Traceback" not in log and " 500 " not in log, log
+
+
+@settings(max_examples=400, derandomize=True, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(request=REQUESTS)
+def test_the_server_answers_any_body_with_an_answer_or_an_error_object(fuzz_server, request) -> None:
+    """Whatever a client posts, the server answers 200 or a 4xx with OpenAI's error object, never a 500, and keeps
+    serving; its log has no traceback (checked when the module's server stops)."""
+    httpx = pytest.importorskip("httpx")
+    path, body = request
+    raw = body if isinstance(body, bytes) else json.dumps(body, allow_nan=True).encode()
+    with httpx.Client(timeout=60) as c:
+        r = c.post(fuzz_server.url + path, content=raw, headers={"Content-Type": "application/json"})
+        if r.status_code == 200:
+            if r.headers["content-type"].startswith("text/event-stream"):
+                events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+                assert events and events[-1] == "data: [DONE]", r.text
+                for line in events[:-1]:
+                    chunk = json.loads(line[6:])
+                    assert "error" not in chunk, chunk
+            else:
+                assert isinstance(r.json(), dict)
+        else:
+            assert 400 <= r.status_code < 500, (r.status_code, r.text)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+        assert c.get(fuzz_server.url + "/health").json()["status"] == "ok"
+
+
+# JSON values one at a time in each field, raw: what Hypothesis' JSON values do not reach (NaN, numbers past Python's
+# 4,300 digits, lone surrogates, nesting past the parser's recursion, long strings)
+RAW_VALUES = [b"null", b"true", b"-1", b"0", b"4", b"9223372036854775808", b"1e308", b"-1e308", b"NaN", b"-Infinity",
+              b'""', b'"x"', b'"' + b"x" * 3000 + b'"', b"[]", b"[null]", b'["a", 1]', b"{}", b'{"a": [1]}',
+              b'"\\ud800"', b"1" + b"0" * 5000, b"[" * 3000 + b"]" * 3000,
+              b'[{"role": "user", "content": "\\udfff"}]', b'{"type": "json_schema", "json_schema": {"schema": 1}}']
+
+
+@pytest.mark.parametrize("path", sorted(_BASES))
+def test_each_field_of_each_route_takes_any_json_value_or_refuses_it(fuzz_server, path) -> None:
+    """Every field of the route, in a valid request, set to each raw value above: 200 or a 4xx error object."""
+    httpx = pytest.importorskip("httpx")
+    with httpx.Client(timeout=60) as c:
+        for name in sorted(_FIELDS[path]):
+            head = json.dumps(_BASES[path] | {name: "@@"}).encode()
+            for value in RAW_VALUES:
+                r = c.post(fuzz_server.url + path, content=head.replace(b'"@@"', value),
+                           headers={"Content-Type": "application/json"})
+                assert r.status_code == 200 or (400 <= r.status_code < 500 and set(r.json()["error"]) == {
+                    "message", "type", "param", "code"}), (name, value[:40], r.status_code, r.text[:200])
+        assert c.get(fuzz_server.url + "/health").json()["status"] == "ok"

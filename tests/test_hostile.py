@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -270,7 +271,7 @@ def test_truncated_xz_text_is_one_line(tmp_path) -> None:
 @pytest.mark.parametrize("args, match", [
     (["--prompt", os.fsdecode(b"caf\xff")], "--prompt holds the byte 0xff, which is not UTF-8"),
     (["--prompt", "hi", "--system", os.fsdecode(b"\xfe")], "--system holds the byte 0xfe"),
-    (["--file", "surrogate.jsonl"], "line 2 holds an unpaired surrogate (U+D800)"),
+    (["--file", "surrogate.jsonl"], "line 2 is not valid JSON (a lone UTF-16 surrogate (\\ud800)"),
 ])
 def test_text_that_is_not_utf8_is_one_line(work, args, match) -> None:
     (work / "surrogate.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800 here"}\n', encoding="utf-8")
@@ -517,3 +518,94 @@ def test_a_training_output_dir_holding_its_text_is_refused(tmp_path) -> None:
                                   f"eval_files=[{text}]", timeout=300))
     assert "output_dir" in line and "contains the input" in line
     assert snapshot(data) == before
+
+
+# --- JSON that parses but that Python or the tokenizer cannot take --------------------------------------------------
+
+DEEP = "[" * 3000 + "]" * 3000  # past the parser's recursion
+LONG_NUMBER = "1" + "0" * 5000  # past Python's 4,300 digits
+LONE_SURROGATE = '"a\\ud800b"'  # JSON's escape of no character
+
+
+def test_one_parse_refuses_what_python_and_the_tokenizer_cannot_take() -> None:
+    from tiblocal.jsonin import loads
+
+    for text, match in [(DEEP, "nested too deeply"), (f'{{"n": {LONG_NUMBER}}}', "a number too long"),
+                        (f'{{"x": [{LONE_SURROGATE}]}}', "lone UTF-16 surrogate (\\ud800)"),
+                        ('{"x": "\\udc00"}'.encode(), "lone UTF-16 surrogate (\\udc00)")]:
+        with pytest.raises(json.JSONDecodeError, match=re.escape(match)):
+            loads(text)
+    assert loads('{"x": "\\ud83d\\ude00", "y": "\\\\ud800"}') == {"x": "😀", "y": "\\ud800"}  # a pair; an escaped "\"
+
+
+@pytest.mark.parametrize("value", [DEEP, LONG_NUMBER, LONE_SURROGATE], ids=["deep", "long-number", "lone-surrogate"])
+def test_json_that_python_cannot_hold_is_one_line_in_every_reader(work, value) -> None:
+    """The same three values in a prompts file, an evaluation file, config.json, generation_config.json,
+    tokenizer.json, tiblocal_vocab.json and a safetensors header: one line naming the file, nothing written."""
+    hf = work / "hf"
+    (work / "p.jsonl").write_text(f'{{"prompt": {value}}}\n', encoding="utf-8")
+    (work / "q.jsonl").write_text(f'{{"question": {value}}}\n', encoding="utf-8")
+    cases = [(["generate", "m.gguf", "--file", "p.jsonl", "--out", "o.jsonl"], "p.jsonl line 1"),
+             (["eval", "mcq", "m.gguf", "--data", "q.jsonl"], "q.jsonl line 1")]
+    for args, where in cases:
+        before = snapshot(work)
+        line = one_line_error(run_cli(*args, cwd=work))
+        assert where in line and "not valid JSON" in line, line
+        assert snapshot(work) == before
+    cfg = (hf / "config.json").read_text()
+    for name, text, args in [
+        ("config.json", cfg[:-1].rstrip().rstrip("}") + f', "x": {value}}}', ["convert", "hf", "--out", "m2.gguf"]),
+        ("generation_config.json", f'{{"do_sample": true, "x": {value}}}', ["convert", "hf", "--out", "m2.gguf"]),
+        ("tokenizer.json", f'{{"model": {value}}}', ["check", "hf"]),
+        ("tiblocal_vocab.json", f'{{"base_pieces": 5, "x": {value}}}', ["release", "hf", "--out", "rel"]),
+    ]:
+        keep = (hf / name).read_text() if (hf / name).exists() else None
+        (hf / name).write_text(text, encoding="utf-8")
+        before = snapshot(work)
+        line = one_line_error(run_cli(*args, cwd=work))
+        assert name in line and ("not valid JSON" in line or "damaged" in line), line
+        assert snapshot(work) == before and not (work / "m2.gguf").exists() and not (work / "rel").exists()
+        if keep is None:
+            (hf / name).unlink()
+        else:
+            (hf / name).write_text(keep)
+    raw = f'{{"w": {value}}}'.encode()
+    (hf / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    line = one_line_error(run_cli("check", "hf", cwd=work))
+    assert "damaged safetensors header" in line, line
+
+
+@pytest.mark.parametrize("recipe, overrides, match", [
+    ("stage: pretrain\nx: " + DEEP, [], "nests lists or mappings too deeply"),
+    ("stage: pretrain\nlr: " + LONG_NUMBER, [], "holds a number too long to be read"),
+    (b"stage: pretrain\nlr: \xff\n", [], "is not UTF-8 text (byte offset 20)"),
+    ("stage: [\n", [], "is not valid YAML"),
+    (None, ["lr=" + LONG_NUMBER], "override 'lr=1" + "0" * 56 + "…' holds a number too long"),
+    (None, ["lr=["], "override 'lr=[' is not valid YAML"),
+    (None, ["model_config=" + DEEP], "[[[…' nests lists or mappings too deeply"),
+], ids=["deep", "long-number", "not-utf8", "bad-yaml", "override-long-number", "override-bad-yaml", "override-deep"])
+def test_recipes_and_overrides_that_cannot_be_read_are_one_line(tmp_path, recipe, overrides, match) -> None:
+    pytest.importorskip("yaml")
+    path = tmp_path / "r.yaml"
+    if recipe is not None:
+        path.write_bytes(recipe if isinstance(recipe, bytes) else recipe.encode())
+    before = snapshot(tmp_path)
+    line = one_line_error(run_cli("pretrain", str(path) if recipe is not None else "tiny-pretrain",
+                                  f"output_dir={tmp_path / 'run'}", *overrides))
+    assert match in line, line
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("saved, match", [
+    ("x: " + DEEP, "nests lists or mappings too deeply"), ("[1, 2]", "holds no recipe (a YAML list)"),
+    ("stage: [\n", "is not valid YAML"),
+], ids=["deep", "a-list", "bad-yaml"])
+def test_a_damaged_saved_recipe_in_the_output_dir_is_one_line(tmp_path, saved, match) -> None:
+    pytest.importorskip("yaml")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.yaml").write_text(saved, encoding="utf-8")
+    before = snapshot(tmp_path)
+    line = one_line_error(run_cli("pretrain", "tiny-pretrain", f"output_dir={run}"))
+    assert match in line and "run_config.yaml" in line and "delete" in line, line
+    assert snapshot(tmp_path) == before

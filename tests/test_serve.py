@@ -276,6 +276,10 @@ BAD_BODIES = [
      "messages.0.content"),
     ("json_schema without a schema", {"messages": [{"role": "user", "content": "x"}],
                                       "response_format": {"type": "json_schema"}}, "json_schema"),
+    *(("nested too deeply", b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+      ("a number of 5,000 digits", b'{"messages": [{"role": "user", "content": "x"}], "seed": 1' + b"0" * 4999 + b"}",
+       "4300 digits"),
+      ("a lone surrogate", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "lone UTF-16 surrogate (\\ud800)")),
 ]
 
 
@@ -285,6 +289,21 @@ def test_bad_chat_request_is_a_400(tiny, body, expected) -> None:
     err = _error(_raw(tiny, "POST", "/v1/chat/completions", **kw), 400)
     assert expected in err["message"] and err["type"] == "invalid_request_error"
     assert _raw(tiny, "GET", "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize", "/detokenize"])
+def test_bodies_json_reads_but_python_cannot_hold_are_a_400_on_every_route(tiny, path) -> None:
+    """Nesting deeper than the parser's recursion, a number past Python's 4,300 digits, and a lone surrogate escape
+    (text that cannot be tokenized) are each a 400 naming the problem, not a 500."""
+    ok = {"/v1/completions": b'"prompt": "a", "max_tokens": 1', "/tokenize": b'"content": "a"',
+          "/detokenize": b'"tokens": [1]'}[path]
+    for body, expected in [(b"{" + ok + b', "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+                           (b"{" + ok + b', "x": 1' + b"0" * 4999 + b"}", "4300 digits"),
+                           (b"{" + ok + b', "x": {"y": ["\\uDC00"]}}', "lone UTF-16 surrogate (\\udc00)")]:
+        err = _error(_raw(tiny, "POST", path, content=body, headers={"Content-Type": "application/json"}), 400)
+        assert expected in err["message"], err
+    pair = b"{" + ok + b', "x": "\\ud83d\\ude00"}'  # a surrogate pair is a character
+    assert _raw(tiny, "POST", path, content=pair, headers={"Content-Type": "application/json"}).status_code == 200
 
 
 def test_bad_requests_raise_the_sdks_exceptions(tiny) -> None:

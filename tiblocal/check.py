@@ -7,13 +7,12 @@ rows of token_embd / output and the special ids. Each disagreement names the fil
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
 from .checkpoint import HFCheckpoint, llama_tensor_problems
+from .errors import ModelFormatError
 from .gguf_file import read_gguf
-from .gguf_vocab import load_sentencepiece
+from .gguf_vocab import load_sentencepiece, tokenizer_json_ids
 
 
 def check_hf(path: Path) -> tuple[dict, list[str]]:
@@ -53,7 +52,11 @@ def check_hf(path: Path) -> tuple[dict, list[str]]:
                 problems.append(f"{path / 'config.json'}: {name} is {value} but tokenizer.model says {sp_value}; set it to {sp_value}")
     tj = path / "tokenizer.json"
     if tj.is_file() and "tokenizer_pieces" in facts:
-        n = len(json.loads(tj.read_text(encoding="utf-8")).get("model", {}).get("vocab", {}))
+        try:
+            n = tokenizer_json_ids(tj)
+        except ModelFormatError as e:
+            problems.append(str(e))
+            return facts, problems
         facts["tokenizer_json_vocab"] = n
         if n != facts["tokenizer_pieces"]:
             problems.append(

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputFileError, ModelFormatError
+from .jsonin import loads
 
 # safetensors dtype -> numpy dtype as stored. BF16 has no numpy type: it is read as uint16 and
 # widened with ``bf16_to_f32``.
@@ -94,7 +95,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
                 "save or download it again"
             )
         try:
-            header = json.loads(f.read(n))
+            header = loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelFormatError(f"{path} has a damaged safetensors header ({e}); save or download it again") from None
     if not isinstance(header, dict):
@@ -242,7 +243,7 @@ def load_config(path: Path) -> dict[str, Any]:
     if not cfg.is_file():
         raise InputFileError(f"{path} has no config.json; give a Hugging Face model folder")
     try:
-        config = json.loads(cfg.read_text(encoding="utf-8"))
+        config = loads(cfg.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFormatError(f"{cfg} is not valid JSON ({e}); fix or re-save the model") from None
     if not isinstance(config, dict):
@@ -334,7 +335,7 @@ def find_shards(path: Path) -> list[Path]:
         if not index.is_file():
             continue
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelFormatError(f"{index} is not a valid weight index ({e})") from None
         names = list(dict.fromkeys(weight_map.values()))

@@ -10,11 +10,12 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
+from . import jsonout
 from .chat import render_prompt
 from .engine import Engine, EngineConfig, Generation, Sampling
 from .errors import InputFileError, PromptTooLongError, TiblocalError
-from . import jsonout
 from .fsutil import atomic_write_text, check_output_path
+from .jsonin import loads
 from .models import resolve_model
 from .progress import progress
 from .templates import ChatTemplate, resolve_chat_template
@@ -39,7 +40,8 @@ def _decode_line(raw: bytes, where: str) -> str:
 
 def check_text(text: str, where: str) -> None:
     """Refuse text that cannot be encoded as UTF-8: bytes that were not UTF-8 on the command line (Python keeps them
-    as lone surrogates), or a JSON string's unpaired \\ud800-style escape."""
+    as lone surrogates). A JSON string's unpaired \\ud800-style escape is refused where the JSON is read
+    (jsonin.loads)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -70,7 +72,7 @@ def read_prompts(path: Path) -> list[PromptItem]:
             items.append(PromptItem(len(items), line, None, where))
             continue
         try:
-            obj = json.loads(line)
+            obj = loads(line)
         except json.JSONDecodeError as e:
             raise InputFileError(f"{where} is not valid JSON ({e.msg}); expected {{\"instruction\": ...}}") from None
         if not isinstance(obj, dict):
@@ -82,8 +84,6 @@ def read_prompts(path: Path) -> list[PromptItem]:
         if isinstance(extra, str) and extra.strip():
             text = f"{text}\n{extra}"  # Chinese-Alpaca joins instruction and input with a newline
         system = obj.get("system") if isinstance(obj.get("system"), str) else None
-        for value in (text, system or ""):
-            check_text(value, where)
         items.append(PromptItem(len(items), text, system, where))
     if not items:
         raise InputFileError(f"{name} holds no prompts")

@@ -18,6 +18,7 @@ from gguf import TokenType
 
 from .errors import ModelFormatError
 from .gguf_file import write_gguf_data
+from .jsonin import loads
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,29 @@ def load_sentencepiece(path: Path):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of a model folder ({} when absent); anything else is one ModelFormatError naming it."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{path} is not valid JSON ({e}); fix or re-save it") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path} is a JSON {type(data).__name__}, not an object; fix or re-save it")
+    return data
+
+
+def tokenizer_json_ids(path: Path) -> int:
+    """How many token ids a Hugging Face tokenizer.json defines: its vocabulary and its added tokens (mostly the
+    vocabulary's own special pieces), each id once."""
+    data = _read_json(path)
+    model = data.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    added = data.get("added_tokens", [])
+    if not isinstance(vocab, dict) or not isinstance(added, list):
+        raise ModelFormatError(f"{path} has no model.vocab object or added_tokens list; write it again (tiblocal vocab "
+                               "extend writes one)")
+    return len(set(vocab.values()) | {t.get("id") for t in added if isinstance(t, dict)})
 
 
 def sentencepiece_vocab(

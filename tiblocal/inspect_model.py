@@ -3,16 +3,16 @@ headers only (a matrix is read whole: it is small)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from .checkpoint import HFCheckpoint
-from .errors import InputFileError
+from .errors import InputFileError, ModelFormatError
 from .fsutil import human_size
 from .gguf_file import read_gguf
+from .gguf_vocab import tokenizer_json_ids
 from .gguf_keys import suggested_sampling
 from .templates import template_name_of
 
@@ -84,12 +84,8 @@ def describe_hf(path: Path) -> dict[str, Any]:
     tj = path / "tokenizer.json"
     if tj.is_file():
         try:
-            data = json.loads(tj.read_text(encoding="utf-8"))
-            # the ids it defines: its added tokens are mostly the vocabulary's own special pieces, counted once
-            ids = set(data.get("model", {}).get("vocab", {}).values())
-            ids |= {t.get("id") for t in data.get("added_tokens", []) if isinstance(t, dict)}
-            tokenizer["tokenizer_json_vocab"] = len(ids)
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+            tokenizer["tokenizer_json_vocab"] = tokenizer_json_ids(tj)
+        except ModelFormatError:
             tokenizer["tokenizer_json_vocab"] = "unreadable"
     emb = ckpt.tensors.get("model.embed_tokens.weight")
     keys = (

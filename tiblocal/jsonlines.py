@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import InputFileError
+from .jsonin import loads
 
 
 def json_rows(path: Path, what: str, expected: str):
@@ -24,7 +25,7 @@ def json_rows(path: Path, what: str, expected: str):
             continue
         where = f"{path} line {n}"
         try:
-            row = json.loads(line)
+            row = loads(line)
         except json.JSONDecodeError as e:
             raise InputFileError(f"{where} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):

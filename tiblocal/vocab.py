@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import InputFileError, ModelFormatError, TiblocalError
 from .gguf_vocab import load_sentencepiece
+from .jsonin import loads
 from .text import count_syllables
 
 BUNDLED_DIR = Path(__file__).parent / "data" / "tokenizer"
@@ -46,15 +47,24 @@ def tokenizer_model(spec: str | Path) -> Path:
     return p if p.is_file() and str(spec) != "bundled" else tokenizer_dir(spec) / "tokenizer.model"
 
 
-def base_pieces(spec: str | Path) -> int | None:
-    """How many leading pieces come from the base tokenizer (from tiblocal_vocab.json), if known."""
+def read_sidecar(spec: str | Path) -> dict | None:
+    """tiblocal_vocab.json, written with an extended tokenizer (base_pieces, added, ...), if there is one."""
     side = tokenizer_dir(spec) / SIDECAR
     if not side.is_file():
         return None
     try:
-        return int(json.loads(side.read_text(encoding="utf-8"))["base_pieces"])
-    except (KeyError, ValueError, json.JSONDecodeError) as e:
+        data = loads(side.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("base_pieces"), int):
+            raise ValueError("no base_pieces number")
+        return data
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError included
         raise ModelFormatError(f"{side} is damaged ({e}); write the tokenizer again") from None
+
+
+def base_pieces(spec: str | Path) -> int | None:
+    """How many leading pieces come from the base tokenizer (from tiblocal_vocab.json), if known."""
+    side = read_sidecar(spec)
+    return None if side is None else side["base_pieces"]
 
 
 def processor_from_proto(proto):

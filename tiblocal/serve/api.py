@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .. import __version__
+from .. import __version__, jsonin
 from ..chat import render_prompt
 from ..engine import Engine, Sampling
 from ..errors import TiblocalError
@@ -199,7 +199,7 @@ class DetokenizeRequest(_Body):
 
 def _parse(model: type[BaseModel], raw: bytes) -> Any:
     try:
-        data = json.loads(raw)
+        data = jsonin.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
     if not isinstance(data, dict):

@@ -1,0 +1,54 @@
+"""JSON as users give it, read one way by every reader (the counterpart of jsonout.py, which writes it)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+# \\uD800 to \\uDFFF: only with such an escape can JSON that is valid UTF-8 spell a lone surrogate
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads``, where every way a text fails to give values that Python and the tokenizer can use is a
+    ``json.JSONDecodeError`` (which readers already catch, with ``UnicodeDecodeError`` for bytes that are not UTF-8):
+    besides bad syntax, nesting deeper than the parser's recursion, a number of more than 4,300 digits (Python's limit
+    on converting one), and a lone UTF-16 surrogate escape such as "\\ud800", which JSON allows but which is no
+    character (UTF-8, SentencePiece and llama.cpp cannot take it)."""
+    doc = text if isinstance(text, str) else text.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("arrays or objects nested too deeply to be read", doc, 0) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except ValueError as e:  # the only other one: int() refused a number past sys.get_int_max_str_digits()
+        raise json.JSONDecodeError(f"a number too long to be read ({e})", doc, 0) from None
+    escapes = (_SURROGATE_ESCAPE if isinstance(text, str) else _SURROGATE_ESCAPE_BYTES).search(text)
+    bad = _lone_surrogate(data) if escapes else None
+    if bad is not None:
+        shown = bad.encode("utf-8", "backslashreplace").decode()
+        raise json.JSONDecodeError(f"a lone UTF-16 surrogate ({shown}), which is not a character: escape a character "
+                                   "outside the BMP as a surrogate pair, or write it in UTF-8", doc, escapes.start())
+    return data
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The first lone surrogate in ``data``'s strings; a loop, not a recursion, since the data may nest as deeply as
+    json.loads allows."""
+    stack = [data]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return v[e.start:e.end]
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
