@@ -279,7 +279,8 @@ BAD_BODIES = [
     *(("nested too deeply", b"[" * 5000 + b"]" * 5000, "nested too deeply"),
       ("a number of 5,000 digits", b'{"messages": [{"role": "user", "content": "x"}], "seed": 1' + b"0" * 4999 + b"}",
        "4300 digits"),
-      ("a lone surrogate", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "lone UTF-16 surrogate (\\ud800)")),
+      ("a lone surrogate", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+       "lone UTF-16 surrogate (\\ud800)")),
 ]
 
 

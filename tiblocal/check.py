@@ -56,13 +56,13 @@ def check_hf(path: Path) -> tuple[dict, list[str]]:
             n = tokenizer_json_ids(tj)
         except ModelFormatError as e:
             problems.append(str(e))
-            return facts, problems
-        facts["tokenizer_json_vocab"] = n
-        if n != facts["tokenizer_pieces"]:
-            problems.append(
-                f"{tj} has {n} tokens but tokenizer.model has {facts['tokenizer_pieces']}; it belongs to another "
-                "tokenizer: delete it or write it again (tiblocal vocab extend writes a matching one)"
-            )
+        else:
+            facts["tokenizer_json_vocab"] = n
+            if n != facts["tokenizer_pieces"]:
+                problems.append(
+                    f"{tj} has {n} tokens but tokenizer.model has {facts['tokenizer_pieces']}; it belongs to another "
+                    "tokenizer: delete it or write it again (tiblocal vocab extend writes a matching one)"
+                )
     return facts, problems
 
 

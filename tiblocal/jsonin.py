@@ -17,22 +17,26 @@ def loads(text: str | bytes) -> Any:
     besides bad syntax, nesting deeper than the parser's recursion, a number of more than 4,300 digits (Python's limit
     on converting one), and a lone UTF-16 surrogate escape such as "\\ud800", which JSON allows but which is no
     character (UTF-8, SentencePiece and llama.cpp cannot take it)."""
-    doc = text if isinstance(text, str) else text.decode("utf-8", "replace")
     try:
         data = json.loads(text)
     except RecursionError:
-        raise json.JSONDecodeError("arrays or objects nested too deeply to be read", doc, 0) from None
+        raise json.JSONDecodeError("arrays or objects nested too deeply to be read", _doc(text), 0) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise
     except ValueError as e:  # the only other one: int() refused a number past sys.get_int_max_str_digits()
-        raise json.JSONDecodeError(f"a number too long to be read ({e})", doc, 0) from None
+        raise json.JSONDecodeError(f"a number too long to be read ({e})", _doc(text), 0) from None
     escapes = (_SURROGATE_ESCAPE if isinstance(text, str) else _SURROGATE_ESCAPE_BYTES).search(text)
     bad = _lone_surrogate(data) if escapes else None
     if bad is not None:
         shown = bad.encode("utf-8", "backslashreplace").decode()
-        raise json.JSONDecodeError(f"a lone UTF-16 surrogate ({shown}), which is not a character: escape a character "
-                                   "outside the BMP as a surrogate pair, or write it in UTF-8", doc, escapes.start())
+        message = (f"a lone UTF-16 surrogate ({shown}), which is not a character: escape a character outside the BMP "
+                   "as a surrogate pair, or write it in UTF-8")
+        raise json.JSONDecodeError(message, _doc(text), escapes.start())
     return data
+
+
+def _doc(text: str | bytes) -> str:
+    return text if isinstance(text, str) else text.decode("utf-8", "replace")
 
 
 def _lone_surrogate(data: Any) -> str | None:
