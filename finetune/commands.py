@@ -51,7 +51,7 @@ def _train(stage: str, o: PretrainOptions) -> Result | int:
     if not main:
         return 0
     summary = {"output_dir": str(r.output_dir), "steps": r.steps, "resumed_from": r.resumed_from,
-               "train_loss": r.train_loss, "eval_loss": r.eval_loss, "best_step": r.best_step}
+               "train_loss": r.train_loss, "eval_loss": r.eval_loss, "best_step": r.best_step, "examples": r.examples}
     ev = f", eval loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""
     ev += f" (the model of step {r.best_step}, the lowest; keep_best)" if r.best_step else ""
     resumed = f" (resumed at step {r.resumed_from})" if r.resumed_from else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ class TrainConfig:
     # line that occurs twice is on one side) is left out of training and is the evaluation text instead of eval_files:
     # a validation set from the training split, for keep_best, where the dev split is what the model is measured on
     holdout: dict = field(default_factory=dict)
+    # sft: {plain-text file: N}: N lines of the file (a seeded sample), each an example whose every token is trained,
+    # mixed with the instructions, so that tuning keeps what pretraining learned of running text
+    replay: dict = field(default_factory=dict)
     template: str = "alpaca"  # sft: the chat template examples are rendered with
     block_size: int = 1024  # pretrain: packed block length; sft: longest example kept
     group_by_length: bool = True  # sft: batches of examples of similar length (less padding)
@@ -79,11 +83,24 @@ def _known(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's booleans, true and false alone: YAML 1.1 also reads yes, no, on and off as booleans, which made
+    `mixed_precision=no` (one of that setting's values) the boolean False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def _yaml(text: str, what: str) -> Any:
     """yaml.safe_load, where every way the text fails to give values is one error naming ``what``: bad YAML, nesting
     deeper than the parser's recursion, a number of more than 4,300 digits (Python's limit on converting one)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise InputFileError(f"{what} is not valid YAML ({e})") from None
     except RecursionError:
@@ -252,6 +269,14 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
             raise TiblocalError(f"{source}: holdout names {f}, which is not in train_files; use the same path")
         if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 0.5:
             raise TiblocalError(f"{source}: holdout[{f}] = {share!r}; expected a fraction above 0 and at most 0.5")
+    if not isinstance(cfg.replay, dict):
+        raise TiblocalError(f"{source}: replay must map plain-text files to numbers of lines, e.g. {{news.txt.xz: 2000}}")
+    if cfg.replay and cfg.stage != "sft":
+        raise TiblocalError(f"{source}: replay is for sft recipes (running text mixed with the instructions); a pretrain "
+                            "recipe trains on its text already")
+    for f, n in cfg.replay.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise TiblocalError(f"{source}: replay[{f}] = {n!r}; expected a whole number of lines, at least 1")
     if cfg.keep_best and not (cfg.eval_files or cfg.holdout):
         raise TiblocalError(f"{source}: keep_best keeps the model of the lowest eval loss, and there are no eval_files; "
                             "give eval_files or a holdout, or set keep_best: false")

@@ -46,6 +46,7 @@ class RunResult:
     eval_loss: float | None  # with keep_best: the kept model's
     resumed_from: int
     best_step: int | None = None  # with keep_best: the step of the model saved
+    examples: int = 0  # training examples: packed blocks (pretrain), instructions and replayed lines (sft)
 
 
 def _torch():
@@ -227,6 +228,24 @@ def _examples(cfg: TrainConfig, sp, files: tuple[str, ...], limit: int | None = 
     return out
 
 
+def _replay(cfg: TrainConfig, sp) -> list[tuple[list[int], list[int]]]:
+    """SFT's replay: from each plain-text file, a seeded sample of ``cfg.replay[file]`` of its lines, each an example
+    BOS + text + EOS (cut at block_size) whose every token is labelled, as in pretraining."""
+    from tiblocal.vocab import read_lines
+
+    out = []
+    for f, n in cfg.replay.items():
+        lines = [line for line in read_lines([Path(f)]) if line.strip()]
+        if len(lines) < n:
+            raise InputFileError(f"replay asks for {n} lines of {f}, which has {len(lines)}; ask for at most that")
+        picked = random.Random(f"{cfg.seed}:replay:{Path(f).name}").sample(lines, n)
+        for ids in sp.encode(picked):
+            ids = ([sp.bos_id(), *ids, sp.eos_id()])[: cfg.block_size]
+            out.append((ids, list(ids)))
+        log.info("%s: %d lines replayed", f, n)
+    return out
+
+
 class BatchOrder:
     """The examples of each global batch: epochs of a seeded shuffle, a function of (seed, step) alone, so a
     resumed run takes the same batches. With ``lengths`` (SFT), batches are grouped by length as
@@ -314,7 +333,8 @@ def _check_output_dir(cfg: TrainConfig, out: Path) -> bool:
     is, contains or lies inside an input (the base model, the tokenizer, the text)."""
     from tiblocal.fsutil import check_not_an_input
 
-    inputs = [None if cfg.base_model == "scratch" else cfg.base_model, cfg.tokenizer, *cfg.train_files, *cfg.eval_files]
+    inputs = [None if cfg.base_model == "scratch" else cfg.base_model, cfg.tokenizer, *cfg.train_files, *cfg.eval_files,
+              *cfg.replay]
     check_not_an_input(out, inputs, option="output_dir")
     saved = out / "run_config.yaml"
     if not saved.is_file():
@@ -361,6 +381,8 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     random.seed(cfg.seed)
     sp, model_file, tok_dir, n_base = _load_tokenizer(cfg)
     train_ex = _examples(cfg, sp, cfg.train_files, weights=cfg.train_weights)
+    if cfg.replay:
+        train_ex += _replay(cfg, sp)
     if cfg.holdout:  # the held-out lines of the training files
         eval_ex = _blocks(cfg, sp, tuple(cfg.holdout), cfg.eval_blocks, {}, held=True)
     else:
@@ -479,9 +501,9 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
                 with atomic_dir(out / folder.name, replace=True) as tmp:
                     shutil.copytree(folder, tmp, dirs_exist_ok=True)
         accel.wait_for_everyone()
-        return RunResult(out, cfg.max_steps, loss_value, best[0], start, best_step=best[1])
+        return RunResult(out, cfg.max_steps, loss_value, best[0], start, best_step=best[1], examples=len(train_ex))
     _save_model(accel, model, out, tok_dir, cfg.generation)
-    return RunResult(out, cfg.max_steps, loss_value, eval_loss, start)
+    return RunResult(out, cfg.max_steps, loss_value, eval_loss, start, examples=len(train_ex))
 
 
 def _save_model(accel, model, out: Path, tok_dir: Path, generation: dict, *, whole_or_none: bool = False) -> None:

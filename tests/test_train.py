@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import os
 import signal
 import subprocess
@@ -551,3 +552,64 @@ def test_bad_holdout_is_named(overrides, message) -> None:
 def test_holdout_is_for_pretraining() -> None:
     with pytest.raises(TiblocalError, match="holdout is for pretrain recipes"):
         load_config("tiny-sft", ["output_dir=x", f"holdout={{{SFT}: 0.1}}", f"train_files=[{SFT}]", "eval_files=[]"])
+
+
+def test_replay_mixes_sampled_lines_of_text_into_sft_with_every_token_trained(tmp_path: Path) -> None:
+    """replay {FILE: N}: N distinct lines of the file, the same ones on every run (a seeded sample), each BOS + text +
+    EOS cut at block_size with every token labelled, added to the instruction examples."""
+    import sentencepiece as spm
+
+    from tiblocal.finetune.train import _replay
+    from tiblocal.vocab import read_lines, tokenizer_model
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model("bundled")))
+    cfg = load_config("tiny-sft", ["output_dir=x", f"replay={{{TEXT}: 5}}", "block_size=40"])
+    first, again = _replay(cfg, sp), _replay(cfg, sp)
+    assert first == again and len(first) == 5
+    lines = [l for l in read_lines([Path(TEXT)]) if l.strip()]
+    as_examples = {tuple([sp.bos_id(), *sp.encode(l), sp.eos_id()][:40]): l for l in lines}
+    picked = [as_examples.get(tuple(ids)) for ids, _ in first]
+    assert None not in picked and len(set(picked)) == 5 and all(labels == ids for ids, labels in first)
+    assert any(len(sp.encode(l)) + 2 > 40 for l in picked)  # one was cut at block_size
+    other = _replay(load_config("tiny-sft", ["output_dir=x", f"replay={{{TEXT}: 5}}", "block_size=40", "seed=7"]), sp)
+    assert other != first
+    with pytest.raises(TiblocalError, match=f"replay asks for 100000 lines of {re.escape(TEXT)}, which has {len(lines)}"):
+        _replay(load_config("tiny-sft", ["output_dir=x", f"replay={{{TEXT}: 100000}}"]), sp)
+
+
+def test_sft_with_replay_trains_on_both(tmp_path: Path, pretrained) -> None:
+    out = tmp_path / "sft"
+    runs = {}
+    for name, extra in (("plain", []), ("replay", [f"replay={{{TEXT}: 8}}"])):
+        p = run_cli("sft", "tiny-sft", f"output_dir={out / name}", f"base_model={pretrained / 'model'}", *extra,
+                    "max_steps=3", "--json", timeout=300)
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        runs[name] = json.loads(p.stdout)
+    assert runs["replay"]["examples"] == runs["plain"]["examples"] + 8 and runs["replay"]["steps"] == 3
+    assert f"replay:\n  {TEXT}: 8" in (out / "replay" / "run_config.yaml").read_text()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["replay=[a.txt]"], "replay must map plain-text files to numbers of lines"),
+    ([f"replay={{{TEXT}: 0}}"], "expected a whole number of lines, at least 1"),
+    ([f"replay={{{TEXT}: 2.5}}"], "expected a whole number of lines, at least 1"),
+])
+def test_bad_replay_is_named(overrides, message) -> None:
+    with pytest.raises(TiblocalError, match=re.escape(message)):
+        load_config("tiny-sft", ["output_dir=x", *overrides])
+
+
+def test_replay_is_for_sft() -> None:
+    with pytest.raises(TiblocalError, match="replay is for sft recipes"):
+        load_config("tiny-pretrain", ["output_dir=x", f"replay={{{TEXT}: 3}}"])
+
+
+def test_recipes_read_yes_no_on_off_as_text_as_yaml_1_2_does() -> None:
+    """`mixed_precision=no` is that setting's value "no", not YAML 1.1's boolean False; true and false stay booleans."""
+    from tiblocal.finetune.config import _yaml
+
+    assert load_config("tiny-pretrain", ["output_dir=x", "mixed_precision=no", "compile=false"]).mixed_precision == "no"
+    assert _yaml("a: no\nb: yes\nc: on\nd: off\ne: true\nf: False\ng: [no, 1]", "x") == {
+        "a": "no", "b": "yes", "c": "on", "d": "off", "e": True, "f": False, "g": ["no", 1]}
+    with pytest.raises(TiblocalError, match="compile is 'yes', expected true or false"):
+        load_config("tiny-pretrain", ["output_dir=x", "compile=yes"])

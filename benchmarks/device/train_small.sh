@@ -15,7 +15,8 @@
 # sdist, built here for the CPU: release quantizes and evaluates through it) and whl/ (gguf). SECONDS is the
 # pretraining time budget (default 720): a 15-step probe measures tokens/s and max_steps is set to what fits.
 # A trial run on any machine: DIR without lcp-src.tar.gz uses the llama-cpp-python already installed, and
-# EXTRA="key=value ..." is added to both stages' overrides (e.g. model_config.hidden_size=64 batch_size=2).
+# EXTRA="key=value ..." is added to both stages' overrides (e.g. model_config.hidden_size=64 batch_size=2), and
+# SAMPLE_CHARS (default 49000000) is the tokenizer's training sample.
 # OUT receives small-Q4_K_M.gguf.part-* (cat them back together), results.tar (the release's table, model card,
 # importance matrix, both stages' metrics and resolved recipes, generation_config.json) and run.log.
 set -uo pipefail
@@ -31,7 +32,7 @@ pipeline() {
   modern="../shared/data/corpus/dev/tibnlp_modern_tibettimes_news.txt.xz ../shared/data/corpus/dev/tibnlp_modern_tibetcm.txt.xz ../shared/data/corpus/dev/esukhia_nanhai_written.txt.xz"
   mkdir -p runs
   python3 -m tiblocal vocab extend --base ../shared/data/tokenizers/llama2/tokenizer.model \
-    --corpus ../shared/data/corpus/train/*.txt.xz --weight derge_kangyur=0.3 --add 24000 --sample-chars 49000000 \
+    --corpus ../shared/data/corpus/train/*.txt.xz --weight derge_kangyur=0.3 --add 24000 --sample-chars ${SAMPLE_CHARS:-49000000} \
     --no-split-whitespace --out runs/tokenizer --json > $root/tokenizer.json
   EXTRA="tokenizer=runs/tokenizer $EXTRA"
   python3 -m tiblocal.finetune.instructions --data ../shared/data --out runs/instructions
