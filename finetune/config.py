@@ -97,8 +97,9 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
 
 
 def _yaml(text: str, what: str) -> Any:
-    """yaml.safe_load, where every way the text fails to give values is one error naming ``what``: bad YAML, nesting
-    deeper than the parser's recursion, a number of more than 4,300 digits (Python's limit on converting one)."""
+    """YAML's safe subset (with YAML 1.2's booleans, above), where every way the text fails to give values is one
+    error naming ``what``: bad YAML, nesting deeper than the parser's recursion, a number of more than 4,300 digits
+    (Python's limit on converting one)."""
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
