@@ -9,6 +9,9 @@
 #   STAGE=engine benchmarks/device/serve_gpu.sh DIR OUT  # issue 26's host-CPU figures: bench_engine.py on the same
 #                                                        # Q4_K_M against llama-bench, both on a CPU-only build (built
 #                                                        # after the CUDA one, in build-cpu/), 16 threads
+#   STAGE=overlap benchmarks/device/serve_gpu.sh DIR OUT # the decode loop's text-while-decoding (2026-12-05) against
+#                                                        # the loop before it (serve_overlap.patch reversed on a copy),
+#                                                        # 8 and 16 clients, in alternating pairs
 # DIR holds what travels with the call: lcp-src.tar.gz (llama-cpp-python's sdist: llama_cpp/ and vendor/llama.cpp,
 # without models, docs and examples), whl/ (starlette, uvicorn, pydantic and its parts, gguf: what the host lacks) and
 # a 55,296-piece tokenizer.model as cl2-tokenizer.model. OUT is where the logs and JSON go.
@@ -20,7 +23,7 @@ set -uo pipefail
 dir=$(realpath "$1"); out=$(realpath "$2"); here=$(cd "$(dirname "$0")/../.." && pwd)
 src=/tmp/lcp; work=/tmp/serve7b; mkdir -p "$out" $work
 export PYTHONPATH=/tmp/pkg:/tmp/site LLAMA_CPP_LIB_PATH=$src/vendor/llama.cpp/build/bin
-case "${STAGE:?STAGE=start|wait|bench|engine}" in
+case "${STAGE:?STAGE=start|wait|bench|engine|overlap}" in
 start)
   mkdir -p $src && tar xzf "$dir/lcp-src.tar.gz" -C $src
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/whl/*.whl
@@ -79,4 +82,20 @@ engine)
   cd "$here" && PYTHONUNBUFFERED=1 python3 benchmarks/bench_engine.py $work/q4km.gguf \
     --llama-bench $src/vendor/llama.cpp/build-cpu/bin/llama-bench --threads 16 --rounds 3 \
     --json "$out/engine_cpu.json" 2>&1 | tee "$out/engine_cpu.log" ;;
+overlap)
+  bin=$src/vendor/llama.cpp/build/bin
+  rm -rf /tmp/pkg-before && cp -rL /tmp/pkg /tmp/pkg-before
+  patch -R -p1 -d /tmp/pkg-before < "$here/benchmarks/device/serve_overlap.patch" > $out/patch.log 2>&1 \
+    || (cd /tmp/pkg-before && git apply -R "$here/benchmarks/device/serve_overlap.patch") >> $out/patch.log 2>&1 \
+    || { echo "the patch did not reverse:"; cat $out/patch.log; exit 1; }
+  for i in 1 2; do
+    for side in before after; do
+      # the server runs from the package folder, whose tiblocal comes first on its path (python -m puts the cwd first)
+      pkg=/tmp/pkg; [ $side = before ] && pkg=/tmp/pkg-before
+      (cd $pkg && PYTHONPATH=$pkg:/tmp/site PYTHONUNBUFFERED=1 python3 "$here/benchmarks/bench_serve.py" $work/q4km.gguf \
+        --clients 8,16 --requests 4 --prompt-tokens 128 --max-tokens 128 --no-chaos --repeat 1 \
+        --json "$out/overlap_${side}_$i.json" -- --parallel 16 --n-gpu-layers -1 --flash-attn on --threads 16 2>&1 \
+        | tail -3 | sed "s/^/$side $i: /")
+    done
+  done ;;
 esac
