@@ -118,6 +118,13 @@ def test_bad_importance_matrices(tmp_path: Path, model) -> None:
     dat.write_bytes(dat.read_bytes()[:200])
     with pytest.raises(InputFileError, match="cut.dat is not a usable importance matrix: it ends at byte 200"):
         load_imatrix(dat)
+    for bad, fmt in ((np.nan, "gguf"), (np.inf, "dat")):  # refused on reading, not by llama.cpp after the long work
+        sums = _sums(model, 1)
+        sums["blk.0.attn_k.weight"][2] = bad
+        path = (write_gguf_imatrix(tmp_path / "nan.gguf", sums, 8) if fmt == "gguf"
+                else write_legacy_imatrix(tmp_path / "inf.dat", sums, 3))
+        with pytest.raises(InputFileError, match=f"blk.0.attn_k.weight holds a value that is not a finite number \\({bad}\\)"):
+            load_imatrix(path)
     text = tmp_path / "notes.txt"
     text.write_text("not an imatrix\n")
     with pytest.raises(InputFileError, match="notes.txt is not a usable importance matrix"):

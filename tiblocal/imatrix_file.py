@@ -62,7 +62,11 @@ def load_imatrix(path: Path) -> Imatrix:
             f"no such importance matrix file: {path}; make one with `tiblocal imatrix HF_DIR --out FILE` or llama.cpp's "
             "llama-imatrix"
         )
-    return _load_gguf(path) if is_gguf(path) else _load_legacy(path)
+    im = _load_gguf(path) if is_gguf(path) else _load_legacy(path)
+    for name, values in im.entries.items():  # llama.cpp refuses them only once it quantizes, after the long work
+        if not np.isfinite(values).all():
+            raise _bad(path, f"{name} holds a value that is not a finite number ({values[~np.isfinite(values)][0]})")
+    return im
 
 
 def _load_gguf(path: Path) -> Imatrix:
@@ -137,7 +141,8 @@ def _load_legacy(path: Path) -> Imatrix:
             raise _bad(path, f"it ends at byte {len(buf)} inside an entry")
         values = np.frombuffer(buf, dtype="<f4", count=nval, offset=pos).astype(np.float32)
         pos += 4 * nval
-        entries[name] = values / ncall if ncall > 0 else values
+        with np.errstate(invalid="ignore", over="ignore"):  # inf / n and nan / n: refused in load_imatrix
+            entries[name] = values / ncall if ncall > 0 else values
     datasets, chunk_count = [], 0
     if pos < len(buf):  # optional: chunk count and dataset name
         (chunk_count,) = take("<i")
