@@ -141,6 +141,12 @@ def test_sampling_settings_are_checked() -> None:
         Sampling().with_value("top_k", "x")
     with pytest.raises(TiblocalError, match="temperature -1.0"):
         Sampling().with_value("temp", "-1")
+    # llama.cpp's seed is a uint32_t: a larger one would wrap without a word
+    with pytest.raises(TiblocalError, match=r"seed 4294967296 \(expected 0 to 4294967295, or -1"):
+        Sampling().with_value("seed", str(2**32))
+    with pytest.raises(TiblocalError, match="seed -2"):
+        Sampling(seed=-2)
+    assert Sampling(seed=2**32 - 1).seed == 2**32 - 1
 
 
 @pytest.mark.parametrize("model", ["tiny", "bundled"])

@@ -145,6 +145,9 @@ class EngineConfig:
     backend_sampling: bool = False
 
 
+SEED_MAX = 2**32 - 1  # llama_sampler_init_dist takes a uint32_t seed (ctypes would wrap a larger one silently)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Sampling settings; temperature, top-k, top-p and repetition penalty default to the values of
@@ -200,6 +203,8 @@ class Sampling:
             problems.append(f"repeat_last_n {self.repeat_last_n} (expected >= 0)")
         if self.max_tokens < 1:
             problems.append(f"max_tokens {self.max_tokens} (expected >= 1)")
+        if not -1 <= self.seed <= SEED_MAX:
+            problems.append(f"seed {self.seed} (expected 0 to {SEED_MAX}, or -1 for a new one each time)")
         if problems:
             raise TiblocalError("invalid sampling setting: " + "; ".join(problems))
 

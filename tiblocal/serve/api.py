@@ -28,14 +28,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__, jsonin
 from ..chat import render_prompt
-from ..engine import Engine, Sampling
+from ..engine import SEED_MAX, Engine, Sampling
 from ..errors import TiblocalError
 from ..templates import TASKS, ChatTemplate
 from .slots import Event, Job, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("tiblocal.serve")
 
-SEED_MAX = 2**32 - 1  # llama_sampler_init_dist takes a uint32_t seed
 
 
 class APIError(Exception):
