@@ -23,8 +23,13 @@ set -uo pipefail
 dir=$(realpath "$1"); out=$(realpath "$2"); here=$(cd "$(dirname "$0")/../.." && pwd)
 src=/tmp/lcp; work=/tmp/serve7b; mkdir -p "$out" $work
 export PYTHONPATH=/tmp/pkg:/tmp/site LLAMA_CPP_LIB_PATH=$src/vendor/llama.cpp/build/bin
+# The device tool gives an idle machine back after about 30 s: a later stage that lands on a fresh machine says so at
+# once instead of waiting its 9 minutes for a run that is not there.
+[ "${STAGE:-}" = start ] || [ -f $work/started ] || {
+  echo "STAGE=${STAGE:-} finds no run on this machine (a fresh one: the last was given back); begin with STAGE=start"; exit 1; }
 case "${STAGE:?STAGE=start|wait|bench|engine|overlap}" in
 start)
+  touch $work/started
   mkdir -p $src && tar xzf "$dir/lcp-src.tar.gz" -C $src
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/whl/*.whl
   cp -r $src/llama_cpp /tmp/site/

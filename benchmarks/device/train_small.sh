@@ -106,6 +106,8 @@ start)
   sleep 2; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
   STAGE=wait exec "$0" "$@" ;;
 wait)
+  # the device tool gives an idle machine back after about 30 s: on a fresh one, say so at once
+  [ -f $root/run.log ] || { echo "STAGE=wait finds no run on this machine (a fresh one: the last was given back)"; exit 1; }
   for _ in $(seq 108); do [ -f $root/run.rc ] && break; sleep 5; done
   grep -v "it/s\]\|^$" $root/run.log | tail -c 3000
   if [ -f $root/run.rc ]; then
