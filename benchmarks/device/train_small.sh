@@ -8,13 +8,16 @@
 # the held-out tense and QA rows and TLUE (0-shot) are scored on the Q4_K_M file.
 #
 # Usage, from the repository root, in calls of the device tool (each under its 10 minutes; the run goes on between them):
+#   STAGE=prep  benchmarks/device/train_small.sh DIR OUT             # optional, here before the lease: the tokenizer
+#                                                                    # and instruction set into DIR/prep.tar.xz (3 min.
+#                                                                    # of a 30-minute device budget saved)
 #   STAGE=start benchmarks/device/train_small.sh DIR OUT [SECONDS]   # starts the run detached, then waits as below
 #   STAGE=wait  benchmarks/device/train_small.sh DIR OUT             # waits up to 9 minutes; when the run is done,
 #                                                                    # OUT holds the results
-# DIR holds what travels with the call: data/ (the shared data's corpus/ and eval/), lcp-src.tar.gz (llama-cpp-python's
+# DIR holds what travels with the call: data/ (the shared data's corpus/ and eval/), lcp-src.tar.gz or .tar.xz (llama-cpp-python's
 # sdist, built here for the CPU: release quantizes and evaluates through it) and whl/ (gguf). SECONDS is the
 # pretraining time budget (default 720): a 15-step probe measures tokens/s and max_steps is set to what fits.
-# A trial run on any machine: DIR without lcp-src.tar.gz uses the llama-cpp-python already installed, and
+# A trial run on any machine: DIR without lcp-src.tar.* uses the llama-cpp-python already installed, and
 # EXTRA="key=value ..." is added to both stages' overrides (e.g. model_config.hidden_size=64 batch_size=2), and
 # SAMPLE_CHARS (default 49000000) is the tokenizer's training sample.
 # OUT receives small-Q4_K_M.gguf.part-* (cat them back together), results.tar (the release's table, model card,
@@ -23,19 +26,29 @@ set -uo pipefail
 dir=$(realpath "$1"); out=$(realpath "$2"); budget=${3:-720}; here=$(cd "$(dirname "$0")/../.." && pwd)
 root=/tmp/small; work=$root/w; src=/tmp/lcp
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1 EXTRA=${EXTRA:-}
-[ -f "$dir/lcp-src.tar.gz" ] && export LLAMA_CPP_LIB_PATH=$src/vendor/llama.cpp/build/bin
+lcp=$(ls "$dir"/lcp-src.tar.* 2>/dev/null | head -1)   # .tar.gz as pip downloads it, or .tar.xz (smaller)
+[ -n "$lcp" ] && export LLAMA_CPP_LIB_PATH=$src/vendor/llama.cpp/build/bin
 mkdir -p "$out"
+
+# the tokenizer and the instruction set (CPU work, 2-3 minutes), into runs/ of the current folder
+prep() {
+  python3 -m tiblocal vocab extend --base ../shared/data/tokenizers/llama2/tokenizer.model \
+    --corpus ../shared/data/corpus/train/*.txt.xz --weight derge_kangyur=0.3 --add 24000 --sample-chars ${SAMPLE_CHARS:-49000000} \
+    --no-split-whitespace --out runs/tokenizer --json > $root/tokenizer.json
+  python3 -m tiblocal.finetune.instructions --data ../shared/data --out runs/instructions
+}
 
 pipeline() {
   set -e
   cd $work
   modern="../shared/data/corpus/dev/tibnlp_modern_tibettimes_news.txt.xz ../shared/data/corpus/dev/tibnlp_modern_tibetcm.txt.xz ../shared/data/corpus/dev/esukhia_nanhai_written.txt.xz"
   mkdir -p runs
-  python3 -m tiblocal vocab extend --base ../shared/data/tokenizers/llama2/tokenizer.model \
-    --corpus ../shared/data/corpus/train/*.txt.xz --weight derge_kangyur=0.3 --add 24000 --sample-chars ${SAMPLE_CHARS:-49000000} \
-    --no-split-whitespace --out runs/tokenizer --json > $root/tokenizer.json
+  if [ -f "$dir/prep.tar.xz" ]; then   # made beforehand by STAGE=prep, on any machine
+    tar xJf "$dir/prep.tar.xz" -C runs && mv runs/tokenizer.json $root/
+  else
+    prep
+  fi
   EXTRA="tokenizer=runs/tokenizer $EXTRA"
-  python3 -m tiblocal.finetune.instructions --data ../shared/data --out runs/instructions
   # the probe: 15 steps on one file, compiled as the run is; a failed compile falls back to eager layers
   compile=true
   python3 -m tiblocal pretrain small-pretrain output_dir=$root/probe max_steps=15 log_every=1 eval_every=1000 $EXTRA \
@@ -85,7 +98,14 @@ print(min(6000, int($budget * tps / (64 * 1024))), round(tps), file=open('$root/
   ls -la release > $root/res/release-files.txt
 }
 
-case "${STAGE:?STAGE=start|wait}" in
+case "${STAGE:?STAGE=prep|start|wait}" in
+prep)
+  # here, before the lease: DIR/prep.tar.xz then travels with DIR and the run starts at the probe
+  [ -d "$dir/data/corpus" ] || { echo "$dir/data/corpus is missing: DIR holds the shared data's corpus/ and eval/"; exit 1; }
+  set -e; root=$(mktemp -d); mkdir -p $root/shared $root/w/runs && ln -sfn "$dir/data" $root/shared/data && cd $root/w
+  (export PYTHONPATH=; prep)
+  mv $root/tokenizer.json runs/ && tar cJf "$dir/prep.tar.xz.part" -C runs tokenizer instructions tokenizer.json
+  mv "$dir/prep.tar.xz.part" "$dir/prep.tar.xz" && rm -rf $root && ls -la "$dir/prep.tar.xz" ;;
 start)
   rm -rf $root && mkdir -p $root/shared $work && ln -sfn "$dir/data" $root/shared/data
   mkdir -p /tmp/site && [ -d "$dir/whl" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -94,14 +114,14 @@ start)
   mkdir -p /tmp/pkg && cp -r "$here/tiblocal" /tmp/pkg/ && for s in convert quantize finetune pipelines; do
     [ -d "$here/$s" ] && ln -sfn "$here/$s" /tmp/pkg/tiblocal/$s; done
   # llama.cpp for the CPU (release quantizes with its quantizer and measures with it), on 6 of the 16 cores
-  [ -f "$dir/lcp-src.tar.gz" ] || echo 0 > $root/build.rc
-  [ -f "$dir/lcp-src.tar.gz" ] && mkdir -p $src && tar xzf "$dir/lcp-src.tar.gz" -C $src && cp -r $src/llama_cpp /tmp/site/ && \
+  [ -n "$lcp" ] || echo 0 > $root/build.rc
+  [ -n "$lcp" ] && mkdir -p $src && tar xf "$lcp" -C $src && cp -r $src/llama_cpp /tmp/site/ && \
   setsid bash -c "cd $src/vendor/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
       -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
       -DLLAMA_BUILD_APP=OFF -DCMAKE_BUILD_TYPE=Release > $root/build.log 2>&1 \
     && cmake --build build -j 6 --target llama >> $root/build.log 2>&1; echo \$? > $root/build.rc" \
     < /dev/null > /dev/null 2>&1 &
-  export -f pipeline; export root work budget here
+  export -f pipeline prep; export root work budget here dir
   setsid bash -c "(pipeline) > $root/run.log 2>&1; echo \$? > $root/run.rc" < /dev/null > /dev/null 2>&1 &
   sleep 2; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
   STAGE=wait exec "$0" "$@" ;;
