@@ -21,7 +21,8 @@
 # EXTRA="key=value ..." is added to both stages' overrides (e.g. model_config.hidden_size=64 batch_size=2), and
 # SAMPLE_CHARS (default 49000000) is the tokenizer's training sample.
 # OUT receives small-Q4_K_M.gguf.part-* (cat them back together), results.tar (the release's table, model card,
-# importance matrix, both stages' metrics and resolved recipes, generation_config.json) and run.log.
+# importance matrix, both stages' metrics and resolved recipes, generation_config.json, the perplexities and task
+# scores) and run.log; from every wait, finished or not, whatever the run has made so far.
 set -uo pipefail
 dir=$(realpath "$1"); out=$(realpath "$2"); budget=${3:-720}; here=$(cd "$(dirname "$0")/../.." && pwd)
 root=/tmp/small; work=$root/w; src=/tmp/lcp
@@ -84,18 +85,24 @@ print(min(6000, int($budget * tps / (64 * 1024))), round(tps), file=open('$root/
     --data runs/instructions/heldout_$t.jsonl --threads 16 --json > $root/task-$t.json 2>> $root/tasks.err; done
   python3 -m tiblocal eval mcq release/tiblocal-small-Q4_K_M.gguf --data ../shared/data/eval/tlue_mcq.jsonl.xz \
     --threads 16 --json > $root/task-mcq.json 2>> $root/tasks.err
-  mkdir -p $root/res $root/res/tokenizer
-  cp runs/tokenizer/* $root/res/tokenizer/
-  cp $root/ppl-*.jsonl $root/task-*.json $root/tokenizer.json $root/res/
-  cp runs/small-pretrain/metrics.jsonl $root/res/pretrain-metrics.jsonl
-  cp runs/small-sft/metrics.jsonl $root/res/sft-metrics.jsonl
-  cp runs/small-pretrain/run_config.yaml $root/res/pretrain-run_config.yaml
-  cp runs/small-sft/run_config.yaml $root/res/sft-run_config.yaml
-  cp runs/small-sft/model/generation_config.json runs/small-sft/model/config.json $root/res/
-  cp runs/instructions/heldout_*.jsonl $root/res/
-  cp $root/probe.json $root/steps $root/res/
-  cp release/*.md release/*.json release/*.imatrix.gguf release/SHA256SUMS $root/res/ 2>/dev/null || true
-  ls -la release > $root/res/release-files.txt
+}
+
+# what the run has made so far, into OUT (results.tar, the Q4_K_M file in parts): also from a run still going or failed
+collect() {
+  rm -rf $root/res && mkdir -p $root/res && cd $work || return
+  if [ -f "$dir/prep.tar.xz" ]; then md5sum runs/tokenizer/tokenizer.model > $root/res/tokenizer.md5   # DIR has it
+  else mkdir -p $root/res/tokenizer && cp runs/tokenizer/* $root/res/tokenizer/; fi 2>/dev/null
+  cp $root/ppl-*.jsonl $root/task-*.json $root/tokenizer.json $root/probe.json $root/steps $root/*.err $root/res/ 2>/dev/null
+  for stage in pretrain sft; do
+    cp runs/small-$stage/metrics.jsonl $root/res/$stage-metrics.jsonl 2>/dev/null
+    cp runs/small-$stage/run_config.yaml $root/res/$stage-run_config.yaml 2>/dev/null
+  done
+  cp runs/small-sft/model/generation_config.json runs/small-sft/model/config.json runs/instructions/heldout_*.jsonl \
+    release/*.md release/*.json release/*.imatrix.gguf release/SHA256SUMS $root/res/ 2>/dev/null
+  ls -la release > $root/res/release-files.txt 2>/dev/null
+  tar cf "$out/results.tar" -C $root res
+  [ -f release/tiblocal-small-Q4_K_M.gguf ] && split -b 15M release/tiblocal-small-Q4_K_M.gguf "$out/small-Q4_K_M.gguf.part-"
+  return 0
 }
 
 case "${STAGE:?STAGE=prep|start|wait}" in
@@ -133,11 +140,8 @@ wait)
   if [ -f $root/run.rc ]; then
     echo "run: exit $(cat $root/run.rc)"
     for f in probe pretrain sft release; do [ -s $root/$f.err ] && { echo "--- $f.err"; grep -v "it/s\]\|torchao\|W12" $root/$f.err | tail -5; }; done
-    cp $root/run.log "$out/"
-    [ -d $root/res ] && tar cf "$out/results.tar" -C $root res
-    [ -f $work/release/tiblocal-small-Q4_K_M.gguf ] && split -b 15M $work/release/tiblocal-small-Q4_K_M.gguf "$out/small-Q4_K_M.gguf.part-"
-    ls -la "$out"
   else
     echo "still running: $(tail -c 300 $root/pretrain.err 2>/dev/null | tr '\r' '\n' | tail -2)"
-  fi ;;
+  fi
+  cp $root/run.log "$out/"; collect; ls -la "$out" ;;
 esac
