@@ -299,6 +299,7 @@ def release(o: ReleaseOptions, progress: Callable[[str], None] | None = None) ->
     from tiblocal.quantize.evaluate import quant_report, read_text
     from tiblocal.quantize.gguf_quant import parse_types, quantize_gguf
     from tiblocal.quantize.imatrix import check_device, check_dtype, is_gguf, load_imatrix
+    from tiblocal.quantize.rotate import check_seed
 
     from tiblocal.fsutil import atomic_dir, check_file_name, check_output_path
     from tiblocal.gguf_file import read_gguf
@@ -321,6 +322,8 @@ def release(o: ReleaseOptions, progress: Callable[[str], None] | None = None) ->
     if extra := sorted(set(rotated) - set(names)):
         raise TiblocalError(f"--rotate {','.join(rotated)}: {', '.join(extra)} is not among --types {','.join(names)}; "
                             "name types the release makes")
+    if rotated:
+        check_seed(o.rotate_seed, "--rotate-seed")  # before the conversion, not after it
     task_specs = _task_specs(o.eval_tasks, o.eval_mcq, o.eval_limit)  # every file read and checked before the long work
     check_output_path(out, force=o.force, folder=True,
                       inputs=[hf_dir, o.notes, o.imatrix, *o.eval_text, *o.imatrix_text, o.eval_mcq, *(f for _, f, _ in task_specs)])

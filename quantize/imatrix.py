@@ -106,8 +106,12 @@ def compute_imatrices(
     from tiblocal.convert.hf_to_gguf import ModelConverter
 
     from .calibration import calibration_windows
+    from .rotate import check_seed
 
     check_dtype(dtype)
+    for seed in rotations:
+        if seed is not None:
+            check_seed(seed)
     hf_dir = Path(hf_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     conv = ModelConverter.for_checkpoint(HFCheckpoint.open(hf_dir))

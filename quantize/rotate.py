@@ -51,6 +51,17 @@ _NORM_OF = {"attn_q.weight": "attn_norm", "attn_k.weight": "attn_norm", "attn_v.
 _GLOBAL = ("token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight")
 
 
+# A rotation's seed goes into the GGUF's tiblocal.rotation.seed array, which gguf writes as INT32 for Python ints, and
+# into numpy's generator, which takes no negative seed.
+SEED_MAX = 2**31 - 1
+
+
+def check_seed(seed: int, flag: str = "--rotate") -> None:
+    if not 0 <= seed <= SEED_MAX:
+        raise TiblocalError(f"{flag} {seed}: a rotation's seed is 0 to {SEED_MAX} (the GGUF stores it as a 32-bit "
+                            "integer); give a seed in that range")
+
+
 def orthogonal(n: int, seed: int) -> np.ndarray:
     """A random orthogonal n×n matrix (Haar-distributed: QR of a Gaussian matrix with R's signs folded in)."""
     a = np.random.default_rng(seed).standard_normal((n, n))
@@ -66,6 +77,7 @@ class Rotation:
     7B model's rotation is then bound by reading and writing its file, not by the matrix products."""
 
     def __init__(self, n: int, seed: int) -> None:
+        check_seed(seed)
         a = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
         self.n, self.a, self.b = n, a, n // a
         self.q1 = orthogonal(self.a, seed).astype(np.float32)

@@ -12,7 +12,7 @@ from pathlib import Path
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import check_output_path
 
-from .rotate import rotate_gguf
+from .rotate import check_seed, rotate_gguf
 
 
 def _embedding_as_tied(rotated: Path, r, threads: int | None, quant_options: dict):
@@ -59,6 +59,9 @@ def quantize_rotated(
     inp, out = Path(inp), Path(out)
     if trials < 1:
         raise TiblocalError(f"--rotate-trials {trials}: give 1 or more rotations to try")
+    check_seed(seed)
+    if trials > 1:  # before the first trial's work, not at the last
+        check_seed(seed + trials - 1, f"--rotate {seed} with --rotate-trials {trials}: the last seed,")
     if not inp.is_file():
         raise TiblocalError(f"{inp}: no such GGUF file")
     if quant_options.get("imatrix") is not None:  # it must have been measured in this rotation (tiblocal imatrix --rotate)

@@ -75,6 +75,11 @@ def test_release_bad_input(tiny_hf: Path, tmp_path: Path) -> None:
     p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "g"), "--types", "Q8_0", "--rotate", "Q4_0")
     assert p.returncode == 1 and "--rotate Q4_0: Q4_0 is not among --types Q8_0" in p.stderr.decode()
     assert not (tmp_path / "g").exists()
+    # a rotation seed the GGUF cannot hold is refused before the conversion
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "h"), "--types", "Q8_0", "--rotate", "Q8_0",
+                "--rotate-seed", "-3")
+    assert p.returncode == 1 and "--rotate-seed -3: a rotation's seed is 0 to 2147483647" in p.stderr.decode()
+    assert not (tmp_path / "h").exists() and not list(tmp_path.glob(".h.*"))
 
 
 def test_release_rotates_the_types_it_is_told_to(tiny_hf: Path, tmp_path: Path) -> None:

@@ -199,3 +199,16 @@ def test_rotate_refuses_what_it_cannot_do(tmp_path, tiny_tokenizer) -> None:
     p = run_cli("quantize", str(src), "--type", "Q8_0", "--out", str(tmp_path / "z.gguf"), "--rotate-trials", "4")
     assert p.returncode != 0 and b"belong to --rotate" in p.stderr
     assert not (tmp_path / "z.gguf").exists()
+    # a seed numpy refuses (negative) or the GGUF's INT32 seed array cannot hold: one line, not a crash report
+    for seed in ("-5", str(2**31), "99999999999999999999999"):
+        p = run_cli("quantize", str(src), "--type", "Q8_0", "--out", str(tmp_path / "z.gguf"), "--rotate", seed)
+        assert p.returncode == 1 and p.stderr.decode().strip() == (
+            f"tiblocal: error: --rotate {seed}: a rotation's seed is 0 to 2147483647 (the GGUF stores it as a 32-bit "
+            "integer); give a seed in that range")
+    # the last seed of the trials is checked before the first trial's work
+    with pytest.raises(TiblocalError, match=r"--rotate-trials 3: the last seed, 2147483648: a rotation's seed is 0 to"):
+        quantize_rotated(src, tmp_path / "y.gguf", ["Q8_0"], seed=2**31 - 2, trials=3, calib=[TEXT])
+    with pytest.raises(TiblocalError, match="--rotate -1: a rotation's seed"):
+        Rotation(64, -1)
+    assert not (tmp_path / "z.gguf").exists() and not (tmp_path / "y.gguf").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -109,6 +109,10 @@ def test_quantize_rotate_takes_the_matrix_of_its_rotation(tmp_path, tiny_tokeniz
                 "--out", str(im5), "--json", timeout=300)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     assert json.loads(p.stdout)["rotation_seed"] == 5 and load_imatrix(im5).rotation == [5]
+    p = run_cli("imatrix", str(hf), "--rotate", str(2**31), "--text", str(TEXT), "--chunks", "2", "--ctx", "32",
+                "--out", str(tmp_path / "big.gguf"))
+    assert p.returncode == 1 and f"--rotate {2**31}: a rotation's seed is 0 to 2147483647" in p.stderr.decode()
+    assert not (tmp_path / "big.gguf").exists()
     shown = run_cli("inspect", str(im5)).stdout.decode()
     assert "importance matrix (GGUF)" in shown and "rotated, seed 5 (for quantize --rotate)" in shown
     # IQ2_XXS needs a matrix: with --rotate it could not be made before
