@@ -147,6 +147,12 @@ def test_sampling_settings_are_checked() -> None:
     with pytest.raises(TiblocalError, match="seed -2"):
         Sampling(seed=-2)
     assert Sampling(seed=2**32 - 1).seed == 2**32 - 1
+    # top-k and the penalties' window are int32_t in llama.cpp: 2**32 + 1 would have wrapped to 1 (greedy)
+    with pytest.raises(TiblocalError, match=r"top_k 4294967297 \(expected 0 to 2147483647"):
+        Sampling(top_k=2**32 + 1)
+    with pytest.raises(TiblocalError, match=r"repeat_last_n 2147483648 \(expected 0 to 2147483647\)"):
+        Sampling().with_value("repeat_last_n", str(2**31))
+    assert Sampling(top_k=2**31 - 1, repeat_last_n=2**31 - 1).top_k == 2**31 - 1
 
 
 @pytest.mark.parametrize("model", ["tiny", "bundled"])

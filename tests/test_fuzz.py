@@ -258,8 +258,8 @@ NUMBER = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow
 
 @FUZZ
 @given(values=st.fixed_dictionaries({}, optional={
-    "temperature": NUMBER, "top_k": st.integers(-5, 2**31), "top_p": NUMBER, "repeat_penalty": NUMBER,
-    "repeat_last_n": st.integers(-5, 2**31), "max_tokens": st.integers(-5, 2**31), "frequency_penalty": NUMBER,
+    "temperature": NUMBER, "top_k": st.integers(-5, 2**33), "top_p": NUMBER, "repeat_penalty": NUMBER,
+    "repeat_last_n": st.integers(-5, 2**33), "max_tokens": st.integers(-5, 2**31), "frequency_penalty": NUMBER,
     "presence_penalty": NUMBER, "seed": st.integers(-(2**40), 2**40)}))
 def test_sampling_values_are_accepted_only_when_finite_and_in_range(values) -> None:
     from tiblocal.engine import SEED_MAX, Sampling
@@ -267,7 +267,7 @@ def test_sampling_values_are_accepted_only_when_finite_and_in_range(values) -> N
     s = accepts_or_refuses(lambda: Sampling(**values))
     if s is not None:
         assert all(math.isfinite(v) for v in (s.temperature, s.top_p, s.repeat_penalty)) and s.temperature >= 0
-        assert -1 <= s.seed <= SEED_MAX
+        assert -1 <= s.seed <= SEED_MAX and 0 <= s.top_k < 2**31 and 0 <= s.repeat_last_n < 2**31
 
 
 @FUZZ

@@ -265,6 +265,7 @@ BAD_BODIES = [
     ("infinite top_p", b'{"messages": [{"role": "user", "content": "x"}], "top_p": Infinity}', "top_p"),
     ("top_p 0", {"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
     ("seed too large", {"messages": [{"role": "user", "content": "x"}], "seed": 2**40}, "seed"),
+    ("top_k past int32", {"messages": [{"role": "user", "content": "x"}], "top_k": 2**32 + 1}, "top_k 4294967297"),
     ("stop of a wrong type", {"messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop"),
     ("penalty out of range", {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}, "presence_penalty"),
     ("system not first", {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"},

@@ -145,7 +145,10 @@ class EngineConfig:
     backend_sampling: bool = False
 
 
-SEED_MAX = 2**32 - 1  # llama_sampler_init_dist takes a uint32_t seed (ctypes would wrap a larger one silently)
+# llama_sampler_init_dist takes a uint32_t seed, top-k and the penalties' window are int32_t: ctypes would wrap a
+# larger value silently (top_k 2**32 + 1 would sample greedily)
+SEED_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -193,14 +196,14 @@ class Sampling:
             raise TiblocalError("invalid sampling setting: " + "; ".join(problems))
         if self.temperature < 0:
             problems.append(f"temperature {self.temperature} (expected >= 0; 0 is greedy)")
-        if self.top_k < 0:
-            problems.append(f"top_k {self.top_k} (expected >= 0; 0 disables it)")
+        if not 0 <= self.top_k <= INT32_MAX:
+            problems.append(f"top_k {self.top_k} (expected 0 to {INT32_MAX}; 0 disables it)")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p {self.top_p} (expected 0 < top_p <= 1)")
         if self.repeat_penalty <= 0:
             problems.append(f"repeat_penalty {self.repeat_penalty} (expected > 0; 1 disables it)")
-        if self.repeat_last_n < 0:
-            problems.append(f"repeat_last_n {self.repeat_last_n} (expected >= 0)")
+        if not 0 <= self.repeat_last_n <= INT32_MAX:
+            problems.append(f"repeat_last_n {self.repeat_last_n} (expected 0 to {INT32_MAX})")
         if self.max_tokens < 1:
             problems.append(f"max_tokens {self.max_tokens} (expected >= 1)")
         if not -1 <= self.seed <= SEED_MAX:
