@@ -135,7 +135,7 @@ _SAMPLING_FIELDS = {
 
 _SAMPLING_RANGES = {  # the values tiblocal's Sampling accepts
     "temperature": (lambda v: v >= 0, "a number of at least 0"),
-    "top_k": (lambda v: v >= 0 and v == int(v), "a whole number of at least 0"),
+    "top_k": (lambda v: 0 <= v < 2**31 and v == int(v), "a whole number from 0 to 2147483647"),  # GGUF's int32
     "top_p": (lambda v: 0 < v <= 1, "a number above 0, at most 1"),
     "min_p": (lambda v: 0 <= v <= 1, "a number from 0 to 1"),
     "repetition_penalty": (lambda v: v > 0, "a number above 0"),

@@ -348,6 +348,8 @@ def test_a_checkpoint_missing_a_tensor_is_refused_by_convert_and_check(work) -> 
     ("config.json", {"num_attention_heads": 0}, "num_attention_heads is 0"),
     ("generation_config.json", {"do_sample": True, "temperature": float("nan")}, "temperature nan is not a valid"),
     ("generation_config.json", {"do_sample": True, "top_p": 1.5}, "top_p 1.5 is not a valid"),
+    ("generation_config.json", {"do_sample": True, "top_k": 2**40}, "top_k 1099511627776 is not a valid setting "
+                                                                     "(expected a whole number from 0 to 2147483647"),
 ])
 def test_hf_folders_with_bad_json_are_one_line(work, name, content, match) -> None:
     cfg = json.loads((work / "hf" / "config.json").read_text())
