@@ -96,6 +96,15 @@ def sample_corpus(
     return written, held
 
 
+SP_VOCAB_MAX = 2**31 - 1  # SentencePiece's trainer_spec.vocab_size is an int32
+
+
+def _sp_vocab_size(add: int) -> int:
+    """The SentencePiece vocabulary trained first for ``add`` new pieces: room for the single characters, the meta
+    pieces and the pieces the base already has or that are not Tibetan."""
+    return int(add * 1.15) + 300
+
+
 def train_sentencepiece(sample: Path, vocab_size: int, cfg: ExtendConfig, prefix: Path) -> Path:
     import os
 
@@ -223,6 +232,12 @@ def extend_vocabulary(
     base, out = tokenizer_model(base), Path(out)  # a path, a folder, or "bundled"
     if cfg.add < 1:
         raise TiblocalError(f"--add {cfg.add}: expected a positive number of pieces")
+    largest = max((cfg.add, *cfg.curve))
+    if _sp_vocab_size(largest) > SP_VOCAB_MAX:  # before the corpus is read
+        flag = "--add" if largest == cfg.add else "--curve"
+        raise TiblocalError(f"{flag} {largest}: more pieces than SentencePiece can train (it would be asked for "
+                            f"{_sp_vocab_size(largest):,}; its vocabulary size is a 32-bit integer, at most "
+                            f"{SP_VOCAB_MAX:,}); ask for fewer pieces")
     if cfg.model_type not in ("bpe", "unigram"):
         raise TiblocalError(f"--model-type {cfg.model_type!r}: expected bpe or unigram")
     check_output_path(out, force=force, folder=True, inputs=[base, *(corpus or []), *(eval_files or [])])
@@ -246,19 +261,19 @@ def extend_vocabulary(
             )
         if progress:
             progress("training", 0, 1)
-        largest = max((cfg.add, *cfg.curve))
         if cfg.curve and cfg.model_type != "bpe":
             raise TiblocalError("--curve needs --model-type bpe (a unigram model's prefixes are not smaller models)")
         # Room for the single characters, the meta pieces and the pieces the base already has or that
         # are not Tibetan; trained again, larger, when that was not enough (a base that already knows
         # much Tibetan), until SentencePiece says the corpus can give no more.
-        vocab_size = int(largest * 1.15) + 300
+        vocab_size = _sp_vocab_size(largest)
         for _ in range(4):
             tib = train_sentencepiece(sample, vocab_size, cfg, Path(tmp) / "tibetan")
             ordered = new_pieces(base_proto, _proto(tib), cfg.model_type, spans=not cfg.split_by_whitespace)
             if len(ordered) >= largest:
                 break
-            vocab_size = int(vocab_size * 1.1 * largest / max(len(ordered), 1)) + 100
+            # at most SentencePiece's limit: past it, the corpus's own bound is the message
+            vocab_size = min(int(vocab_size * 1.1 * largest / max(len(ordered), 1)) + 100, SP_VOCAB_MAX)
         if progress:
             progress("training", 1, 1)
         t_train = time.perf_counter() - t0

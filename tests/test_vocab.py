@@ -238,6 +238,20 @@ def test_more_pieces_than_the_corpus_gives(tmp_path: Path, tiny_tokenizer) -> No
     assert not (tmp_path / "out").exists()
 
 
+def test_more_pieces_than_sentencepiece_can_count(tmp_path: Path, tiny_tokenizer) -> None:
+    """A count whose SentencePiece vocabulary passes its int32 is one line before the corpus is read (it crashed in
+    SentencePiece's option parser); one just inside it gets the corpus's own bound."""
+    for flags, line in ((["--add", "99999999999"], "--add 99999999999: more pieces than SentencePiece can train (it "
+                         "would be asked for 115,000,000,298; its vocabulary size is a 32-bit integer, at most "
+                         "2,147,483,647); ask for fewer pieces"),
+                        (["--add", "10", "--curve", "5,2000000000"], "--curve 2000000000: more pieces than"),
+                        (["--add", "1867345000"], "the corpus can give at most")):
+        p = run_cli("vocab", "extend", "--base", str(tiny_tokenizer), "--corpus", str(TIBETAN), *flags,
+                    "--out", str(tmp_path / "out"))
+        assert p.returncode == 1 and line in p.stderr.decode() and len(p.stderr.decode().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+
+
 def test_a_weight_without_a_factor(tmp_path: Path, tiny_tokenizer) -> None:
     p = run_cli("vocab", "extend", "--base", str(tiny_tokenizer), "--corpus", str(TIBETAN), "--add", "10",
                 "--weight", "derge_kangyur", "--out", str(tmp_path / "out"))
