@@ -22,6 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from tiblocal.checkpoint import HFCheckpoint, TensorRef, bf16_to_f32, llama_tensor_problems
+from tiblocal.engine import INT32_MAX
 from tiblocal.errors import ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import read_gguf, write_gguf_data
@@ -135,7 +136,7 @@ _SAMPLING_FIELDS = {
 
 _SAMPLING_RANGES = {  # the values tiblocal's Sampling accepts
     "temperature": (lambda v: v >= 0, "a number of at least 0"),
-    "top_k": (lambda v: 0 <= v < 2**31 and v == int(v), "a whole number from 0 to 2147483647"),  # GGUF's int32
+    "top_k": (lambda v: 0 <= v <= INT32_MAX and v == int(v), f"a whole number from 0 to {INT32_MAX}"),
     "top_p": (lambda v: 0 < v <= 1, "a number above 0, at most 1"),
     "min_p": (lambda v: 0 <= v <= 1, "a number from 0 to 1"),
     "repetition_penalty": (lambda v: v > 0, "a number above 0"),

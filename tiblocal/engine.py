@@ -364,7 +364,7 @@ class Engine:
         self.threads = resolve_threads(config.threads)
 
         mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = 2**31 - 1 if config.n_gpu_layers < 0 else config.n_gpu_layers
+        mparams.n_gpu_layers = INT32_MAX if config.n_gpu_layers < 0 else config.n_gpu_layers
         self._model = lib.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
         if not self._model:
             raise EngineError(
