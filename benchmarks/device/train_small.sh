@@ -9,8 +9,8 @@
 #
 # Usage, from the repository root, in calls of the device tool (each under its 10 minutes; the run goes on between them):
 #   STAGE=prep  benchmarks/device/train_small.sh DIR OUT             # optional, here before the lease: the tokenizer
-#                                                                    # and instruction set into DIR/prep.tar.xz (3 min.
-#                                                                    # of a 30-minute device budget saved)
+#                                                                    # and instruction set into DIR/prep.tar.xz (35 s
+#                                                                    # here; about 90 s of device time saved)
 #   STAGE=start benchmarks/device/train_small.sh DIR OUT [SECONDS]   # starts the run detached, then waits as below
 #   STAGE=wait  benchmarks/device/train_small.sh DIR OUT             # waits up to 9 minutes; when the run is done,
 #                                                                    # OUT holds the results
@@ -31,7 +31,8 @@ lcp=$(ls "$dir"/lcp-src.tar.* 2>/dev/null | head -1)   # .tar.gz as pip download
 [ -n "$lcp" ] && export LLAMA_CPP_LIB_PATH=$src/vendor/llama.cpp/build/bin
 mkdir -p "$out"
 
-# the tokenizer and the instruction set (CPU work, 2-3 minutes), into runs/ of the current folder
+# the tokenizer and the instruction set (CPU work: 35 s on the 2-core machine, 86 s for the tokenizer on the host), into
+# runs/ of the current folder
 prep() {
   python3 -m tiblocal vocab extend --base ../shared/data/tokenizers/llama2/tokenizer.model \
     --corpus ../shared/data/corpus/train/*.txt.xz --weight derge_kangyur=0.3 --add 24000 --sample-chars ${SAMPLE_CHARS:-49000000} \
