@@ -301,6 +301,7 @@ def release(o: ReleaseOptions, progress: Callable[[str], None] | None = None) ->
     from tiblocal.quantize.imatrix import check_device, check_dtype, is_gguf, load_imatrix
     from tiblocal.quantize.rotate import check_seed
 
+    from tiblocal.engine import check_threads
     from tiblocal.fsutil import atomic_dir, check_file_name, check_output_path
     from tiblocal.gguf_file import read_gguf
     from tiblocal.templates import get_template
@@ -324,6 +325,7 @@ def release(o: ReleaseOptions, progress: Callable[[str], None] | None = None) ->
                             "name types the release makes")
     if rotated:
         check_seed(o.rotate_seed, "--rotate-seed")  # before the conversion, not after it
+    check_threads(o.threads)  # likewise: the quantizer and the measurements take it after the conversion
     task_specs = _task_specs(o.eval_tasks, o.eval_mcq, o.eval_limit)  # every file read and checked before the long work
     check_output_path(out, force=o.force, folder=True,
                       inputs=[hf_dir, o.notes, o.imatrix, *o.eval_text, *o.imatrix_text, o.eval_mcq, *(f for _, f, _ in task_specs)])
@@ -364,7 +366,7 @@ def release(o: ReleaseOptions, progress: Callable[[str], None] | None = None) ->
     if o.gptq_bits:  # its checks (group size, calibration, gptqmodel installed) before the long work
         from tiblocal.quantize.gptq import preflight
 
-        preflight(hf_dir, bits=o.gptq_bits, group_size=o.gptq_group_size)
+        preflight(hf_dir, bits=o.gptq_bits, group_size=o.gptq_group_size, group_flag="--gptq-group-size")
     name = o.name or hf_dir.resolve().name
     say = progress or (lambda m: None)
     with atomic_dir(out, replace=o.force) as tmp:

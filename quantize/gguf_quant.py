@@ -19,6 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from tiblocal import bindings, gguf_keys
+from tiblocal.engine import resolve_threads
 from tiblocal.errors import TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import check_supported_architecture, read_gguf
@@ -123,6 +124,10 @@ def quantize_gguf(
         im = imatrix if isinstance(imatrix, Imatrix) else load_imatrix(imatrix)
         if not basis_checked:
             check_imatrix_basis(im, inp, info.rotation_seeds)
+    # llama.cpp's nthread is an int32_t: ctypes wrapped --threads -2147483649 to 2**31 - 1, and llama.cpp ended the
+    # process starting that many threads; the engine's rule instead (negative refused, at most the cores; none: 0,
+    # which llama.cpp takes as every core)
+    nthread = resolve_threads(threads) if threads else 0
     paths = output_paths(inp, out, types)
     if len(paths) > 1 and "{type}" not in str(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +145,7 @@ def quantize_gguf(
     for qtype, path in paths.items():
         params = lib.llama_model_quantize_default_params()
         params.ftype = valid[qtype]
-        params.nthread = threads or 0
+        params.nthread = nthread
         params.allow_requantize = allow_requantize
         if out_tt >= 0:
             params.output_tensor_type = out_tt

@@ -130,6 +130,25 @@ def test_gpu_layers_without_gpu_build_is_a_clear_error(tiny_gguf) -> None:
         Engine(tiny_gguf, EngineConfig(n_gpu_layers=-1))
 
 
+def test_gpu_layers_past_int32_mean_every_layer(tiny_gguf, monkeypatch) -> None:
+    """llama.cpp's n_gpu_layers is an int32_t: what reaches it for a count ctypes would wrap (2**32 + 5 was 5)."""
+    import tiblocal.engine as te
+
+    lib = te._bindings()
+    given = []
+    load = lib.llama_model_load_from_file
+
+    def spy(path, params):
+        given.append(params.n_gpu_layers)
+        return load(path, params)
+
+    monkeypatch.setattr(lib, "llama_model_load_from_file", spy)
+    monkeypatch.setattr(te, "check_gpu_offload", lambda *a: None)  # this CPU build ignores the layers it is given
+    for asked in (2**32 + 5, 2**31, -1, 0, 3):
+        Engine(tiny_gguf, EngineConfig(ctx=32, threads=1, n_gpu_layers=asked)).close()
+    assert given == [2**31 - 1, 2**31 - 1, 2**31 - 1, 0, 3]
+
+
 def test_sampling_settings_are_checked() -> None:
     with pytest.raises(TiblocalError, match="top_p 1.5"):
         Sampling(top_p=1.5)
@@ -153,6 +172,17 @@ def test_sampling_settings_are_checked() -> None:
     with pytest.raises(TiblocalError, match=r"repeat_last_n 2147483648 \(expected 0 to 2147483647\)"):
         Sampling().with_value("repeat_last_n", str(2**31))
     assert Sampling(top_k=2**31 - 1, repeat_last_n=2**31 - 1).top_k == 2**31 - 1
+    # llama.cpp's samplers take C floats: 1e308 would reach them as inf, 1e-320 as 0 (a repeat penalty of 0 divides)
+    with pytest.raises(TiblocalError, match=r"temperature 1e\+308 \(expected a finite number; llama.cpp takes it as a "
+                                            r"32-bit float"):
+        Sampling().with_value("temp", "1e308")
+    with pytest.raises(TiblocalError, match=r"presence_penalty -1e\+39 \(expected a finite number"):
+        Sampling(presence_penalty=-1e39)
+    with pytest.raises(TiblocalError, match=r"top_p 1e-320 \(expected 0 < top_p <= 1; it is 0 as the 32-bit float"):
+        Sampling(top_p=1e-320)
+    with pytest.raises(TiblocalError, match=r"repeat_penalty 1e-320 \(expected > 0; 1 disables it; it is 0 as the"):
+        Sampling().with_value("repeat", "1e-320")
+    assert Sampling(top_p=1e-40, repeat_penalty=3e38, temperature=1e-320).top_p == 1e-40  # still not 0 or inf as floats
 
 
 @pytest.mark.parametrize("model", ["tiny", "bundled"])
@@ -269,6 +299,15 @@ def test_long_contexts_with_rope_scaling(tmp_path) -> None:
     (dict(rope_scale=0.0), "--rope-scale 0.0 (expected a positive number)"),
     (dict(rope_freq_base=float("nan")), "--rope-freq-base nan"),
     (dict(yarn_orig_ctx=0), "--yarn-orig-ctx 0"),
+    # C types: rope_freq_scale (1 / the scale) and rope_freq_base are floats, yarn_orig_ctx a uint32_t
+    (dict(rope_scale=1e308), "--rope-scale 1e+308 (out of range: llama.cpp takes its inverse as a 32-bit float, "
+                             "where it is 0; expected about 1e-38 to 1e38)"),
+    (dict(rope_scale=1e-320), "--rope-scale 1e-320 (out of range: llama.cpp takes its inverse as a 32-bit float, "
+                              "where it is inf"),
+    (dict(rope_freq_base=1e39), "--rope-freq-base 1e+39 (out of range: llama.cpp takes it as a 32-bit float, where "
+                                "it is inf"),
+    (dict(yarn_orig_ctx=2**32 + 1), "--yarn-orig-ctx 4294967297 (expected the trained context, in tokens: 1 to "
+                                    "4294967295)"),
     (dict(cache_type_k="q2_k"), "--cache-type-k 'q2_k'"),
     (dict(cache_type_v="q8_0", flash_attn="off"), "only with flash attention"),
 ])

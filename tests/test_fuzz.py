@@ -253,7 +253,8 @@ def test_jsonl_prompts_of_any_shape_are_read_or_refused(tmp_path_factory, doc) -
     accepts_or_refuses(read_prompts, path)
 
 
-NUMBER = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True))
+NUMBER = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True),
+                   st.sampled_from([1e308, -1e39, 3.4e38, 1e-320, 1e-45, 1e-40]))  # around a C float's range
 
 
 @FUZZ
@@ -262,11 +263,13 @@ NUMBER = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow
     "repeat_last_n": st.integers(-5, 2**33), "max_tokens": st.integers(-5, 2**31), "frequency_penalty": NUMBER,
     "presence_penalty": NUMBER, "seed": st.integers(-(2**40), 2**40)}))
 def test_sampling_values_are_accepted_only_when_finite_and_in_range(values) -> None:
-    from tiblocal.engine import SEED_MAX, Sampling
+    from tiblocal.engine import SEED_MAX, Sampling, as_float32
 
     s = accepts_or_refuses(lambda: Sampling(**values))
-    if s is not None:
-        assert all(math.isfinite(v) for v in (s.temperature, s.top_p, s.repeat_penalty)) and s.temperature >= 0
+    if s is not None:  # finite as the C floats llama.cpp receives, not only as Python floats
+        floats = (s.temperature, s.top_p, s.repeat_penalty, s.frequency_penalty, s.presence_penalty)
+        assert all(math.isfinite(as_float32(v)) for v in floats) and s.temperature >= 0
+        assert 0 < as_float32(s.top_p) <= 1 and as_float32(s.repeat_penalty) > 0
         assert -1 <= s.seed <= SEED_MAX and 0 <= s.top_k < 2**31 and 0 <= s.repeat_last_n < 2**31
 
 

@@ -142,6 +142,15 @@ def test_bad_input(tmp_path: Path, tiny256, quants) -> None:
     assert read_gguf(tmp_path / "re.gguf").file_type == "Q4_0"
     with pytest.raises(TiblocalError, match="unknown tensor type 'Q9' for --output-tensor-type"):
         quantize_gguf(tiny256[1], tmp_path / "y.gguf", ["Q4_0"], output_tensor_type="Q9")
+    # llama.cpp's nthread is an int32_t: -1 was its "every core", and -2147483649 wrapped to 2**31 - 1 threads, which
+    # ended the process (SIGABRT); the engine's rule now: negative refused, more than the cores used as the cores
+    for threads in ("-1", "-2147483649"):
+        p = run_cli("quantize", str(tiny256[1]), "--type", "Q8_0", "--out", str(tmp_path / "t.gguf"), "--threads", threads)
+        assert p.returncode == 1 and f"--threads {threads} is negative" in p.stderr.decode()
+        assert not (tmp_path / "t.gguf").exists()
+    p = run_cli("quantize", str(tiny256[1]), "--type", "Q8_0", "--out", str(tmp_path / "t.gguf"), "--threads", str(10**30))
+    assert p.returncode == 0 and "using" in p.stderr.decode()
+    assert (tmp_path / "t.gguf").read_bytes() == quants["Q8_0"].read_bytes()
     existing = tmp_path / "exists.gguf"
     existing.write_bytes(b"mine")
     with pytest.raises(TiblocalError, match="already exists; pass --force"):

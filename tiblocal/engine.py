@@ -37,15 +37,31 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def as_float32(value: float) -> float:
+    """``value`` as llama.cpp receives it in a C ``float``: ctypes rounds it to 32 bits without a word, to inf past
+    ±3.4e38 and to 0 below 1.4e-45 (so 1e308 and 1e-320 would pass a check made on the Python float)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
 def _check_long_context(config: EngineConfig) -> None:
     problems = []
     if config.rope_scaling is not None and config.rope_scaling not in ROPE_SCALING:
         problems.append(f"--rope-scaling {config.rope_scaling!r} (expected one of {', '.join(ROPE_SCALING)})")
     for name, value in (("--rope-scale", config.rope_scale), ("--rope-freq-base", config.rope_freq_base)):
-        if value is not None and not (math.isfinite(value) and value > 0):
+        if value is None:
+            continue
+        if not (math.isfinite(value) and value > 0):
             problems.append(f"{name} {value} (expected a positive number)")
-    if config.yarn_orig_ctx is not None and config.yarn_orig_ctx < 1:
-        problems.append(f"--yarn-orig-ctx {config.yarn_orig_ctx} (expected the trained context, in tokens)")
+            continue
+        # what llama.cpp is given: rope_freq_scale is the scale's inverse; 0 there would mean "the model's own"
+        given, what = (1.0 / value, "its inverse") if name == "--rope-scale" else (value, "it")
+        if not (math.isfinite(as_float32(given)) and as_float32(given) > 0):
+            problems.append(f"{name} {value} (out of range: llama.cpp takes {what} as a 32-bit float, where it is "
+                            f"{as_float32(given):g}; expected about 1e-38 to 1e38)")
+    if config.yarn_orig_ctx is not None and not 1 <= config.yarn_orig_ctx <= UINT32_MAX:
+        problems.append(f"--yarn-orig-ctx {config.yarn_orig_ctx} (expected the trained context, in tokens: 1 to "
+                        f"{UINT32_MAX})")
     for name, value in (("--cache-type-k", config.cache_type_k), ("--cache-type-v", config.cache_type_v)):
         if value not in CACHE_TYPES:
             problems.append(f"{name} {value!r} (expected one of {', '.join(CACHE_TYPES)})")
@@ -75,14 +91,19 @@ def put_token(batch, i: int, token: int, pos: int, seq: int, logits: bool) -> No
     batch.logits[i] = logits
 
 
+def check_threads(threads: int | None) -> None:
+    """Refuse a negative --threads (checked before long work that would give it to llama.cpp later)."""
+    if threads is not None and threads < 0:
+        raise TiblocalError(f"--threads {threads} is negative; give a number of threads (0 or none: every core)")
+
+
 def resolve_threads(threads: int | None) -> int:
     """The thread count to give llama.cpp: every core for None or 0, at most the cores this process may use (llama.cpp
     crashes on 100,000), and a negative count refused."""
     cores = default_threads()
     if threads is None or threads == 0:
         return cores
-    if threads < 0:
-        raise TiblocalError(f"--threads {threads} is negative; give a number of threads (0 or none: every core)")
+    check_threads(threads)
     if threads > cores:
         log.warning("--threads %d is more than the %d cores this process may use; using %d", threads, cores, cores)
         return cores
@@ -146,8 +167,9 @@ class EngineConfig:
 
 
 # llama_sampler_init_dist takes a uint32_t seed, top-k and the penalties' window are int32_t: ctypes would wrap a
-# larger value silently (top_k 2**32 + 1 would sample greedily)
-SEED_MAX = 2**32 - 1
+# larger value silently (top_k 2**32 + 1 would sample greedily); so would it yarn_orig_ctx, a uint32_t
+UINT32_MAX = 2**32 - 1
+SEED_MAX = UINT32_MAX
 INT32_MAX = 2**31 - 1
 
 
@@ -187,21 +209,31 @@ class Sampling:
     }
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{f.name} {getattr(self, f.name)} (expected a finite number)"
-            for f in fields(self)
-            if f.type == "float" and not math.isfinite(getattr(self, f.name))
-        ]
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type != "float":
+                continue
+            if not math.isfinite(value):
+                problems.append(f"{f.name} {value} (expected a finite number)")
+            elif not math.isfinite(as_float32(value)):  # llama.cpp's samplers take C floats
+                problems.append(f"{f.name} {value} (expected a finite number; llama.cpp takes it as a 32-bit float, "
+                                "at most 3.4e38 either way)")
         if problems:
             raise TiblocalError("invalid sampling setting: " + "; ".join(problems))
+
+        def as_zero(value: float) -> str:  # a positive value that reaches llama.cpp as 0 says so
+            return "; it is 0 as the 32-bit float llama.cpp takes" if value and not as_float32(value) else ""
+
         if self.temperature < 0:
             problems.append(f"temperature {self.temperature} (expected >= 0; 0 is greedy)")
         if not 0 <= self.top_k <= INT32_MAX:
             problems.append(f"top_k {self.top_k} (expected 0 to {INT32_MAX}; 0 disables it)")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p {self.top_p} (expected 0 < top_p <= 1)")
-        if self.repeat_penalty <= 0:
-            problems.append(f"repeat_penalty {self.repeat_penalty} (expected > 0; 1 disables it)")
+        if not 0 < as_float32(self.top_p) <= 1:
+            problems.append(f"top_p {self.top_p} (expected 0 < top_p <= 1{as_zero(self.top_p)})")
+        if as_float32(self.repeat_penalty) <= 0:  # llama.cpp divides by it
+            problems.append(
+                f"repeat_penalty {self.repeat_penalty} (expected > 0; 1 disables it{as_zero(self.repeat_penalty)})")
         if not 0 <= self.repeat_last_n <= INT32_MAX:
             problems.append(f"repeat_last_n {self.repeat_last_n} (expected 0 to {INT32_MAX})")
         if self.max_tokens < 1:
@@ -303,6 +335,12 @@ def check_gpu_offload(n_gpu_layers: int, lib=None) -> None:
         )
 
 
+def gpu_layers(n_gpu_layers: int) -> int:
+    """llama.cpp's n_gpu_layers (an int32_t) for --n-gpu-layers: any negative count, or more layers than int32 holds,
+    means every layer (ctypes would wrap 2**32 + 5 to 5 layers, and 2**31 to a negative count, without a word)."""
+    return INT32_MAX if n_gpu_layers < 0 else min(n_gpu_layers, INT32_MAX)
+
+
 def _tokenize(vocab, text: str, add_bos: bool, special: bool) -> list[int]:
     lib = _llama_cpp
     data = text.encode("utf-8")
@@ -364,7 +402,7 @@ class Engine:
         self.threads = resolve_threads(config.threads)
 
         mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = INT32_MAX if config.n_gpu_layers < 0 else config.n_gpu_layers
+        mparams.n_gpu_layers = gpu_layers(config.n_gpu_layers)
         self._model = lib.llama_model_load_from_file(str(path).encode("utf-8"), mparams)
         if not self._model:
             raise EngineError(
