@@ -70,6 +70,13 @@ def sft(o: SftOptions) -> Result | int:
 # --- vocab extend, stats, parity ---------------------------------------------------------------------------------
 
 
+def _stat_cells(s: dict) -> tuple[str, str, str]:
+    """Tokens per syllable, characters per token and the byte-fallback share of ``token_stats(...).as_dict()``, as
+    table cells; "-" where the text had none to divide by (no syllables, no tokens)."""
+    return tuple("-" if s[k] is None else format(s[k], f) for k, f in
+                 (("tokens_per_syllable", ".3f"), ("chars_per_token", ".2f"), ("byte_fallback_share", ".1%")))
+
+
 def parse_weights(weights: list[str]) -> tuple[tuple[str, float], ...]:
     """``--weight NAME=FACTOR`` options as (file stem, factor) pairs."""
     pairs = []
@@ -93,8 +100,10 @@ class ExtendOptions:
     sample_chars: int = option(50_000_000, parse=positive_int,
                                help="memory budget of the training sample (characters)")
     weight: list[str] = option([], repeat=True, metavar="NAME=FACTOR",
-                               help="sample a corpus file more or less, e.g. derge_kangyur=0.3 (repeatable)")
-    eval: list[Path] | None = option(None, help="held-out text for the report (default: unsampled corpus lines)")
+                               help="sample a corpus file (its name without .txt/.xz) more or less, 0 to 1000, "
+                                    "e.g. derge_kangyur=0.3 (repeatable)")
+    eval: list[Path] | None = option(None, help="held-out text for the report (default: about 5%% of the corpus "
+                                                "lines, kept out of the sample)")
     curve: str | None = option(None, metavar="N,N,...",
                                help="also measure these sizes (bpe), e.g. 8000,16000,24000,32000")
     split_by_whitespace: bool = option(
@@ -129,13 +138,13 @@ def vocab_extend(o: ExtendOptions) -> Result:
         for col in ("", "tokens/syllable", "chars/token", "byte fallback"):
             table.add_column(col)
         for name in ("base", "extended"):
-            s = ev[name]
-            table.add_row(name, f"{s['tokens_per_syllable']:.3f}", f"{s['chars_per_token']:.2f}",
-                          f"{s['byte_fallback_share']:.1%}")
+            table.add_row(name, *_stat_cells(ev[name]))
         for point in r.report.get("curve", []):
-            table.add_row(f"+{point['added']}", f"{point['tokens_per_syllable']:.3f}", f"{point['chars_per_token']:.2f}",
-                          f"{point['byte_fallback_share']:.1%}")
+            table.add_row(f"+{point['added']}", *_stat_cells(point))
         console.print(table)
+        if not ev["extended"]["syllables"]:
+            console.print(f"no Tibetan syllables to measure on ({ev['extended']['lines']} lines); give text the "
+                          "tokenizer did not see with --eval FILE")
 
     return Result(r.report, show)
 
@@ -167,10 +176,7 @@ def vocab_stats(o: StatsOptions) -> Result:
             t.add_column(col)
         for name, s in rows.items():
             label = name if name == "tokenizer" else f"base ({n_base} pieces)"
-            tps = f"{s['tokens_per_syllable']:.3f}" if s["tokens_per_syllable"] is not None else "-"
-            cpt = f"{s['chars_per_token']:.2f}" if s["chars_per_token"] is not None else "-"
-            bf = f"{s['byte_fallback_share']:.1%}" if s["byte_fallback_share"] is not None else "-"
-            t.add_row(label, tps, cpt, bf, f"{s['tokens']:,}", f"{s['syllables']:,}")
+            t.add_row(label, *_stat_cells(s), f"{s['tokens']:,}", f"{s['syllables']:,}")
         console.print(t)
 
     return Result({"tokenizer": str(model), "pieces": sp.vocab_size(), "base_pieces": n_base, "stats": rows}, show)

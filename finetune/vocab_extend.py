@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import tempfile
@@ -52,18 +53,43 @@ class ExtendConfig:
     split_by_whitespace: bool = True  # False: pieces may span spaces ("།▁།" of verse, "ཡིན།▁"): about 3% fewer tokens
 
 
+def _source_name(path: Path) -> str:
+    """The name ``--weight NAME=FACTOR`` gives a corpus file: its name without .txt or .xz."""
+    return path.name.removesuffix(".xz").removesuffix(".txt")
+
+
 def _weight_of(path: Path, weights: dict[str, float]) -> float:
-    name = path.name.removesuffix(".xz").removesuffix(".txt")
-    return weights.get(name, 1.0)
+    return weights.get(_source_name(path), 1.0)
+
+
+WEIGHT_MAX = 1000.0  # a larger factor only overflows the weighted size (1e308 sampled nothing)
+
+
+def check_weights(weights: tuple[tuple[str, float], ...], files: list[Path]) -> None:
+    """Each ``--weight NAME=FACTOR`` names a corpus file and gives a factor from 0 to WEIGHT_MAX; a misspelt name
+    would otherwise be ignored without a word."""
+    names = sorted({_source_name(f) for f in files})
+    for name, factor in weights:
+        if not (math.isfinite(factor) and 0 <= factor <= WEIGHT_MAX):
+            raise TiblocalError(f"--weight {name}={factor:g}: expected a factor from 0 to {WEIGHT_MAX:g} (0 leaves the "
+                                "file out, 0.3 samples it at 30%, 2 twice)")
+        if name not in names:
+            raise TiblocalError(f"--weight {name}={factor}: no --corpus file is named {name!r}; expected one of "
+                                f"{', '.join(names)} (a file's name without .txt or .xz)")
 
 
 def sample_corpus(
-    files: list[Path], cfg: ExtendConfig, train_out: Path, progress: Callable[[str, int, int], None] | None = None
+    files: list[Path], cfg: ExtendConfig, train_out: Path, progress: Callable[[str, int, int], None] | None = None,
+    *, hold_out: bool = False,
 ) -> tuple[int, list[str]]:
     """Write a sample of the corpus lines to ``train_out`` within ``cfg.sample_chars``.
 
     Two passes: count the characters of each file, then keep each line with the probability that
-    fills the budget (times the file's weight). Returns the characters written and held-out lines.
+    fills the budget (times the file's weight). Returns the characters written and held-out lines: about 5% of the
+    lines left out of the sample (at most ``cfg.eval_chars``). Where that leaves none (the corpus fits the budget, or
+    nearly) and ``hold_out`` (no other text to measure on), the sampling pass runs again with the held-out lines
+    drawn first and kept out of the sample, so that the report measures text SentencePiece did not see; a corpus
+    that leaves some samples exactly as before.
     """
     weights = dict(cfg.weights)
     sizes = {}
@@ -72,27 +98,40 @@ def sample_corpus(
         if progress:
             progress("counting", i + 1, len(files))
     weighted = sum(sizes[f] * _weight_of(f, weights) for f in files)
+    if weighted == 0 and any(sizes.values()):
+        raise TiblocalError("every --corpus file with text has --weight 0; give one of them a factor above 0")
     if weighted == 0:
         raise InputFileError(f"the corpus is empty ({', '.join(str(f) for f in files)}); give Tibetan text files")
     rate = min(1.0, cfg.sample_chars / weighted)
-    rng = random.Random(cfg.seed)
-    written = 0
-    held: list[str] = []
-    held_chars = 0
-    with open(train_out, "w", encoding="utf-8") as out:
-        for i, f in enumerate(files):
-            p = min(1.0, rate * _weight_of(f, weights))
-            for line in read_lines([f]):
-                if not line.strip():
-                    continue
-                if rng.random() < p:
-                    out.write(line + "\n")
-                    written += len(line)
-                elif held_chars < cfg.eval_chars * (i + 1) / len(files) and rng.random() < 0.05:
-                    held.append(line)
-                    held_chars += len(line)
-            if progress:
-                progress("sampling", i + 1, len(files))
+
+    def sample(hold_first: bool) -> tuple[int, list[str]]:
+        rng = random.Random(cfg.seed)
+        written = 0
+        held: list[str] = []
+        held_chars = 0
+        with open(train_out, "w", encoding="utf-8") as out:
+            for i, f in enumerate(files):
+                p = min(1.0, rate * _weight_of(f, weights))
+                room = cfg.eval_chars * (i + 1) / len(files)
+                for line in read_lines([f]):
+                    if not line.strip():
+                        continue
+                    if hold_first and held_chars < room and rng.random() < 0.05:
+                        held.append(line)
+                        held_chars += len(line)
+                    elif rng.random() < p:
+                        out.write(line + "\n")
+                        written += len(line)
+                    elif not hold_first and held_chars < room and rng.random() < 0.05:
+                        held.append(line)
+                        held_chars += len(line)
+                if progress:
+                    progress("sampling", i + 1, len(files))
+        return written, held
+
+    written, held = sample(hold_first=False)
+    if not held and hold_out:
+        written, held = sample(hold_first=True)
     return written, held
 
 
@@ -103,6 +142,14 @@ def _sp_vocab_size(add: int) -> int:
     """The SentencePiece vocabulary trained first for ``add`` new pieces: room for the single characters, the meta
     pieces and the pieces the base already has or that are not Tibetan."""
     return int(add * 1.15) + 300
+
+
+class CorpusBoundError(TiblocalError):
+    """SentencePiece's "Vocabulary size too high": the sample gives at most ``limit`` pieces."""
+
+    def __init__(self, message: str, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 def train_sentencepiece(sample: Path, vocab_size: int, cfg: ExtendConfig, prefix: Path) -> Path:
@@ -139,9 +186,9 @@ def train_sentencepiece(sample: Path, vocab_size: int, cfg: ExtendConfig, prefix
         msg = str(e).splitlines()[0]
         m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
         if m:
-            raise TiblocalError(
+            raise CorpusBoundError(
                 f"the corpus can give at most {m.group(2)} SentencePiece pieces but {m.group(1)} were needed for "
-                f"--add {cfg.add}; ask for fewer pieces or give more text"
+                f"--add {cfg.add}; ask for fewer pieces or give more text", int(m.group(2))
             ) from None
         raise TiblocalError(f"SentencePiece training failed: {msg}") from None
     return prefix.with_suffix(".model")
@@ -246,10 +293,11 @@ def extend_vocabulary(
         raise ModelFormatError(f"{base} is not a BPE SentencePiece model (Llama-2's is); tiblocal extends BPE bases")
     if not corpus:
         raise InputFileError("give at least one corpus file with --corpus")
+    check_weights(cfg.weights, corpus)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         sample = Path(tmp) / "sample.txt"
-        sampled_chars, held = sample_corpus(corpus, cfg, sample, progress)
+        sampled_chars, held = sample_corpus(corpus, cfg, sample, progress, hold_out=not eval_files)
         if sampled_chars == 0:
             raise InputFileError(f"the corpus is empty ({', '.join(map(str, corpus))}); give Tibetan text files")
         with open(sample, encoding="utf-8") as f:
@@ -267,10 +315,18 @@ def extend_vocabulary(
         # are not Tibetan; trained again, larger, when that was not enough (a base that already knows
         # much Tibetan), until SentencePiece says the corpus can give no more.
         vocab_size = _sp_vocab_size(largest)
-        for _ in range(4):
-            tib = train_sentencepiece(sample, vocab_size, cfg, Path(tmp) / "tibetan")
+        for attempt in range(4):
+            at_bound = False
+            try:
+                tib = train_sentencepiece(sample, vocab_size, cfg, Path(tmp) / "tibetan")
+            except CorpusBoundError as e:
+                if attempt == 0:  # asked beyond the corpus at once: said now, not after a long training at its bound
+                    raise
+                # grown past the corpus's bound by the retries: train at the bound, and say below what it gives
+                vocab_size, at_bound = e.limit, True
+                tib = train_sentencepiece(sample, vocab_size, cfg, Path(tmp) / "tibetan")
             ordered = new_pieces(base_proto, _proto(tib), cfg.model_type, spans=not cfg.split_by_whitespace)
-            if len(ordered) >= largest:
+            if len(ordered) >= largest or at_bound:
                 break
             # at most SentencePiece's limit: past it, the corpus's own bound is the message
             vocab_size = min(int(vocab_size * 1.1 * largest / max(len(ordered), 1)) + 100, SP_VOCAB_MAX)

@@ -16,7 +16,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 
 from conftest import DATA, run_cli, shared_data, train_tiny_tokenizer
 from tiblocal.engine import LlamaVocab
-from tiblocal.errors import InputFileError, ModelFormatError
+from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
 from tiblocal.finetune.vocab_extend import ExtendConfig, extend_vocabulary
 from tiblocal.gguf_vocab import load_sentencepiece, write_vocab_gguf
 from tiblocal.vocab import init_new_rows, load_hf_tokenizer, parity, tokenizer_dir, truncated_model
@@ -257,6 +257,62 @@ def test_a_weight_without_a_factor(tmp_path: Path, tiny_tokenizer) -> None:
                 "--weight", "derge_kangyur", "--out", str(tmp_path / "out"))
     assert p.returncode == 1
     assert "--weight 'derge_kangyur': expected NAME=FACTOR" in p.stderr.decode()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weight,line", [
+    ("tibetan_sample=nan", "--weight tibetan_sample=nan: expected a factor from 0 to 1000"),
+    ("tibetan_sample=-1", "--weight tibetan_sample=-1: expected a factor from 0 to 1000"),
+    ("tibetan_sample=1e308", "--weight tibetan_sample=1e+308: expected a factor from 0 to 1000"),  # sampled nothing
+    ("tibetan_sampel=0.3", "--weight tibetan_sampel=0.3: no --corpus file is named 'tibetan_sampel'; expected one of "
+                           "tibetan_sample"),  # was ignored without a word
+    ("tibetan_sample=0", "every --corpus file with text has --weight 0"),  # was "the corpus is empty"
+])
+def test_weights_are_checked_before_the_corpus_is_sampled(tmp_path: Path, tiny_tokenizer, weight, line) -> None:
+    p = run_cli("vocab", "extend", "--base", str(tiny_tokenizer), "--corpus", str(TIBETAN), "--add", "10",
+                "--weight", weight, "--out", str(tmp_path / "out"))
+    assert p.returncode == 1 and line in p.stderr.decode() and len(p.stderr.decode().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corpus_within_the_sample_budget_is_measured_on_lines_kept_out(tmp_path: Path, tiny_tokenizer) -> None:
+    """The default budget (50M characters) takes every line of a small corpus: no line was left to measure on, and the
+    table crashed at the end (None formatted as a number) after the folder was written. About 5% of the lines are
+    now kept out of the sample for the report; with --eval the whole corpus is sampled."""
+    p = run_cli("vocab", "extend", "--base", str(tiny_tokenizer), "--corpus", str(TIBETAN), "--add", "50",
+                "--out", str(tmp_path / "out"))
+    assert p.returncode == 0, p.stderr.decode()
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    held = report["eval"]["extended"]
+    assert held["lines"] > 0 and held["tokens_per_syllable"] is not None
+    assert f"{held['tokens_per_syllable']:.3f}" in p.stdout.decode()
+    assert report["sample_characters"] < sum(len(x) for x in TIBETAN.read_text(encoding="utf-8").splitlines())
+    # text with no syllables to measure (given with --eval): "-" in the table and a line saying why, not a crash
+    latin = tmp_path / "latin.txt"
+    latin.write_text("no Tibetan here\n", encoding="utf-8")
+    p = run_cli("vocab", "extend", "--base", str(tiny_tokenizer), "--corpus", str(TIBETAN), "--add", "50",
+                "--eval", str(latin), "--out", str(tmp_path / "out2"))
+    assert p.returncode == 0, p.stderr.decode()
+    assert "no Tibetan syllables to measure on (1 lines)" in p.stdout.decode()
+    report = json.loads((tmp_path / "out2" / "report.json").read_text(encoding="utf-8"))
+    assert report["sample_characters"] == sum(len(x) for x in TIBETAN.read_text(encoding="utf-8").splitlines())
+
+
+def test_retries_that_outgrow_the_corpus_train_at_its_bound_and_say_what_it_gives(tmp_path, tiny_tokenizer,
+                                                                                     monkeypatch) -> None:
+    """A base that already holds the corpus's common pieces makes the first training give few new ones; the retries
+    grow the vocabulary and passed the corpus's bound ("16249 pieces but 19735 were needed for --add 50", though 50
+    were there). Past it, one training at the bound now counts what the corpus gives."""
+    import tiblocal.finetune.vocab_extend as ve
+
+    sizes = []
+    train, pieces = ve.train_sentencepiece, ve.new_pieces
+    monkeypatch.setattr(ve, "train_sentencepiece", lambda sample, size, *a: sizes.append(size) or train(sample, size, *a))
+    monkeypatch.setattr(ve, "new_pieces", lambda *a, **k: pieces(*a, **k)[:10])  # a corpus that gives 10 at most
+    with pytest.raises(TiblocalError, match=r"^the corpus gives only 10 new Tibetan pieces; ask for at most 10 with"):
+        ve.extend_vocabulary(tiny_tokenizer, [TIBETAN], tmp_path / "out", ExtendConfig(add=50, sample_chars=10**6),
+                             eval_files=[TIBETAN])
+    assert sizes[0] == ve._sp_vocab_size(50) and sizes[-1] < sizes[-2]  # the last at the bound SentencePiece named
     assert not (tmp_path / "out").exists()
 
 
