@@ -85,11 +85,16 @@ def check_job(hf_dir: Path, device: str) -> tuple[int, int]:
 
 
 def preflight(hf_dir: Path, *, bits: int, group_size: int = 128, calib: list[Path] = (), samples: int = 128,
-              seq_len: int = 512, device: str | None = None) -> tuple[str, list[Path], list[dict]]:
-    """Every check of a GPTQ job, before any long work: (device, calibration files, calibration windows)."""
+              seq_len: int = 512, device: str | None = None, group_flag: str = "--group-size",
+              ) -> tuple[str, list[Path], list[dict]]:
+    """Every check of a GPTQ job, before any long work: (device, calibration files, calibration windows).
+    ``group_flag``: the option that gave ``group_size``, for the messages (release's is --gptq-group-size)."""
     hf_dir = Path(hf_dir)
     if bits not in (4, 8):
         raise TiblocalError(f"--bits {bits}: expected 4 or 8")
+    if group_size != -1 and group_size < 1:  # gptqmodel's QuantizeConfig raised this after the model had loaded
+        raise TiblocalError(f"{group_flag} {group_size}: expected a positive size that divides the model's widths "
+                            "(e.g. 128), or -1 for one group a row")
     if not (hf_dir / "config.json").is_file():
         raise InputFileError(f"{hf_dir}: no config.json; give a Hugging Face model folder (tiblocal merge's output)")
     if not list(hf_dir.glob("*.safetensors")) and not list(hf_dir.glob("*.bin")):
@@ -108,7 +113,7 @@ def preflight(hf_dir: Path, *, bits: int, group_size: int = 128, calib: list[Pat
         width = int(cfg.get(key, 0))
         if group_size > 0 and width % group_size:
             raise TiblocalError(
-                f"{hf_dir}: {key} {width} is not a multiple of --group-size {group_size}; choose a group size that "
+                f"{hf_dir}: {key} {width} is not a multiple of {group_flag} {group_size}; choose a group size that "
                 f"divides it (e.g. {next((g for g in (128, 64, 32, 16) if width % g == 0), -1)}) or -1 for one group a row"
             )
     windows = calibration_windows(hf_dir, texts, samples, seq_len)
@@ -145,7 +150,10 @@ def gptq_quantize(
     t0 = time.perf_counter()
     with atomic_dir(out, replace=force) as tmp, stdout_to_stderr(), _gptqmodel_logs_elsewhere():
         say(f"loading {hf_dir}")
-        qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, lm_head=lm_head)
+        # one group a row (-1) leaves activation-group-aware ordering, on by default, nothing to order: gptqmodel
+        # raises on it at the first layer ("act_group_aware=True requires group_size > 0")
+        qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, lm_head=lm_head,
+                              **({"act_group_aware": False} if group_size == -1 else {}))
         model = GPTQModel.load(str(hf_dir), qcfg, device=device)
         say(f"quantizing to {bits} bits on {device} ({samples} windows of {seq_len} tokens)")
         model.quantize(windows, batch_size=batch_size)

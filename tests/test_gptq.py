@@ -75,6 +75,24 @@ def test_gptq_4_and_8_bit_on_the_cpu_load_in_transformers(small_hf: Path, tmp_pa
     assert cos > 0.999
 
 
+@pytest.mark.slow
+def test_one_group_a_row_quantizes_and_loads(small_hf: Path, tmp_path: Path) -> None:
+    """--group-size -1 (the help's "one group a row"): gptqmodel's activation-group-aware ordering, on by default,
+    raised on it at the first layer (a crash report after the model had loaded); it is turned off for -1."""
+    pytest.importorskip("gptqmodel")
+    pytest.importorskip("optimum")
+    import torch
+
+    out = tmp_path / "q"
+    p = run_cli("gptq", str(small_hf), "--bits", "4", "--group-size", "-1", "--out", str(out), "--samples", "8",
+                "--seq-len", "128", "--device", "cpu", timeout=600, env={"GPTQMODEL_CPU_WORKERS": "2"}, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == -1
+    ids = torch.tensor([[1, 31890, 34000, 40000, 29871, 35000, 50000, 32500] * 4])
+    ref, q = _logits(small_hf, ids), _logits(out, ids)
+    assert (q - ref).abs().mean().item() < 0.25 * ref.abs().mean().item()
+
+
 def test_gptq_bad_input(small_hf: Path, tmp_path: Path, monkeypatch) -> None:
     from tiblocal.errors import TiblocalError
     from tiblocal.quantize import gptq
@@ -93,6 +111,13 @@ def test_gptq_bad_input(small_hf: Path, tmp_path: Path, monkeypatch) -> None:
     assert p.returncode == 1 and "fewer than --samples 128" in err and "give more text with --calib" in err
     p = run_cli("gptq", str(small_hf), "--bits", "4", "--out", str(tmp_path / "d"), "--group-size", "96", "--device", "cpu")
     assert p.returncode == 1 and "hidden_size 128 is not a multiple of --group-size 96" in p.stderr.decode()
+    # 0 and -2 divide nothing: gptqmodel raised on them after the model had loaded (a crash report); -1 is its "one
+    # group a row"
+    for size in ("0", "-2"):
+        p = run_cli("gptq", str(small_hf), "--bits", "4", "--out", str(tmp_path / "d"), "--group-size", size,
+                    "--device", "cpu")
+        assert p.returncode == 1 and f"--group-size {size}: expected a positive size that divides" in p.stderr.decode()
+        assert not (tmp_path / "d").exists()
     (tmp_path / "e").mkdir()
     p = run_cli("gptq", str(small_hf), "--bits", "4", "--out", str(tmp_path / "e"))
     assert p.returncode == 1 and "already exists; pass --force" in p.stderr.decode()

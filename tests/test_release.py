@@ -70,7 +70,11 @@ def test_release_bad_input(tiny_hf: Path, tmp_path: Path) -> None:
     assert p.returncode == 1 and "no such notes file" in p.stderr.decode() and not (tmp_path / "e").exists()
     # a GPTQ group size that cannot work is refused before the GGUFs are made
     p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "f"), "--types", "Q8_0", "--gptq", "4")
-    assert p.returncode == 1 and "hidden_size 64 is not a multiple of --group-size 128" in p.stderr.decode()
+    assert p.returncode == 1 and "hidden_size 64 is not a multiple of --gptq-group-size 128" in p.stderr.decode()
+    assert not (tmp_path / "f").exists() and not list(tmp_path.glob(".f.*"))
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "f"), "--types", "Q8_0", "--gptq", "4",
+                "--gptq-group-size", "0")  # crashed in gptqmodel, after the conversion
+    assert p.returncode == 1 and "--gptq-group-size 0: expected a positive size" in p.stderr.decode()
     assert not (tmp_path / "f").exists() and not list(tmp_path.glob(".f.*"))
     p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "g"), "--types", "Q8_0", "--rotate", "Q4_0")
     assert p.returncode == 1 and "--rotate Q4_0: Q4_0 is not among --types Q8_0" in p.stderr.decode()
@@ -80,6 +84,10 @@ def test_release_bad_input(tiny_hf: Path, tmp_path: Path) -> None:
                 "--rotate-seed", "-3")
     assert p.returncode == 1 and "--rotate-seed -3: a rotation's seed is 0 to 2147483647" in p.stderr.decode()
     assert not (tmp_path / "h").exists() and not list(tmp_path.glob(".h.*"))
+    # a negative thread count likewise (the quantizer took -2147483649 as 2**31 - 1 threads, and the process ended)
+    p = run_cli("release", str(tiny_hf), "--out", str(tmp_path / "i"), "--types", "Q8_0", "--threads", "-2147483649")
+    assert p.returncode == 1 and "--threads -2147483649 is negative" in p.stderr.decode()
+    assert not (tmp_path / "i").exists() and not list(tmp_path.glob(".i.*"))
 
 
 def test_release_rotates_the_types_it_is_told_to(tiny_hf: Path, tmp_path: Path) -> None:
