@@ -268,6 +268,18 @@ def test_truncated_xz_text_is_one_line(tmp_path) -> None:
     assert "is not a valid .xz file" in line and str(cut) in line
 
 
+@pytest.mark.parametrize("verb", [["inspect"], ["generate", "--prompt", "x"], ["quantize", "--type", "Q8_0", "--out",
+                                                                                  "q.gguf"]])
+def test_a_named_pipe_or_a_device_as_the_model_is_one_line(tmp_path, verb) -> None:
+    """Opening a named pipe waits for a writer: `inspect PIPE` hung for ever. A device reads as no GGUF too."""
+    pipe = tmp_path / "model.gguf"
+    os.mkfifo(pipe)
+    for path in (pipe, Path("/dev/zero")):
+        line = one_line_error(run_cli(verb[0], str(path), *verb[1:], timeout=60, cwd=tmp_path))
+        assert f"{path} is not a regular file (a pipe, a device or a socket); give the path of a .gguf model" in line
+    assert not (tmp_path / "q.gguf").exists()
+
+
 @pytest.mark.parametrize("args, match", [
     (["--prompt", os.fsdecode(b"caf\xff")], "--prompt holds the byte 0xff, which is not UTF-8"),
     (["--prompt", "hi", "--system", os.fsdecode(b"\xfe")], "--system holds the byte 0xfe"),

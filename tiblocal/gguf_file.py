@@ -111,6 +111,9 @@ def _check_exists(path: Path, what: str) -> None:
         raise InputFileError(f"{path}: no such file; give the path of a {what}")
     if path.is_dir():
         raise InputFileError(f"{path} is a folder; give the path of a {what} file")
+    if not path.is_file():  # opening a named pipe waits for a writer, for ever; llama.cpp maps the file in any case
+        raise InputFileError(f"{path} is not a regular file (a pipe, a device or a socket); give the path of a {what} "
+                             "file")
 
 
 def check_gguf_magic(path: Path) -> None:
