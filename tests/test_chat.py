@@ -174,6 +174,12 @@ def test_load_refuses_what_is_not_a_saved_conversation_and_keeps_the_chat(sessio
         "open.jsonl": (b'{"role": "user", "content": "a"}\n', "the last user message has no answer"),
         "sampling.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"warmth": 1}}\n', "unknown sampling settings warmth"),
         "range.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"temperature": -1}}\n', "invalid sampling setting"),
+        # values of the wrong type: "5" ended the chat with a crash report, 1.5 and "yes" were taken
+        "type.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"top_k": "5"}}\n', r"top_k '5' \(expected an integer\)"),
+        "seed.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"seed": 1.5}}\n', r"seed 1.5 \(expected an integer\)"),
+        "flag.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"ignore_eos": "yes"}}\n', "ignore_eos 'yes' \\(expected true"),
+        "null.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"temperature": null}}\n', "temperature None \\(expected a"),
+        "object.jsonl": (b'{"tiblocal_chat": 1, "sampling": [1]}\n', '"sampling" is list; expected an object'),
         "template.jsonl": (b'{"tiblocal_chat": 1, "template": "chatml"}\n', "unknown chat template"),
     }
     for name, (data, msg) in cases.items():

@@ -183,6 +183,11 @@ def test_sampling_settings_are_checked() -> None:
     with pytest.raises(TiblocalError, match=r"repeat_penalty 1e-320 \(expected > 0; 1 disables it; it is 0 as the"):
         Sampling().with_value("repeat", "1e-320")
     assert Sampling(top_p=1e-40, repeat_penalty=3e38, temperature=1e-320).top_p == 1e-40  # still not 0 or inf as floats
+    # types: a str, a float where an integer goes, a bool where a number goes
+    with pytest.raises(TiblocalError, match=r"temperature True \(expected a number\); top_k '5' \(expected an "
+                                            r"integer\); seed 1.5 \(expected an integer\)"):
+        Sampling(top_k="5", seed=1.5, temperature=True)
+    assert Sampling(seed=np.int64(5), temperature=np.float32(0.5), top_k=3).seed == 5  # numpy numbers are numbers
 
 
 @pytest.mark.parametrize("model", ["tiny", "bundled"])

@@ -159,6 +159,9 @@ class ChatSession:
         if header is not None:
             if "template" in header:
                 template = get_template(str(header["template"]))
+            if "sampling" in header and not isinstance(header["sampling"], dict):
+                raise TiblocalError(f"{path}: \"sampling\" is {type(header['sampling']).__name__}; expected an object "
+                                    "of settings, as /save writes it")
             if isinstance(header.get("sampling"), dict):
                 known = {f.name for f in fields(Sampling)}
                 if extra := sorted(set(header["sampling"]) - known):

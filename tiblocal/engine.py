@@ -12,6 +12,7 @@ import ctypes
 import functools
 import logging
 import math
+import numbers
 import os
 import threading
 import time
@@ -173,6 +174,18 @@ SEED_MAX = UINT32_MAX
 INT32_MAX = 2**31 - 1
 
 
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _of_type(value: object, kind: str) -> bool:
+    """``value`` fits a Sampling field of type ``kind`` ("int", "float", "bool"); a bool is no number here."""
+    if kind == "bool":
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, numbers.Integral if kind == "int" else numbers.Real)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Sampling settings; temperature, top-k, top-p and repetition penalty default to the values of
@@ -209,6 +222,12 @@ class Sampling:
     }
 
     def __post_init__(self) -> None:
+        # the types first: a /load-ed file or a caller may give "5", 1.5 or true where a number goes ('<=' between
+        # int and str ended the chat with a crash report; ctypes refuses a float seed only when sampling starts)
+        wrong = [f"{f.name} {getattr(self, f.name)!r} (expected {_EXPECTED[f.type]})"
+                 for f in fields(self) if not _of_type(getattr(self, f.name), f.type)]
+        if wrong:
+            raise TiblocalError("invalid sampling setting: " + "; ".join(wrong))
         problems = []
         for f in fields(self):
             value = getattr(self, f.name)
