@@ -55,7 +55,8 @@ class LoraPair:
         d = self.b.read_f32() @ self.a.read_f32()  # (out, in) in float32
         if self.transpose:
             d = d.T
-        return d * np.float32(self.scale)
+        with np.errstate(over="ignore", invalid="ignore"):  # a scale past float32 is reported by the caller
+            return d * np.float32(self.scale)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -84,6 +85,47 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_lora_config(cfg, cfg_path: Path) -> None:
+    """The values of adapter_config.json the merge reads, of peft's types (all problems in one line): a rank of "abc"
+    or None crashed, 4.5 was taken as 4, "use_rslora": "no" was taken as true (another scale), an infinite alpha
+    merged infinite weights, and a rank_pattern key that is no regular expression crashed where peft matches it."""
+    if not isinstance(cfg, dict):
+        raise ModelFormatError(f"{cfg_path} is a JSON {type(cfg).__name__}; expected an object (peft's LoraConfig)")
+    problems = []
+    if "r" in cfg and not (_is_int(cfg["r"]) and cfg["r"] >= 1):
+        problems.append(f"r {cfg['r']!r} (expected a whole number of at least 1)")
+    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+        problems.append(f"lora_alpha {cfg['lora_alpha']!r} (expected a finite number)")
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            problems.append(f"{key} {cfg[key]!r} (expected true or false)")
+    for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "a whole number of at least 1"),
+                          ("alpha_pattern", _is_number, "a finite number")):
+        patterns = cfg.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            problems.append(f"{key} {patterns!r} (expected an object of module name: value)")
+            continue
+        for name, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?{name}$")
+            except re.error as e:
+                problems.append(f"{key} key {name!r} (not a regular expression: {e})")
+            if not ok(value):
+                problems.append(f"{key} {name!r}: {value!r} (expected {what})")
+    if problems:
+        raise ModelFormatError(f"{cfg_path}: " + "; ".join(problems))
+
+
 def load_adapter(path: Path) -> Adapter:
     path = Path(path)
     cfg_path = path / "adapter_config.json"
@@ -93,6 +135,7 @@ def load_adapter(path: Path) -> Adapter:
         cfg = loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFormatError(f"{cfg_path} is not valid JSON ({e})") from None
+    check_lora_config(cfg, cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ModelFormatError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; tiblocal merges LoRA adapters")
     if cfg.get("use_dora"):
@@ -272,7 +315,14 @@ def merge_lora(
                     if ref.name in ad.pairs:
                         if w is None:
                             w = ref.read_f32()
-                        w += ad.pairs[ref.name].delta()
+                        delta = ad.pairs[ref.name].delta()
+                        if not np.isfinite(delta).all():  # a pass over what the matmul made r times the work of
+                            raise ModelFormatError(
+                                f"{ad.path}: the LoRA update of {ref.name} is not finite (scale "
+                                f"{ad.pairs[ref.name].scale:g}, lora_alpha over r; or NaN or infinity in its lora_A or "
+                                "lora_B): the adapter is damaged or its lora_alpha is wrong")
+                        w += delta
+                        del delta
                         n_lora += 1
                 if w is None:
                     data = ref.read() if ref.dtype == st_dtype else encode_as(ref.read_f32(), st_dtype)

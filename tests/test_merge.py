@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,45 @@ def test_adapter_key_matching_no_base_tensor(tmp_path: Path, tiny_hf, adapters) 
     save_file(t, str(bad / "adapter_model.safetensors"))
     with pytest.raises(ModelFormatError, match=r"model.layers.9.self_attn.q_proj.weight' matches no tensor of the base"):
         merge_lora(tiny_hf, [bad], tmp_path / "out")
+
+
+@pytest.mark.parametrize("change, match", [
+    ([1], r"adapter_config.json is a JSON list; expected an object"),
+    ({"r": "abc"}, r"r 'abc' \(expected a whole number of at least 1\)"),  # crashed in int()
+    ({"r": 8.5}, r"r 8.5 \(expected a whole number"),  # was taken as 8
+    ({"r": None, "lora_alpha": None}, r"r None \(expected a whole number of at least 1\); lora_alpha None"),
+    ({"lora_alpha": float("inf")}, r"lora_alpha inf \(expected a finite number\)"),  # merged infinite weights
+    ({"use_rslora": "no"}, r"use_rslora 'no' \(expected true or false\)"),  # was taken as true: another scale
+    ({"rank_pattern": [2]}, r"rank_pattern \[2\] \(expected an object"),  # crashed
+    ({"alpha_pattern": {"down_proj": "x"}}, r"alpha_pattern 'down_proj': 'x' \(expected a finite number\)"),
+    ({"rank_pattern": {"(": 2}}, r"rank_pattern key '\(' \(not a regular expression"),  # crashed in re.match
+    ({"lora_alpha": 1e308}, r"the LoRA update of .* is not finite \(scale 1.25e\+307"),  # finite, but not its scale
+])
+def test_adapter_configs_of_wrong_values_are_one_line(tmp_path: Path, tiny_hf, adapters, change, match) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters[0], bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(change if isinstance(change, list) else {**cfg, **change}))
+    p = run_cli("merge", str(tiny_hf), str(bad), "--out", str(tmp_path / "out"))
+    err = p.stderr.decode()
+    assert p.returncode == 1 and len(err.splitlines()) == 1 and re.search(match, err), err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_nan_in_a_lora_tensor_is_refused(tmp_path: Path, tiny_hf, adapters) -> None:
+    from safetensors.numpy import load_file as ld, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters[0], bad)
+    t = ld(str(bad / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    t[key] = t[key].copy()
+    t[key][0, 0] = np.nan
+    save_file(t, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(ModelFormatError, match=r"the LoRA update of model.layers.1.self_attn.v_proj.weight is not "
+                                               r"finite .* or NaN or infinity in its lora_A or lora_B"):
+        merge_lora(tiny_hf, [bad], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_resized_vocabulary_without_tokenizer(tmp_path: Path, tiny_hf, adapters) -> None:
