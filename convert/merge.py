@@ -93,6 +93,14 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in ``a``: its sum first (3% of the LoRA product's time for a 7B MLP matrix, where
+    ``np.isfinite(a).all()`` takes half as long as the product), then, only where the sum is not finite (a NaN or an
+    infinity, or finite values that add up past float32), its largest and smallest values, which NaN also reaches."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(a.sum()) or (np.isfinite(a.max()) and np.isfinite(a.min())))
+
+
 def check_lora_config(cfg, cfg_path: Path) -> None:
     """The values of adapter_config.json the merge reads, of peft's types (all problems in one line): a rank of "abc"
     or None crashed, 4.5 was taken as 4, "use_rslora": "no" was taken as true (another scale), an infinite alpha
@@ -316,7 +324,7 @@ def merge_lora(
                         if w is None:
                             w = ref.read_f32()
                         delta = ad.pairs[ref.name].delta()
-                        if not np.isfinite(delta).all():  # a pass over what the matmul made r times the work of
+                        if not _all_finite(delta):
                             raise ModelFormatError(
                                 f"{ad.path}: the LoRA update of {ref.name} is not finite (scale "
                                 f"{ad.pairs[ref.name].scale:g}, lora_alpha over r; or NaN or infinity in its lora_A or "

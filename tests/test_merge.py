@@ -129,6 +129,17 @@ def test_adapter_configs_of_wrong_values_are_one_line(tmp_path: Path, tiny_hf, a
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_the_finiteness_check_is_exact() -> None:
+    from tiblocal.convert.merge import _all_finite
+
+    ones = np.ones((4, 4), np.float32)
+    assert _all_finite(ones) and _all_finite(np.full((1000, 1000), 3e35, np.float32))  # the sum overflows, no value
+    for bad in (np.nan, np.inf, -np.inf):
+        x = ones.copy()
+        x[2, 3] = bad
+        assert not _all_finite(x)
+
+
 def test_nan_in_a_lora_tensor_is_refused(tmp_path: Path, tiny_hf, adapters) -> None:
     from safetensors.numpy import load_file as ld, save_file
 
