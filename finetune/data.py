@@ -87,7 +87,7 @@ def read_instructions(path: Path, *, max_bad_share: float = 0.1) -> tuple[list[I
     report = ReadReport(str(path))
     rows: list[Instruction] = []
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # without a byte-order mark (Notepad's) before the first row
     except UnicodeDecodeError as e:
         raise InputFileError(f"{path} is not valid UTF-8 (byte offset {e.start}); save it as UTF-8") from None
 

@@ -291,6 +291,29 @@ def test_text_that_is_not_utf8_is_one_line(work, args, match) -> None:
     assert match in line, line
 
 
+def test_a_byte_order_mark_at_the_start_of_a_text_file_is_not_text(tmp_path) -> None:
+    """Windows' Notepad starts UTF-8 files with U+FEFF: it was the first prompt's first character, the first corpus
+    line's, and made the first row of a JSON lines file fail to parse."""
+    from tiblocal.finetune.data import read_instructions
+    from tiblocal.generate import read_prompts
+    from tiblocal.jsonlines import json_rows
+    from tiblocal.vocab import read_lines
+
+    bom = "\ufeff"
+    (tmp_path / "p.txt").write_text(bom + "ཀ་ཁ\r\nབཀྲ་ཤིས\r\n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text(bom + '{"prompt": "ཀ"}\n{"instruction": "ཁ"}\n', encoding="utf-8")
+    (tmp_path / "i.json").write_text(bom + '[{"instruction": "ཀ", "output": "ཁ"}]', encoding="utf-8")
+    assert [p.instruction for p in read_prompts(tmp_path / "p.txt")] == ["ཀ་ཁ", "བཀྲ་ཤིས"]
+    assert [p.instruction for p in read_prompts(tmp_path / "p.jsonl")] == ["ཀ", "ཁ"]
+    assert list(read_lines([tmp_path / "p.txt"])) == ["ཀ་ཁ", "བཀྲ་ཤིས"]
+    assert [row for _, row in json_rows(tmp_path / "p.jsonl", "--data", "rows")][0] == {"prompt": "ཀ"}
+    rows, report = read_instructions(tmp_path / "i.json")
+    assert len(rows) == 1 and report.rows == 1
+    # a mark inside the text is the user's: kept
+    (tmp_path / "mid.txt").write_text("ཀ" + bom + "ཁ\n", encoding="utf-8")
+    assert next(read_lines([tmp_path / "mid.txt"])) == "ཀ" + bom + "ཁ"
+
+
 def test_release_notes_that_are_not_utf8_are_one_line(work) -> None:
     (work / "notes.md").write_bytes(b"# notes \xff\n")
     line = one_line_error(run_cli("release", "hf", "--out", "rel", "--notes", "notes.md", cwd=work))

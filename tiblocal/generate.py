@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 from dataclasses import dataclass
@@ -54,13 +55,14 @@ def check_text(text: str, where: str) -> None:
 def read_prompts(path: Path) -> list[PromptItem]:
     """Prompts from a .txt file (one a line) or a .jsonl file (instruction[/input] or prompt); '-' is stdin."""
     if str(path) == "-":
-        raw_lines = sys.stdin.buffer.read().splitlines()
+        data = sys.stdin.buffer.read()
         name, is_jsonl = "<stdin>", None
     else:
         if not path.is_file():
             raise InputFileError(f"{path}: no such prompts file; give a .txt (one prompt a line) or .jsonl file")
-        raw_lines = path.read_bytes().splitlines()
+        data = path.read_bytes()
         name, is_jsonl = str(path), path.suffix.lower() in (".jsonl", ".json")
+    raw_lines = data.removeprefix(codecs.BOM_UTF8).splitlines()  # Notepad's byte-order mark is no prompt text
     items: list[PromptItem] = []
     for n, raw in enumerate(raw_lines, 1):
         where = f"{name} line {n}"

@@ -88,14 +88,16 @@ def truncated_model(model_file: Path, n_pieces: int, *, dummy_prefix: bool = Tru
 
 
 def read_lines(paths: Iterable[Path]) -> Iterator[str]:
-    """Lines of plain or .xz text files, without their newline."""
+    """Lines of plain or .xz text files, without their newline, nor the byte-order mark that Windows' Notepad writes
+    at the start of a UTF-8 file (it would be the first line's first character: text to tokenize, JSON that does not
+    parse)."""
     for p in paths:
         p = Path(p)
         if not p.is_file():
             raise InputFileError(f"{p}: no such text file")
         opener = lzma.open if p.suffix == ".xz" else open
         try:
-            with opener(p, "rt", encoding="utf-8") as f:
+            with opener(p, "rt", encoding="utf-8-sig") as f:
                 for line in f:
                     yield line.rstrip("\n")
         except UnicodeDecodeError as e:
