@@ -51,12 +51,22 @@ class LoraPair:
     scale: float
     transpose: bool  # fan_in_fan_out, or an embedding (B @ A is (hidden, vocab))
 
-    def delta(self) -> np.ndarray:
-        d = self.b.read_f32() @ self.a.read_f32()  # (out, in) in float32
-        if self.transpose:
-            d = d.T
-        with np.errstate(over="ignore", invalid="ignore"):  # a scale past float32 is reported by the caller
-            return d * np.float32(self.scale)
+    def delta(self) -> np.ndarray | None:
+        """``scale * B @ A`` (out, in) in float32; None where it is not finite (NaN or infinity in A or B, or a scale
+        that overflows). Bounded from the factors first: each entry is a sum of r products, so when A and B are finite
+        and scale * r * max|A| * max|B| is well inside float32 every entry is finite, and only an update that fails
+        the bound (none in practice) is checked entry by entry (over the product, that took 6% of a merge's time)."""
+        a, b = self.a.read_f32(), self.b.read_f32()
+        with np.errstate(over="ignore", invalid="ignore"):
+            scale = np.float32(self.scale)
+            bound = abs(float(scale)) * a.shape[0] * float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0))
+            d = b @ a
+            if self.transpose:
+                d = d.T
+            d *= scale
+        if not (math.isfinite(bound) and bound < 1e37) and not _all_finite(d):  # max() of a NaN is NaN: no bound
+            return None
+        return d
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,9 +104,9 @@ def _is_number(v) -> bool:
 
 
 def _all_finite(a: np.ndarray) -> bool:
-    """No NaN or infinity in ``a``: its sum first (3% of the LoRA product's time for a 7B MLP matrix, where
-    ``np.isfinite(a).all()`` takes half as long as the product), then, only where the sum is not finite (a NaN or an
-    infinity, or finite values that add up past float32), its largest and smallest values, which NaN also reaches."""
+    """No NaN or infinity in ``a``: its sum first (``np.isfinite(a).all()`` takes half as long as a LoRA product),
+    then, only where the sum is not finite (a NaN or an infinity, or finite values that add up past float32), its
+    largest and smallest values, which NaN also reaches."""
     with np.errstate(over="ignore", invalid="ignore"):
         return bool(np.isfinite(a.sum()) or (np.isfinite(a.max()) and np.isfinite(a.min())))
 
@@ -324,7 +334,7 @@ def merge_lora(
                         if w is None:
                             w = ref.read_f32()
                         delta = ad.pairs[ref.name].delta()
-                        if not _all_finite(delta):
+                        if delta is None:
                             raise ModelFormatError(
                                 f"{ad.path}: the LoRA update of {ref.name} is not finite (scale "
                                 f"{ad.pairs[ref.name].scale:g}, lora_alpha over r; or NaN or infinity in its lora_A or "
