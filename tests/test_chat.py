@@ -180,6 +180,8 @@ def test_load_refuses_what_is_not_a_saved_conversation_and_keeps_the_chat(sessio
         "flag.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"ignore_eos": "yes"}}\n', "ignore_eos 'yes' \\(expected true"),
         "null.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"temperature": null}}\n', "temperature None \\(expected a"),
         "object.jsonl": (b'{"tiblocal_chat": 1, "sampling": [1]}\n', '"sampling" is list; expected an object'),
+        "digits.jsonl": (b'{"tiblocal_chat": 1, "sampling": {"temperature": 1' + b"0" * 400 + b'}}\n',
+                         r"temperature of 401 digits \(expected a finite number\)"),  # OverflowError in isfinite
         "template.jsonl": (b'{"tiblocal_chat": 1, "template": "chatml"}\n', "unknown chat template"),
     }
     for name, (data, msg) in cases.items():

@@ -254,7 +254,8 @@ def test_jsonl_prompts_of_any_shape_are_read_or_refused(tmp_path_factory, doc) -
 
 
 NUMBER = st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True),
-                   st.sampled_from([1e308, -1e39, 3.4e38, 1e-320, 1e-45, 1e-40]))  # around a C float's range
+                   st.sampled_from([1e308, -1e39, 3.4e38, 1e-320, 1e-45, 1e-40,  # around a C float's range
+                                    10**400]))  # an integer past any float (JSON allows it)
 
 
 @FUZZ

@@ -233,8 +233,13 @@ class Sampling:
             value = getattr(self, f.name)
             if f.type != "float":
                 continue
-            if not math.isfinite(value):
-                problems.append(f"{f.name} {value} (expected a finite number)")
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an integer past any float (a JSON number of 400 digits)
+                finite = False
+            if not finite:
+                shown = f"of {len(str(abs(value)))} digits" if isinstance(value, numbers.Integral) else value
+                problems.append(f"{f.name} {shown} (expected a finite number)")
             elif not math.isfinite(as_float32(value)):  # llama.cpp's samplers take C floats
                 problems.append(f"{f.name} {value} (expected a finite number; llama.cpp takes it as a 32-bit float, "
                                 "at most 3.4e38 either way)")
