@@ -85,7 +85,9 @@ def _known(cls) -> dict[str, dataclasses.Field]:
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2's booleans, true and false alone: YAML 1.1 also reads yes, no, on and off as booleans, which made
-    `mixed_precision=no` (one of that setting's values) the boolean False."""
+    `mixed_precision=no` (one of that setting's values) the boolean False. And YAML 1.2's floats: YAML 1.1 (PyYAML)
+    needs a dot and a signed exponent, so `lr=1e-4` or `lr: 2e-4`, as every paper writes a learning rate, was the
+    string '1e-4' and refused."""
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -94,6 +96,9 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 
 def _yaml(text: str, what: str) -> Any:
@@ -152,6 +157,8 @@ def load_config(path: Path | str, overrides: list[str] = (), *, stage: str | Non
     return build_config(data, str(p))
 
 
+SEED_MAX = 2**32 - 1  # torch.manual_seed takes 64 bits: 10**20 crashed it, and 10**12 would at the first step
+
 # The recipe's schema beyond the dataclass: each setting's kind and least value ("int", 1: a whole number >= 1).
 _SCHEMA: dict[str, tuple[str, float | None]] = {
     "stage": ("str", None), "output_dir": ("str", None), "base_model": ("str", None), "tokenizer": ("str", None),
@@ -161,7 +168,7 @@ _SCHEMA: dict[str, tuple[str, float | None]] = {
     "block_size": ("int", 2), "batch_size": ("int", 1), "grad_accum": ("int", None),  # (its range: a rule below)
     "micro_tokens": ("int?", 2),
     "max_steps": ("int", 1), "warmup_steps": ("int", 0), "eval_every": ("int", 1), "eval_blocks": ("int", 1),
-    "save_every": ("int", 1), "log_every": ("int", 1), "seed": ("int", 0),
+    "save_every": ("int", 1), "log_every": ("int", 1), "seed": ("seed", 0),
     "hidden_dropout": ("fraction", None),
     "lr": ("positive", None), "embed_lr": ("positive?", None), "weight_decay": ("number", 0),
     "train_files": ("paths", None), "eval_files": ("paths", None), "model_config": ("dict", None),
@@ -189,6 +196,9 @@ def _kind_problem(key: str, value: Any, kind: str, least: float | None) -> str |
     elif kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
         want = "a whole number" + (f" of at least {least:g}" if least is not None else "")
+    elif kind == "seed":  # each step seeds torch with (seed * 1,000,003 + step) * 64 + rank, within its 64 bits
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX
+        want = f"a whole number from 0 to {SEED_MAX}"
     elif kind == "positive":
         ok, want = number and math.isfinite(value) and value > 0, "a number above 0"
     elif kind == "number":

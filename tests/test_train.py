@@ -613,3 +613,23 @@ def test_recipes_read_yes_no_on_off_as_text_as_yaml_1_2_does() -> None:
         "a": "no", "b": "yes", "c": "on", "d": "off", "e": True, "f": False, "g": ["no", 1]}
     with pytest.raises(TiblocalError, match="compile is 'yes', expected true or false"):
         load_config("tiny-pretrain", ["output_dir=x", "compile=yes"])
+
+
+def test_a_seed_past_32_bits_is_refused_before_the_model_loads() -> None:
+    """Each step seeds torch with (seed * 1,000,003 + step) * 64 + rank, within its 64 bits: seed=10**12 crashed at
+    the first step, after the model had loaded, and 10**20 in torch.manual_seed at the start."""
+    for seed in (2**32, 10**12, 10**20):
+        with pytest.raises(TiblocalError, match=rf"seed is {seed}, expected a whole number from 0 to 4294967295"):
+            load_config("tiny-pretrain", ["output_dir=x", f"seed={seed}"])
+    assert load_config("tiny-pretrain", ["output_dir=x", f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+def test_learning_rates_written_as_papers_write_them_are_numbers() -> None:
+    """YAML 1.1 (PyYAML) needs a dot and a signed exponent: `lr=1e-4` was the string '1e-4' and refused ("expected a
+    number above 0"); YAML 1.2 reads it as the number."""
+    from tiblocal.finetune.config import _yaml
+
+    cfg = load_config("tiny-pretrain", ["output_dir=x", "lr=1e-4", "embed_lr=2E-5"])
+    assert (cfg.lr, cfg.embed_lr) == (1e-4, 2e-5)
+    assert _yaml("a: 3e-4\nb: 1.0e5\nc: .5e3\nd: -2e-2\ne: 1e\nf: 12\ng: 1.5", "x") == {
+        "a": 3e-4, "b": 1e5, "c": 500.0, "d": -0.02, "e": "1e", "f": 12, "g": 1.5}
