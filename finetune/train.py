@@ -72,18 +72,55 @@ def _load_tokenizer(cfg: TrainConfig):
     return sp, model_file, tokenizer_dir(cfg.tokenizer), n_base
 
 
+def _scratch_config(cfg: TrainConfig, sp, n_base: int | None, device=None):
+    """The LlamaConfig of a model made from scratch, checked before the data is read and anything is allocated:
+    transformers' own validation (a hidden size of -5 raised from its config class), a vocabulary smaller than the
+    tokenizer's base (SentencePiece failed on the truncated tokenizer), and weights larger than the memory they are
+    made in (a hidden size of 10**8 asked torch for 12.8 TB; one just past the memory would start swapping, or be
+    killed without a word)."""
+    torch = _torch()
+    import transformers
+
+    mc = dict(cfg.model_config)
+    mc.setdefault("vocab_size", n_base if cfg.extended else sp.vocab_size())
+    mc.setdefault("bos_token_id", sp.bos_id())
+    mc.setdefault("eos_token_id", sp.eos_id())
+    try:
+        config = transformers.LlamaConfig(**mc)
+    except Exception as e:  # transformers validates in its config class (huggingface_hub's strict dataclasses)
+        raise TiblocalError(f"model_config: {str(e).splitlines()[-1].strip() or type(e).__name__}") from None
+    least = n_base if cfg.extended else sp.vocab_size()
+    if not isinstance(config.vocab_size, int) or config.vocab_size < least:
+        raise TiblocalError(f"model_config: vocab_size {config.vocab_size} is smaller than the tokenizer's "
+                            f"{least} {'base ' if cfg.extended else ''}pieces; leave it out (the tokenizer's is taken)")
+    h, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    kv_dim = h // max(heads, 1) * kv
+    params = config.vocab_size * h * (1 if config.tie_word_embeddings else 2) + layers * (
+        2 * h * h + 2 * h * kv_dim + 3 * h * ffn + 2 * h) + h
+    size = params * {"float32": 4, "bfloat16": 2}[cfg.dtype]
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[0], f"{torch.cuda.get_device_name(device)}'s free memory"
+    else:
+        from tiblocal.engine import physical_memory
+
+        have, where = physical_memory(), "this machine's memory"
+    if have and size > have:
+        raise TiblocalError(f"model_config gives a model of {params:.3g} parameters, {size / 2**30:,.1f} GiB of "
+                            f"{cfg.dtype} weights alone, more than {where} ({have / 2**30:,.1f} GiB); make it smaller")
+    return config
+
+
 def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None, device=None):
     torch = _torch()
     import transformers
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     if cfg.base_model == "scratch":
-        mc = dict(cfg.model_config)
-        mc.setdefault("vocab_size", n_base if cfg.extended else sp.vocab_size())
-        mc.setdefault("bos_token_id", sp.bos_id())
-        mc.setdefault("eos_token_id", sp.eos_id())
+        config = _scratch_config(cfg, sp, n_base, device)
         with torch.device(device or "cpu"):  # initialised where it trains (a 7B init on the CPU takes minutes)
-            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**mc)).to(dtype)
+            model = transformers.LlamaForCausalLM(config).to(dtype)
     else:
         if not Path(cfg.base_model, "config.json").is_file():
             raise InputFileError(f"{cfg.base_model}: no config.json; base_model must be a Hugging Face folder or 'scratch'")
@@ -380,6 +417,8 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     sp, model_file, tok_dir, n_base = _load_tokenizer(cfg)
+    if cfg.base_model == "scratch":
+        _scratch_config(cfg, sp, n_base, accel.device)  # before the data is read: the model's settings are checked
     train_ex = _examples(cfg, sp, cfg.train_files, weights=cfg.train_weights)
     if cfg.replay:
         train_ex += _replay(cfg, sp)
@@ -434,6 +473,7 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     tokens = 0
     loss_value = float("nan")
     eval_loss = None
+    saved = start  # the step of the checkpoint on disk (0: none)
     t0 = time.perf_counter()
     model.train()
     lengths = [len(ids) for ids, _ in train_ex] if cfg.stage == "sft" and cfg.group_by_length else None
@@ -483,8 +523,14 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
                 for key in ("loss", "lr", "eval_loss", "eval_ppl", "tokens_per_s"):
                     if key in record:
                         board.add_scalar(f"{cfg.stage}/{key}", record[key], done)
+        if not math.isfinite(loss_value):  # the weights are now NaN: no checkpoint of them, no model that looks done
+            raise TiblocalError(
+                f"the training loss is {loss_value} at step {done} (lr {cfg.lr:g}): the training diverged; lower lr, "
+                "or check the data" + (f"; the checkpoint of step {saved} stays in {out}" if saved else "")
+                + "; no model was written")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             _save_checkpoint(accel, model, opt, sched, done, out, best)
+            saved = done
     if metrics:
         metrics.close()
     if board:

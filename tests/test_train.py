@@ -615,6 +615,37 @@ def test_recipes_read_yes_no_on_off_as_text_as_yaml_1_2_does() -> None:
         load_config("tiny-pretrain", ["output_dir=x", "compile=yes"])
 
 
+@pytest.mark.parametrize("setting, line", [
+    ("model_config.hidden_size=-5", "model_config: ValueError: The hidden size (-5) is not a multiple of the number of "
+                                    "attention heads"),  # raised from transformers' config class: a crash report
+    ("model_config.vocab_size=5", "model_config: vocab_size 5 is smaller than the tokenizer's 32000 base pieces"),
+    ("model_config.hidden_size=100000000", "model_config gives a model of 8e+16 parameters"),  # torch: 12.8 TB
+])
+def test_a_scratch_model_that_cannot_be_made_is_one_line_before_the_data_is_read(tmp_path: Path, setting,
+                                                                                   line) -> None:
+    p = _pretrain(tmp_path / "out", setting, "compile=false")
+    err = p.stderr.decode()
+    assert p.returncode == 1 and line in err and "bug in tiblocal" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_run_stops_with_its_step_and_writes_no_model(tmp_path: Path) -> None:
+    """lr=1e30: the loss is NaN from the second step. The run went on and wrote a model of NaN weights as its result;
+    it now stops at that step, keeps the last checkpoint before it, and writes no model."""
+    out = tmp_path / "out"
+    p = _pretrain(out, "lr=1e30", "max_steps=4", "save_every=1", "compile=false")
+    err = p.stderr.decode()
+    assert p.returncode == 1, err
+    assert "the training loss is nan at step 2 (lr 1e+30): the training diverged; lower lr" in err
+    assert f"the checkpoint of step 1 stays in {out}; no model was written" in err
+    assert not (out / "model").exists()
+    import torch
+
+    from tiblocal.finetune import train
+
+    assert torch.load(out / train.CHECKPOINT / "state.pt", weights_only=False)["step"] == 1
+
+
 def test_a_seed_past_32_bits_is_refused_before_the_model_loads() -> None:
     """Each step seeds torch with (seed * 1,000,003 + step) * 64 + rank, within its 64 bits: seed=10**12 crashed at
     the first step, after the model had loaded, and 10**20 in torch.manual_seed at the start."""
