@@ -27,7 +27,7 @@ from tiblocal.errors import ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import read_gguf, write_gguf_data
 from tiblocal.gguf_vocab import sentencepiece_vocab, write_vocab_gguf
-from tiblocal.jsonin import loads
+from tiblocal.jsonin import is_number, loads
 from tiblocal.templates import get_template
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def _add_sampling(w: gguf.GGUFWriter, model_dir: Path) -> None:
         return  # greedy by default: the file suggests no sampling settings
     for field_name, add in _SAMPLING_FIELDS.items():
         value = cfg.get(field_name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if is_number(value):
             valid, want = _SAMPLING_RANGES[field_name]
             if not (math.isfinite(value) and valid(value)):
                 # copied into the GGUF, it would make the model refuse to run (tiblocal checks the values it samples with)

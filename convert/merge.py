@@ -34,7 +34,7 @@ from tiblocal.checkpoint import (
 )
 from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_dir, check_output_path
-from tiblocal.jsonin import loads
+from tiblocal.jsonin import is_number, is_whole, loads
 from tiblocal.verify import write_sha256sums
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,6 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _all_finite(a: np.ndarray) -> bool:
     """No NaN or infinity in ``a``: its sum first (``np.isfinite(a).all()`` takes half as long as a LoRA product),
     then, only where the sum is not finite (a NaN or an infinity, or finite values that add up past float32), its
@@ -118,15 +110,15 @@ def check_lora_config(cfg, cfg_path: Path) -> None:
     if not isinstance(cfg, dict):
         raise ModelFormatError(f"{cfg_path} is a JSON {type(cfg).__name__}; expected an object (peft's LoraConfig)")
     problems = []
-    if "r" in cfg and not (_is_int(cfg["r"]) and cfg["r"] >= 1):
+    if "r" in cfg and not (is_whole(cfg["r"]) and cfg["r"] >= 1):
         problems.append(f"r {cfg['r']!r} (expected a whole number of at least 1)")
-    if "lora_alpha" in cfg and not _is_number(cfg["lora_alpha"]):
+    if "lora_alpha" in cfg and not (is_number(cfg["lora_alpha"]) and math.isfinite(cfg["lora_alpha"])):
         problems.append(f"lora_alpha {cfg['lora_alpha']!r} (expected a finite number)")
     for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
             problems.append(f"{key} {cfg[key]!r} (expected true or false)")
-    for key, ok, what in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "a whole number of at least 1"),
-                          ("alpha_pattern", _is_number, "a finite number")):
+    for key, ok, what in (("rank_pattern", lambda v: is_whole(v) and v >= 1, "a whole number of at least 1"),
+                          ("alpha_pattern", lambda v: is_number(v) and math.isfinite(v), "a finite number")):
         patterns = cfg.get(key)
         if patterns is None:
             continue

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from tiblocal.errors import InputFileError, TiblocalError
+from tiblocal.jsonin import is_number, is_whole
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -187,17 +188,17 @@ def _kind_problem(key: str, value: Any, kind: str, least: float | None) -> str |
         if value is None:
             return None
         kind = kind[:-1]
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    number = is_number(value)
     if kind == "str":
         ok = isinstance(value, str)
         want = "text"
     elif kind == "bool":
         ok, want = isinstance(value, bool), "true or false"
     elif kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
+        ok = is_whole(value) and (least is None or value >= least)
         want = "a whole number" + (f" of at least {least:g}" if least is not None else "")
     elif kind == "seed":  # each step seeds torch with (seed * 1,000,003 + step) * 64 + rank, within its 64 bits
-        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX
+        ok = is_whole(value) and 0 <= value <= SEED_MAX
         want = f"a whole number from 0 to {SEED_MAX}"
     elif kind == "positive":
         ok, want = number and math.isfinite(value) and value > 0, "a number above 0"
@@ -265,7 +266,7 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
         if cfg.grad_accum != 1:
             raise TiblocalError(f"{source}: micro_tokens and grad_accum {cfg.grad_accum} both split the step; set one "
                                 "(e.g. grad_accum=1)")
-        if not isinstance(cfg.micro_tokens, int) or isinstance(cfg.micro_tokens, bool) or cfg.micro_tokens < cfg.block_size:
+        if not is_whole(cfg.micro_tokens) or cfg.micro_tokens < cfg.block_size:
             raise TiblocalError(f"{source}: micro_tokens {cfg.micro_tokens!r}; expected a whole number of tokens of at "
                                 f"least block_size ({cfg.block_size}), so the longest example fits")
     if not isinstance(cfg.holdout, dict):
@@ -278,7 +279,7 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
     for f, share in cfg.holdout.items():
         if f not in cfg.train_files:
             raise TiblocalError(f"{source}: holdout names {f}, which is not in train_files; use the same path")
-        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 0.5:
+        if not is_number(share) or not 0 < share <= 0.5:
             raise TiblocalError(f"{source}: holdout[{f}] = {share!r}; expected a fraction above 0 and at most 0.5")
     if not isinstance(cfg.replay, dict):
         raise TiblocalError(f"{source}: replay must map plain-text files to numbers of lines, e.g. {{news.txt.xz: 2000}}")
@@ -286,7 +287,7 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
         raise TiblocalError(f"{source}: replay is for sft recipes (running text mixed with the instructions); a pretrain "
                             "recipe trains on its text already")
     for f, n in cfg.replay.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not is_whole(n) or n < 1:
             raise TiblocalError(f"{source}: replay[{f}] = {n!r}; expected a whole number of lines, at least 1")
     if cfg.keep_best and not (cfg.eval_files or cfg.holdout):
         raise TiblocalError(f"{source}: keep_best keeps the model of the lowest eval loss, and there are no eval_files; "
@@ -304,7 +305,7 @@ def build_config(data: dict, source: str = "config") -> TrainConfig:
     for f, w in cfg.train_weights.items():
         if f not in cfg.train_files:
             raise TiblocalError(f"{source}: train_weights names {f}, which is not in train_files; use the same path")
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
+        if not is_number(w) or w <= 0:
             raise TiblocalError(f"{source}: train_weights[{f}] = {w!r}; expected a number above 0")
     return cfg
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputFileError, ModelFormatError
-from .jsonin import loads
+from .jsonin import is_number, is_whole, loads
 
 # safetensors dtype -> numpy dtype as stored. BF16 has no numpy type: it is read as uint16 and
 # widened with ``bf16_to_f32``.
@@ -132,7 +132,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
 
 
 def _ints(value) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, list) and all(is_whole(v) for v in value)
 
 
 @dataclass(frozen=True)
@@ -270,12 +270,12 @@ def config_problems(config: dict) -> list[str]:
     problems = []
     for key in _POSITIVE_INTS:
         v = config.get(key)
-        if key in config and v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= _MAX_DIM):
+        if key in config and v is not None and not (is_whole(v) and 0 < v <= _MAX_DIM):
             problems.append(f"{key} is {v!r}, expected a whole number from 1 to {_MAX_DIM}")
     for key in _POSITIVE_FLOATS:
         v = config.get(key)
         if key in config and v is not None and not (
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                is_number(v) and math.isfinite(v) and v > 0):
             problems.append(f"{key} is {v!r}, expected a positive number")
     archs = config.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):

@@ -12,7 +12,6 @@ import ctypes
 import functools
 import logging
 import math
-import numbers
 import os
 import threading
 import time
@@ -26,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 from . import bindings
 from .errors import EngineError, PromptTooLongError, TiblocalError
 from .gguf_file import GGUFInfo, check_supported_architecture, read_gguf
+from .jsonin import is_number, is_whole
 from .text import CompletionText, Utf8Stream
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,7 @@ def _of_type(value: object, kind: str) -> bool:
     """``value`` fits a Sampling field of type ``kind`` ("int", "float", "bool"); a bool is no number here."""
     if kind == "bool":
         return isinstance(value, (bool, np.bool_))
-    if isinstance(value, (bool, np.bool_)):
-        return False
-    return isinstance(value, numbers.Integral if kind == "int" else numbers.Real)
+    return is_whole(value) if kind == "int" else is_number(value)
 
 
 @dataclass(frozen=True)
@@ -238,7 +236,7 @@ class Sampling:
             except OverflowError:  # an integer past any float (a JSON number of 400 digits)
                 finite = False
             if not finite:
-                shown = f"of {len(str(abs(value)))} digits" if isinstance(value, numbers.Integral) else value
+                shown = f"of {len(str(abs(value)))} digits" if is_whole(value) else value
                 problems.append(f"{f.name} {shown} (expected a finite number)")
             elif not math.isfinite(as_float32(value)):  # llama.cpp's samplers take C floats
                 problems.append(f"{f.name} {value} (expected a finite number; llama.cpp takes it as a 32-bit float, "

@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType, Token
 
 from .errors import InputFileError, ModelFormatError
 from .gguf_keys import ROTATION_SEED
+from .jsonin import is_whole
 
 GGUF_MAGIC = b"GGUF"
 
@@ -265,7 +266,7 @@ def _parse(path: Path, size: int, sc: _Scanner, with_tokens: bool) -> GGUFInfo:
         qtype = GGMLQuantizationType(sc.take("<I"))
         infos.append((name, dims, qtype, sc.take("<Q")))
     align = metadata.get(Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(align, int) or isinstance(align, bool) or align < 1 or align & (align - 1):
+    if not is_whole(align) or align < 1 or align & (align - 1):
         raise ValueError(f"{Keys.General.ALIGNMENT} is {align!r}; expected a power of two (llama.cpp's default: 32)")
     data_start = sc.off + (-sc.off % align)
     tensors = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from typing import Any
 
@@ -33,6 +34,17 @@ def loads(text: str | bytes) -> Any:
                    "as a surrogate pair, or write it in UTF-8")
         raise json.JSONDecodeError(message, _doc(text), escapes.start())
     return data
+
+
+def is_whole(value: object) -> bool:
+    """A whole number as JSON, YAML or a caller gives one (numpy's too): not a bool, which Python counts as 0 or 1
+    but no file means as a count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A number (whole or not, finite or not), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _doc(text: str | bytes) -> str:
