@@ -112,13 +112,14 @@ def _scratch_config(cfg: TrainConfig, sp, n_base: int | None, device=None):
     return config
 
 
-def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None, device=None):
+def _build_model(cfg: TrainConfig, sp, model_file: Path, n_base: int | None, device=None, scratch=None):
+    """``scratch``: the LlamaConfig ``_scratch_config`` made (and checked) for a model from scratch, if it ran."""
     torch = _torch()
     import transformers
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     if cfg.base_model == "scratch":
-        config = _scratch_config(cfg, sp, n_base, device)
+        config = scratch or _scratch_config(cfg, sp, n_base, device)
         with torch.device(device or "cpu"):  # initialised where it trains (a 7B init on the CPU takes minutes)
             model = transformers.LlamaForCausalLM(config).to(dtype)
     else:
@@ -417,8 +418,8 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     sp, model_file, tok_dir, n_base = _load_tokenizer(cfg)
-    if cfg.base_model == "scratch":
-        _scratch_config(cfg, sp, n_base, accel.device)  # before the data is read: the model's settings are checked
+    # a model from scratch: its settings checked before the data is read
+    scratch = _scratch_config(cfg, sp, n_base, accel.device) if cfg.base_model == "scratch" else None
     train_ex = _examples(cfg, sp, cfg.train_files, weights=cfg.train_weights)
     if cfg.replay:
         train_ex += _replay(cfg, sp)
@@ -433,7 +434,7 @@ def train(cfg: TrainConfig, *, progress=None) -> RunResult:
         )
     from .loss import CausalLMWithLoss
 
-    model = CausalLMWithLoss(_build_model(cfg, sp, model_file, n_base, accel.device)).to(accel.device)
+    model = CausalLMWithLoss(_build_model(cfg, sp, model_file, n_base, accel.device, scratch)).to(accel.device)
     embed_names = ("embed_tokens", "lm_head")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
