@@ -35,6 +35,8 @@ def calibration_windows(
     from tiblocal.gguf_vocab import load_sentencepiece
     from tiblocal.vocab import read_lines
 
+    if seq_len < 2:  # BOS and one token of the text at least (gptq --seq-len 1 divided by zero)
+        raise TiblocalError(f"{options[2] or 'the window length'} {seq_len}: expected windows of at least 2 tokens")
     model_file = hf_dir / "tokenizer.model"
     if not model_file.is_file():
         raise InputFileError(f"{hf_dir}: no tokenizer.model; copy the model's SentencePiece tokenizer into the folder")

@@ -22,6 +22,7 @@ from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.jsonout import stdout_to_stderr
 
 from .calibration import calibration_texts, calibration_windows
+from .imatrix import check_device
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tiblocal_vocab.json")
 # GPTQ on the CPU: measured with the demo model (12.4 M parameters in its decoder layers, 128 windows of 512) on
@@ -104,9 +105,8 @@ def preflight(hf_dir: Path, *, bits: int, group_size: int = 128, calib: list[Pat
         import torch
     except ImportError:
         raise TiblocalError("GPTQ needs torch and gptqmodel: pip install 'tiblocal[gptq]'") from None
+    check_device(device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TiblocalError("--device cuda, but torch sees no CUDA GPU; use --device cpu for a small model")
     check_job(hf_dir, device)
     cfg = load_config(hf_dir)
     for key in ("hidden_size", "intermediate_size"):

@@ -34,11 +34,28 @@ def check_dtype(dtype: str, option: str = "--dtype") -> None:
 
 
 def check_device(device: str | None, option: str = "--device") -> None:
-    """Refuse a torch device name tiblocal does not run on, before torch is asked (it accepts odd names late)."""
+    """Refuse a torch device name tiblocal does not run on, or a device this torch does not see, before any work
+    (torch accepts odd names late, and `--device cuda` without a GPU failed in an assertion once the model loaded)."""
     import re
 
-    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+    if device is None:
+        return
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?|mps", device)
+    if not m:
         raise TiblocalError(f"{option} {device!r}: expected cpu, cuda, cuda:N or mps")
+    try:
+        import torch
+    except ImportError:  # the verb says what to install when it imports torch
+        return
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not n:
+            raise TiblocalError(f"{option} {device}, but torch sees no CUDA GPU (a CPU build of torch, or no driver); "
+                                "use --device cpu for a small model")
+        if m.group(1) is not None and int(m.group(1)) >= n:
+            raise TiblocalError(f"{option} {device}, but torch sees {n} CUDA GPU(s): cuda:0 to cuda:{n - 1}")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise TiblocalError(f"{option} mps, but torch sees no Apple GPU; use --device cpu")
 
 
 

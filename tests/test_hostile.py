@@ -340,6 +340,30 @@ def test_imatrix_device_is_checked(work) -> None:
     assert not (work / "i.gguf").exists()
 
 
+@pytest.mark.parametrize("args", [
+    ["imatrix", "hf", "--out", "i.gguf", "--text", "t.txt"],
+    ["release", "hf", "--out", "rel", "--types", "Q8_0", "--make-imatrix"],
+    ["gptq", "hf", "--bits", "4", "--out", "g"],
+])
+def test_a_gpu_that_torch_does_not_see_is_one_line_before_any_work(work, args) -> None:
+    """`--device cuda` on a CPU build of torch failed in an assertion once the model had loaded (imatrix, release's
+    importance matrix); gptq had its own check, now the same one."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA GPU here")
+    (work / "t.txt").write_text("བཀྲ་ཤིས་བདེ་ལེགས། " * 400, encoding="utf-8")
+    for device in ("cuda", "cuda:1"):
+        line = one_line_error(run_cli(*args, "--device", device, cwd=work))
+        assert f"--device {device}, but torch sees no CUDA GPU" in line, line
+    assert not [f for f in work.iterdir() if f.name.startswith(("i.gguf", "rel", "g", ".i", ".rel", ".g"))]
+
+
+def test_a_window_of_one_token_is_refused(work) -> None:
+    line = one_line_error(run_cli("gptq", "hf", "--bits", "4", "--out", "g", "--seq-len", "1", "--device", "cpu",
+                                  "--group-size", "64", cwd=work))  # divided by zero in the window count
+    assert "--seq-len 1: expected windows of at least 2 tokens" in line
+
+
 @pytest.mark.parametrize("verb, overrides, found", [
     ("pretrain", ["lr=abc", "max_steps=-3", "block_size=0"], ["lr is 'abc'", "max_steps is -3", "block_size is 0"]),
     ("pretrain", ["lr=.nan"], ["lr is nan, expected a number above 0"]),
