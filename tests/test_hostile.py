@@ -405,6 +405,17 @@ def test_a_checkpoint_missing_a_tensor_is_refused_by_convert_and_check(work) -> 
     ("config.json", None, "num_hidden_layers is missing"),
     ("config.json", {"hidden_size": "64"}, "hidden_size is '64', expected a whole number"),
     ("config.json", {"num_attention_heads": 0}, "num_attention_heads is 0"),
+    # rope_scaling, written into the GGUF: a factor of "x", a beta of "x" and a list crashed; a negative factor and a
+    # rope_type of 5 went through
+    ("config.json", {"rope_scaling": {"rope_type": "linear", "factor": "x"}}, "rope_scaling.factor is 'x', expected a "
+                                                                              "positive number"),
+    ("config.json", {"rope_scaling": {"rope_type": "linear", "factor": -2}}, "rope_scaling.factor is -2"),
+    ("config.json", {"rope_scaling": [1]}, "rope_scaling is [1], expected an object"),
+    ("config.json", {"rope_scaling": {"rope_type": 5, "factor": 2}}, "rope_scaling.rope_type is 5, expected a name"),
+    ("config.json", {"rope_scaling": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 512,
+                                      "beta_fast": "x"}}, "rope_scaling.beta_fast is 'x', expected a number"),
+    ("config.json", {"rope_parameters": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": "512"}},
+     "rope_parameters.original_max_position_embeddings is '512', expected a whole number"),
     ("generation_config.json", {"do_sample": True, "temperature": float("nan")}, "temperature nan is not a valid"),
     ("generation_config.json", {"do_sample": True, "top_p": 1.5}, "top_p 1.5 is not a valid"),
     ("generation_config.json", {"do_sample": True, "top_k": 2**40}, "top_k 1099511627776 is not a valid setting "

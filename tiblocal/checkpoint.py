@@ -264,6 +264,36 @@ _LLAMA_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden
 _MAX_DIM = 1 << 24  # far beyond any Llama's size: a value past it is damage, and sizes multiply
 
 
+def _rope_scaling_problems(config: dict) -> list[str]:
+    """The values of rope_scaling (transformers 5: rope_parameters) that convert writes into the GGUF as llama.cpp's
+    converter does: a factor of "x" crashed the conversion; an infinite one would be written as such."""
+    problems = []
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = config.get(key)
+        if scaling is None:
+            continue
+        if not isinstance(scaling, dict):
+            problems.append(f"{key} is {scaling!r}, expected an object such as {{\"rope_type\": \"linear\", \"factor\": 4.0}}")
+            continue
+        for name in ("rope_type", "type"):
+            if scaling.get(name) is not None and not isinstance(scaling[name], str):
+                problems.append(f"{key}.{name} is {scaling[name]!r}, expected a name such as \"linear\" or \"yarn\"")
+        if scaling.get("factor") is not None and not (is_number(scaling["factor"]) and math.isfinite(scaling["factor"])
+                                                      and scaling["factor"] > 0):
+            problems.append(f"{key}.factor is {scaling['factor']!r}, expected a positive number")
+        for name in ("extrapolation_factor", "attention_factor", "attn_factor", "beta_fast", "beta_slow"):
+            v = scaling.get(name)
+            if v is not None and not (is_number(v) and math.isfinite(v)):
+                problems.append(f"{key}.{name} is {v!r}, expected a number")
+    for where, scaling in (("", config), ("rope_scaling.", config.get("rope_scaling")),
+                           ("rope_parameters.", config.get("rope_parameters"))):
+        v = scaling.get("original_max_position_embeddings") if isinstance(scaling, dict) else None
+        if v is not None and not (is_whole(v) and 0 < v <= _MAX_DIM):
+            problems.append(f"{where}original_max_position_embeddings is {v!r}, expected a whole number from 1 to "
+                            f"{_MAX_DIM}")
+    return problems
+
+
 def config_problems(config: dict) -> list[str]:
     """What is wrong with config.json's values that tiblocal reads (types, ranges, the Llama family's required sizes
     and the rules between them)."""
@@ -277,6 +307,7 @@ def config_problems(config: dict) -> list[str]:
         if key in config and v is not None and not (
                 is_number(v) and math.isfinite(v) and v > 0):
             problems.append(f"{key} is {v!r}, expected a positive number")
+    problems += _rope_scaling_problems(config)
     archs = config.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         problems.append(f"architectures is {archs!r}, expected a list of names, e.g. [\"LlamaForCausalLM\"]")
