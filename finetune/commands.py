@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tiblocal.errors import TiblocalError
+from tiblocal.errors import InputFileError, TiblocalError
 from tiblocal.options import Result, nonnegative_int, option, positive_int
 
 JSON_HELP = "print the result as JSON"
@@ -197,6 +197,12 @@ def vocab_parity(o: ParityOptions) -> Result:
     from tiblocal.vocab import load_hf_tokenizer, parity, read_lines, tokenizer_dir
 
     folder = tokenizer_dir(o.tokenizer)
+    given = Path(o.tokenizer)
+    if str(o.tokenizer) != "bundled" and given.is_file() and given.name != "tokenizer.model":
+        # the runtimes read a folder (tokenizer.model, tokenizer.json): another file there would be compared instead
+        raise InputFileError(f"{given}: vocab parity compares a tokenizer folder's files (tokenizer.model, and "
+                             "tokenizer.json for Hugging Face); give its folder, or put the model in a folder as "
+                             "tokenizer.model")
     sp = load_sentencepiece(folder / "tokenizer.model")
     lines = list(read_lines(o.text))
     runtimes = {}

@@ -184,6 +184,18 @@ def test_stats_and_parity_commands(small_ext) -> None:
     assert set(json.loads(p.stdout)["mismatching_lines"].values()) == {0}
 
 
+def test_parity_on_a_model_file_not_named_tokenizer_model_is_refused(small_ext, tiny_tokenizer, tmp_path) -> None:
+    """The runtimes read a folder: `vocab parity dir/other.model` compared dir/tokenizer.model instead (another
+    tokenizer, without a word), or said "tokenizer.model: no such tokenizer file"."""
+    folder = tmp_path / "tk"
+    shutil.copytree(small_ext, folder)
+    shutil.copyfile(tiny_tokenizer, folder / "other.model")
+    p = run_cli("vocab", "parity", str(folder / "other.model"), "--text", str(TIBETAN))
+    err = p.stderr.decode()
+    assert p.returncode == 1 and f"{folder / 'other.model'}: vocab parity compares a tokenizer folder's files" in err
+    assert run_cli("vocab", "parity", str(folder / "tokenizer.model"), "--text", str(TIBETAN)).returncode == 0
+
+
 def test_parity_command_fails_on_a_mismatch(small_ext, tmp_path: Path) -> None:
     """A tokenizer.json from another tokenizer: Hugging Face disagrees, and parity says where (exit 1)."""
     bad = tmp_path / "bad"
