@@ -194,6 +194,12 @@ def test_parity_on_a_model_file_not_named_tokenizer_model_is_refused(small_ext, 
     err = p.stderr.decode()
     assert p.returncode == 1 and f"{folder / 'other.model'}: vocab parity compares a tokenizer folder's files" in err
     assert run_cli("vocab", "parity", str(folder / "tokenizer.model"), "--text", str(TIBETAN)).returncode == 0
+    # the folder's tiblocal_vocab.json describes its tokenizer.model, not other.model: `vocab stats` showed a "base
+    # (700 pieces)" row cut from other.model, the sidecar's count
+    stats = json.loads(run_cli("vocab", "stats", str(folder / "other.model"), "--text", str(TIBETAN), "--json").stdout)
+    assert stats["base_pieces"] is None and list(stats["stats"]) == ["tokenizer"]
+    stats = json.loads(run_cli("vocab", "stats", str(folder), "--text", str(TIBETAN), "--json").stdout)
+    assert stats["base_pieces"] == 700 and list(stats["stats"]) == ["tokenizer", "base"]
 
 
 def test_parity_command_fails_on_a_mismatch(small_ext, tmp_path: Path) -> None:

@@ -48,7 +48,11 @@ def tokenizer_model(spec: str | Path) -> Path:
 
 
 def read_sidecar(spec: str | Path) -> dict | None:
-    """tiblocal_vocab.json, written with an extended tokenizer (base_pieces, added, ...), if there is one."""
+    """tiblocal_vocab.json, written with an extended tokenizer (base_pieces, added, ...), if there is one. It
+    describes its folder's tokenizer.model: a model file of another name in that folder has none."""
+    given = Path(spec)
+    if str(spec) != "bundled" and given.is_file() and given.name != "tokenizer.model":
+        return None
     side = tokenizer_dir(spec) / SIDECAR
     if not side.is_file():
         return None
