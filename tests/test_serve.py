@@ -496,6 +496,10 @@ def test_port_in_use_and_bad_options_are_one_line(tiny_gguf) -> None:
         (["--queue", "-1"], "--queue -1 is negative"),
         (["--max-body", "10"], "--max-body 10 is too small"),
         (["--host", "no.such.host.invalid"], "does not resolve"),
+        # an empty key required "Bearer " and nothing after it; these could never be sent or matched
+        (["--api-key", ""], "--api-key '': expected printable ASCII, not empty"),
+        (["--api-key", " k"], "--api-key ' k': expected printable ASCII"),
+        (["--api-key", "ཀ"], "--api-key 'ཀ': expected printable ASCII"),
     ]:
         p = run_cli("serve", str(tiny_gguf), *args, timeout=60)
         assert p.returncode == 1, p.stderr

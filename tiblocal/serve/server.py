@@ -73,6 +73,11 @@ def run_serve(
     import uvicorn
 
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    # clients send the key in an HTTP header: printable ASCII; an empty one (`--api-key ""`) would require the
+    # header "Bearer " and nothing after it, and one with spaces at its ends or a Tibetan letter could never match
+    if api_key is not None and not (api_key.strip() == api_key != "" and api_key.isascii() and api_key.isprintable()):
+        raise TiblocalError(f"--api-key {api_key!r}: expected printable ASCII, not empty and without spaces at its "
+                            "ends (clients send it as 'Authorization: Bearer KEY'); leave it out for no key")
     if queue < 0:
         raise TiblocalError(f"--queue {queue} is negative; expected the number of requests that may wait (0: none)")
     if max_body < 1024:
