@@ -10,7 +10,6 @@ with the model, and the output appears under its final name only when it is comp
 from __future__ import annotations
 
 import json
-import math
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from tiblocal.errors import ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_path, check_output_path
 from tiblocal.gguf_file import read_gguf, write_gguf_data
 from tiblocal.gguf_vocab import sentencepiece_vocab, write_vocab_gguf
-from tiblocal.jsonin import is_number, loads
+from tiblocal.jsonin import is_finite_number, is_number, loads
 from tiblocal.templates import get_template
 
 log = logging.getLogger(__name__)
@@ -157,7 +156,7 @@ def _add_sampling(w: gguf.GGUFWriter, model_dir: Path) -> None:
         value = cfg.get(field_name)
         if is_number(value):
             valid, want = _SAMPLING_RANGES[field_name]
-            if not (math.isfinite(value) and valid(value)):
+            if not (is_finite_number(value) and valid(value)):
                 # copied into the GGUF, it would make the model refuse to run (tiblocal checks the values it samples with)
                 raise ModelFormatError(f"{path}: {field_name} {value!r} is not a valid setting (expected {want}); fix "
                                        "or remove it")

@@ -34,7 +34,7 @@ from tiblocal.checkpoint import (
 )
 from tiblocal.errors import InputFileError, ModelFormatError, TiblocalError
 from tiblocal.fsutil import atomic_dir, check_output_path
-from tiblocal.jsonin import is_number, is_whole, loads
+from tiblocal.jsonin import is_finite_number, is_whole, loads
 from tiblocal.verify import write_sha256sums
 
 log = logging.getLogger(__name__)
@@ -112,13 +112,13 @@ def check_lora_config(cfg, cfg_path: Path) -> None:
     problems = []
     if "r" in cfg and not (is_whole(cfg["r"]) and cfg["r"] >= 1):
         problems.append(f"r {cfg['r']!r} (expected a whole number of at least 1)")
-    if "lora_alpha" in cfg and not (is_number(cfg["lora_alpha"]) and math.isfinite(cfg["lora_alpha"])):
+    if "lora_alpha" in cfg and not is_finite_number(cfg["lora_alpha"]):
         problems.append(f"lora_alpha {cfg['lora_alpha']!r} (expected a finite number)")
     for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
             problems.append(f"{key} {cfg[key]!r} (expected true or false)")
     for key, ok, what in (("rank_pattern", lambda v: is_whole(v) and v >= 1, "a whole number of at least 1"),
-                          ("alpha_pattern", lambda v: is_number(v) and math.isfinite(v), "a finite number")):
+                          ("alpha_pattern", is_finite_number, "a finite number")):
         patterns = cfg.get(key)
         if patterns is None:
             continue

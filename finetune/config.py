@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from tiblocal.errors import InputFileError, TiblocalError
-from tiblocal.jsonin import is_number, is_whole
+from tiblocal.jsonin import is_finite_number, is_number, is_whole
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -182,13 +182,11 @@ _LORA_SCHEMA: dict[str, tuple[str, float | None]] = {
 
 def _kind_problem(key: str, value: Any, kind: str, least: float | None) -> str | None:
     """What is wrong with one recipe value, or None."""
-    import math
-
     if kind.endswith("?"):
         if value is None:
             return None
         kind = kind[:-1]
-    number = is_number(value)
+    number = is_finite_number(value)  # finite: an integer of 400 digits is no float either
     if kind == "str":
         ok = isinstance(value, str)
         want = "text"
@@ -201,12 +199,12 @@ def _kind_problem(key: str, value: Any, kind: str, least: float | None) -> str |
         ok = is_whole(value) and 0 <= value <= SEED_MAX
         want = f"a whole number from 0 to {SEED_MAX}"
     elif kind == "positive":
-        ok, want = number and math.isfinite(value) and value > 0, "a number above 0"
+        ok, want = number and value > 0, "a number above 0"
     elif kind == "number":
-        ok = number and math.isfinite(value) and (least is None or value >= least)
+        ok = number and (least is None or value >= least)
         want = "a number" + (f" of at least {least:g}" if least is not None else "")
     elif kind == "fraction":
-        ok, want = number and math.isfinite(value) and 0 <= value < 1, "a number from 0 to below 1"
+        ok, want = number and 0 <= value < 1, "a number from 0 to below 1"
     elif kind == "paths":
         ok = isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
         want = "a file or a list of files"

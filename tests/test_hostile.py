@@ -411,6 +411,8 @@ def test_a_checkpoint_missing_a_tensor_is_refused_by_convert_and_check(work) -> 
                                                                               "positive number"),
     ("config.json", {"rope_scaling": {"rope_type": "linear", "factor": -2}}, "rope_scaling.factor is -2"),
     ("config.json", {"rope_scaling": [1]}, "rope_scaling is [1], expected an object"),
+    ("config.json", {"rope_scaling": {"rope_type": "linear", "factor": 10**400}}, "rope_scaling.factor is 1000"),
+    ("config.json", {"rms_norm_eps": 10**400}, "rms_norm_eps is 1000"),  # both: OverflowError in math.isfinite
     ("config.json", {"rope_scaling": {"rope_type": 5, "factor": 2}}, "rope_scaling.rope_type is 5, expected a name"),
     ("config.json", {"rope_scaling": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 512,
                                       "beta_fast": "x"}}, "rope_scaling.beta_fast is 'x', expected a number"),

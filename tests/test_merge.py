@@ -117,6 +117,7 @@ def test_adapter_key_matching_no_base_tensor(tmp_path: Path, tiny_hf, adapters) 
     ({"alpha_pattern": {"down_proj": "x"}}, r"alpha_pattern 'down_proj': 'x' \(expected a finite number\)"),
     ({"rank_pattern": {"(": 2}}, r"rank_pattern key '\(' \(not a regular expression"),  # crashed in re.match
     ({"lora_alpha": 1e308}, r"the LoRA update of .* is not finite \(scale 1.25e\+307"),  # finite, but not its scale
+    ({"lora_alpha": 10**400}, r"lora_alpha 1000.* \(expected a finite number\)"),  # OverflowError in math.isfinite
 ])
 def test_adapter_configs_of_wrong_values_are_one_line(tmp_path: Path, tiny_hf, adapters, change, match) -> None:
     bad = tmp_path / "bad"

@@ -660,6 +660,8 @@ def test_learning_rates_written_as_papers_write_them_are_numbers() -> None:
     number above 0"); YAML 1.2 reads it as the number."""
     from tiblocal.finetune.config import _yaml
 
+    with pytest.raises(TiblocalError, match="lr is 1000"):  # 400 digits: OverflowError in math.isfinite
+        load_config("tiny-pretrain", ["output_dir=x", "lr=1" + "0" * 400])
     cfg = load_config("tiny-pretrain", ["output_dir=x", "lr=1e-4", "embed_lr=2E-5"])
     assert (cfg.lr, cfg.embed_lr) == (1e-4, 2e-5)
     assert _yaml("a: 3e-4\nb: 1.0e5\nc: .5e3\nd: -2e-2\ne: 1e\nf: 12\ng: 1.5", "x") == {

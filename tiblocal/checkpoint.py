@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputFileError, ModelFormatError
-from .jsonin import is_number, is_whole, loads
+from .jsonin import is_finite_number, is_whole, loads
 
 # safetensors dtype -> numpy dtype as stored. BF16 has no numpy type: it is read as uint16 and
 # widened with ``bf16_to_f32``.
@@ -278,12 +278,11 @@ def _rope_scaling_problems(config: dict) -> list[str]:
         for name in ("rope_type", "type"):
             if scaling.get(name) is not None and not isinstance(scaling[name], str):
                 problems.append(f"{key}.{name} is {scaling[name]!r}, expected a name such as \"linear\" or \"yarn\"")
-        if scaling.get("factor") is not None and not (is_number(scaling["factor"]) and math.isfinite(scaling["factor"])
-                                                      and scaling["factor"] > 0):
+        if scaling.get("factor") is not None and not (is_finite_number(scaling["factor"]) and scaling["factor"] > 0):
             problems.append(f"{key}.factor is {scaling['factor']!r}, expected a positive number")
         for name in ("extrapolation_factor", "attention_factor", "attn_factor", "beta_fast", "beta_slow"):
             v = scaling.get(name)
-            if v is not None and not (is_number(v) and math.isfinite(v)):
+            if v is not None and not is_finite_number(v):
                 problems.append(f"{key}.{name} is {v!r}, expected a number")
     for where, scaling in (("", config), ("rope_scaling.", config.get("rope_scaling")),
                            ("rope_parameters.", config.get("rope_parameters"))):
@@ -305,7 +304,7 @@ def config_problems(config: dict) -> list[str]:
     for key in _POSITIVE_FLOATS:
         v = config.get(key)
         if key in config and v is not None and not (
-                is_number(v) and math.isfinite(v) and v > 0):
+                is_finite_number(v) and v > 0):
             problems.append(f"{key} is {v!r}, expected a positive number")
     problems += _rope_scaling_problems(config)
     archs = config.get("architectures")

@@ -25,7 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, Keys
 from . import bindings
 from .errors import EngineError, PromptTooLongError, TiblocalError
 from .gguf_file import GGUFInfo, check_supported_architecture, read_gguf
-from .jsonin import is_number, is_whole
+from .jsonin import is_finite_number, is_number, is_whole
 from .text import CompletionText, Utf8Stream
 
 log = logging.getLogger(__name__)
@@ -231,11 +231,7 @@ class Sampling:
             value = getattr(self, f.name)
             if f.type != "float":
                 continue
-            try:
-                finite = math.isfinite(value)
-            except OverflowError:  # an integer past any float (a JSON number of 400 digits)
-                finite = False
-            if not finite:
+            if not is_finite_number(value):
                 shown = f"of {len(str(abs(value)))} digits" if is_whole(value) else value
                 problems.append(f"{f.name} {shown} (expected a finite number)")
             elif not math.isfinite(as_float32(value)):  # llama.cpp's samplers take C floats

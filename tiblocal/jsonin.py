@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import re
 from typing import Any
@@ -45,6 +46,17 @@ def is_whole(value: object) -> bool:
 def is_number(value: object) -> bool:
     """A number (whole or not, finite or not), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """A number a float can hold: not a bool, not NaN or infinite, and not an integer past a float's range (JSON and
+    YAML allow 400 digits, on which ``math.isfinite`` raises OverflowError)."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _doc(text: str | bytes) -> str:
